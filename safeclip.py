@@ -1,0 +1,1504 @@
+"""Safe-CLIP in one file: a CLIP in plain PyTorch, its inputs, and the Safe-CLIP fine-tuning loop.
+
+Safe-CLIP (Poppi et al., ECCV 2024) fine-tunes CLIP so that an unsafe (NSFW) caption or image lands
+where its *safe* counterpart lands, while safe inputs keep the place the original CLIP gave them.
+Downstream models that read CLIP's embeddings (Stable Diffusion, LLaVA, retrieval) become safer
+without any change of their own.
+
+Reading order:
+  1. configuration               6. LoRA
+  2. the model                  7. the Safe-CLIP objective
+  3. tokenizer                  8. data
+  4. image transform            9. training loop
+  5. loading and saving        10. export, downloads and the command line
+
+Usage:
+  python safeclip.py train --model weights/ViT-L-14.pt --data pairs.jsonl --out runs/safeclip
+  python safeclip.py export runs/safeclip --hf runs/safeclip-hf
+  python safeclip.py download ViT-L/14
+
+  import safeclip
+  model, preprocess = safeclip.load("runs/safeclip")
+  emb = model.encode_text(model.tokenizer(["a photo of a cat"]))
+"""
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------------------------------------
+# 1. Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CLIPConfig:
+    """Every size of a ViT CLIP. `load` infers all of them from the weights; nobody types them."""
+
+    embed_dim: int = 512  # width of the shared image-text embedding space
+    image_resolution: int = 224  # input images are R x R pixels
+    vision_layers: int = 12
+    vision_width: int = 768
+    vision_patch_size: int = 32  # the image becomes (R / patch)^2 tokens
+    vision_heads: int = 12  # OpenAI: width / 64; OpenCLIP's big towers use wider heads
+    context_length: int = 77  # text positions
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_heads: int = 8
+    text_layers: int = 12
+    quick_gelu: bool = True  # OpenAI's x * sigmoid(1.702 x); OpenCLIP's LAION models use exact GELU
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The model: OpenAI's ViT CLIP, with OpenAI's module names so its weights load as they are
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm in float32 whatever the input dtype: bf16/fp16 statistics lose too much."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                            self.bias.float(), self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can carry a LoRA adapter (section 6); without one it is a plain Linear."""
+
+    lora = None
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y if self.lora is None else y + self.lora(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names (OpenAI's files)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # q, k, v stacked
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = Linear(width, width)
+        self.lora_k = self.lora_v = None  # LoRA on keys and values only, as in the public recipe
+
+    def forward(self, x, causal):
+        B, L, C = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        if self.lora_k is not None:
+            k = k + self.lora_k(x)
+            v = v + self.lora_v(x)
+        q, k, v = (t.view(B, L, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, C))  # (B, L, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, width, quick_gelu):
+        super().__init__()
+        self.c_fc = Linear(width, 4 * width)
+        self.gelu = QuickGELU() if quick_gelu else nn.GELU()
+        self.c_proj = Linear(4 * width, width)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, width, heads, quick_gelu):
+        super().__init__()
+        self.ln_1 = LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = MLP(width, quick_gelu)
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, quick_gelu):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
+        self.grad_checkpointing = False
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Recompute activations in the backward pass instead of storing them: less memory
+                # for large towers, about a third more compute.
+                x = torch.utils.checkpoint.checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal)
+        return x
+
+
+class PatchEmbedding(nn.Conv2d):
+    """The ViT's first layer: a convolution whose kernel and stride are the patch size."""
+
+    lora = None
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y if self.lora is None else y + self.lora.conv(x, self.stride)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, c: CLIPConfig):
+        super().__init__()
+        grid = c.image_resolution // c.vision_patch_size
+        self.conv1 = PatchEmbedding(3, c.vision_width, c.vision_patch_size, stride=c.vision_patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(c.vision_width))
+        self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, c.vision_width))
+        self.ln_pre = LayerNorm(c.vision_width)
+        self.transformer = Transformer(c.vision_width, c.vision_layers, c.vision_heads, c.quick_gelu)
+        self.ln_post = LayerNorm(c.vision_width)
+        self.proj = nn.Parameter(torch.empty(c.vision_width, c.embed_dim))
+
+    def forward(self, pixels):
+        x = self.conv1(pixels)  # (B, C, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, C)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + grid*grid, C)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj  # (B, E): the class token is the image
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        c = self.config = config
+        self.visual = VisionTransformer(c)
+        self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.text_width))
+        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, c.quick_gelu)
+        self.ln_final = LayerNorm(c.text_width)
+        self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # stored as a log
+        self.tokenizer = None  # attached by `load`
+        self.initialize()
+
+    def initialize(self):
+        """OpenAI's initialisation, for models trained from scratch (the offline demo)."""
+        c = self.config
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for tower, width, layers, scale in ((self.visual.transformer, c.vision_width, c.vision_layers, 1.0),
+                                            (self.transformer, c.text_width, c.text_layers, 1.0)):
+            proj_std = width ** -0.5 * (2 * layers) ** -0.5
+            for block in tower.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.zeros_(block.attn.out_proj.bias)
+                nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        vscale = c.vision_width ** -0.5
+        nn.init.normal_(self.visual.class_embedding, std=vscale)
+        nn.init.normal_(self.visual.positional_embedding, std=vscale)
+        nn.init.normal_(self.visual.proj, std=vscale)
+        nn.init.normal_(self.text_projection, std=c.text_width ** -0.5)
+
+    def encode_image(self, pixels):
+        """(B, 3, R, R) normalised pixels -> (B, E) image embeddings (not L2-normalised)."""
+        return self.visual(pixels.to(self.visual.conv1.weight.dtype))
+
+    def encode_text(self, ids):
+        """(B, L) token ids -> (B, E) text embeddings (not L2-normalised), read at each EOT token.
+
+        The mask is causal, so the output at EOT depends only on the tokens before it: the padding
+        after the longest EOT of the batch can be dropped. A 12-word caption then costs ~15
+        positions instead of 77, with the same result up to float rounding.
+        """
+        eot = ids.argmax(dim=-1)  # EOT has the highest id in the vocabulary
+        n = int(eot.max()) + 1
+        if ids.shape[1] > self.config.context_length:
+            raise ValueError(f"token ids are {ids.shape[1]} long; this model reads at most "
+                             f"{self.config.context_length}")
+        x = self.token_embedding(ids[:, :n]) + self.positional_embedding[:n]  # (B, n, C)
+        x = self.transformer(x, causal=True)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, C)
+        return self.ln_final(x) @ self.text_projection  # (B, E)
+
+    def forward(self, pixels, ids):
+        """OpenAI's interface: (logits_per_image, logits_per_text), scaled cosine similarities."""
+        image = F.normalize(self.encode_image(pixels), dim=-1)
+        text = F.normalize(self.encode_text(ids), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image @ text.t()
+        return logits_per_image, logits_per_image.t()
+
+
+# @@TOKENIZER@@
+
+# @@TRANSFORM@@
+
+# ---------------------------------------------------------------------------------------------
+# 5. Loading and saving weights
+# ---------------------------------------------------------------------------------------------
+# Four kinds of file hold CLIP weights: OpenAI's releases (TorchScript archives), plain state
+# dicts in OpenAI/OpenCLIP naming, Hugging Face `CLIPModel` folders, and this project's folders.
+# All of them become one OpenAI-named state dict, from which every size is inferred.
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be read, or whose tensors do not make a ViT CLIP."""
+
+
+# OpenCLIP's large vision towers use heads wider than OpenAI's 64; the head count leaves no trace
+# in the weights, so it is looked up by width.
+OPENCLIP_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
+
+
+class _TensorOnlyUnpickler(pickle.Unpickler):
+    """Reads the pickle of a PyTorch zip archive, rebuilding tensors and nothing else.
+
+    OpenAI's `.pt` files are TorchScript archives: their `data.pkl` describes module objects of
+    classes like `__torch__.clip.model.CLIP`. We never import or run anything named there: any
+    such class becomes a plain record of its attributes, and only the tensor-rebuilding function
+    and storage types are honoured. Everything else is refused.
+    """
+
+    STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32,
+                      "DoubleStorage": torch.float64, "BFloat16Storage": torch.bfloat16,
+                      "LongStorage": torch.int64, "IntStorage": torch.int32, "ShortStorage": torch.int16,
+                      "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
+
+    class Record(dict):
+        """Stands in for a TorchScript module: keeps its attributes, runs nothing."""
+
+        def __setstate__(self, state):
+            if isinstance(state, dict):
+                self.update(state)
+
+    def __init__(self, file, archive, prefix):
+        super().__init__(file)
+        self.archive, self.prefix, self.storages = archive, prefix, {}
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch" and name in self.STORAGE_DTYPES:
+            return self.STORAGE_DTYPES[name]
+        if module == "collections" and name == "OrderedDict":
+            return dict
+        if module.startswith("__torch__"):
+            return self.Record
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only tensors are read")
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, numel = pid
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        if key not in self.storages:
+            raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            storage = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            if storage.numel() != numel:
+                raise pickle.UnpicklingError(f"storage {key} holds {storage.numel()} values, expected {numel}")
+            self.storages[key] = storage
+        return self.storages[key]
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    return torch.as_strided(storage, size, stride, offset).clone()
+
+
+def _read_torch_archive(path):
+    """All tensors of a PyTorch zip archive (TorchScript or not), by dotted name, without pickle."""
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if not pickles:
+            raise CheckpointError(f"{path}: no data.pkl in this zip archive; not a PyTorch file")
+        prefix = pickles[0][: -len("data.pkl")]
+        root = _TensorOnlyUnpickler(io.BytesIO(archive.read(pickles[0])), archive, prefix).load()
+
+    tensors = {}
+
+    def walk(obj, name):
+        if isinstance(obj, torch.Tensor):
+            tensors[name] = obj
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                # TorchScript keeps parameters and submodules as attributes; skip its bookkeeping.
+                if isinstance(key, str) and key not in ("training", "_is_full_backward_hook"):
+                    walk(value, f"{name}.{key}" if name else key)
+
+    walk(root, "")
+    return tensors
+
+
+def _read_state_dict(path):
+    """A state dict from a single weights file, never executing code from it."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_safetensors(str(path))
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a zip-format PyTorch file or safetensors file (legacy "
+                              "pickle files are not read, since unpickling can run code)")
+    with zipfile.ZipFile(path) as archive:
+        torchscript = any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+    if torchscript:
+        sd = _read_torch_archive(path)
+        for key in ("input_resolution", "context_length", "vocab_size"):  # not weights
+            sd.pop(key, None)
+        return sd
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to unpickle ({e})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, expected a state dict")
+    if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+# Hugging Face names -> OpenAI names, per tower and per block. q/k/v and the transposed
+# projections are handled in code.
+HF_TOWERS = {"text_model.": "", "vision_model.": "visual."}
+HF_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+    "logit_scale": "logit_scale",
+}
+HF_BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+            "self_attn.out_proj": "attn.out_proj"}
+HF_PROJECTIONS = {"text_projection.weight": "text_projection", "visual_projection.weight": "visual.proj"}
+
+
+def from_hf_state_dict(hf):
+    """A Hugging Face CLIPModel state dict in OpenAI naming."""
+    sd, qkv = {}, {}
+    for key, value in hf.items():
+        if key.endswith("position_ids"):  # a buffer older transformers versions saved
+            continue
+        if key in HF_TOP:
+            sd[HF_TOP[key]] = value
+        elif key in HF_PROJECTIONS:
+            sd[HF_PROJECTIONS[key]] = value.t().contiguous()  # HF stores (E, C), OpenAI (C, E)
+        elif ".encoder.layers." in key:
+            tower, rest = key.split(".encoder.layers.")
+            i, sub = rest.split(".", 1)
+            block = f"{HF_TOWERS[tower + '.']}transformer.resblocks.{i}."
+            module, param = sub.rsplit(".", 1)
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault(block + f"attn.in_proj_{param}", {})[module[-6]] = value
+            elif module in HF_BLOCK:
+                sd[block + f"{HF_BLOCK[module]}.{param}"] = value
+            else:
+                raise CheckpointError(f"unexpected Hugging Face key {key!r}")
+        else:
+            raise CheckpointError(f"unexpected Hugging Face key {key!r}")
+    for name, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"attention weights incomplete for {name!r}: have {sorted(parts)}")
+        sd[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return sd
+
+
+def to_hf_state_dict(sd):
+    """The inverse of `from_hf_state_dict`: OpenAI naming -> Hugging Face CLIPModel naming."""
+    top = {v: k for k, v in HF_TOP.items()}
+    projections = {v: k for k, v in HF_PROJECTIONS.items()}
+    block_names = {v: k for k, v in HF_BLOCK.items()}
+    hf = {}
+    for key, value in sd.items():
+        if key in top:
+            hf[top[key]] = value
+        elif key in projections:
+            hf[projections[key]] = value.t().contiguous()
+        else:
+            tower = "vision_model" if key.startswith("visual.") else "text_model"
+            i, sub = key.split("transformer.resblocks.")[1].split(".", 1)
+            module, param = sub.rsplit(".", 1)
+            prefix = f"{tower}.encoder.layers.{i}."
+            if module == "attn" and param.startswith("in_proj_"):
+                for name, part in zip("qkv", value.chunk(3)):
+                    hf[prefix + f"self_attn.{name}_proj.{param[len('in_proj_'):]}"] = part.contiguous()
+            else:
+                hf[prefix + f"{block_names[module]}.{param}"] = value
+    return hf
+
+
+def infer_config(sd, quick_gelu=None):
+    """Every size of the model from the shapes in an OpenAI-named state dict (as OpenAI's
+    `build_model` does), so a user never has to say which CLIP a file holds."""
+    if any(k.startswith("visual.layer1.") or k.startswith("visual.attnpool.") for k in sd):
+        raise CheckpointError("this is a ResNet CLIP; only ViT models are supported")
+    for key in ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
+                "positional_embedding", "token_embedding.weight", "ln_final.weight"):
+        if key not in sd:
+            raise CheckpointError(f"missing key {key!r}; not a ViT CLIP state dict")
+
+    def layers(prefix):
+        return len({k.split(".")[len(prefix.split("."))] for k in sd if k.startswith(prefix + "resblocks.")})
+
+    vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+    return CLIPConfig(
+        embed_dim=sd["text_projection"].shape[1],
+        image_resolution=patch * grid,
+        vision_layers=layers("visual.transformer."),
+        vision_width=vision_width,
+        vision_patch_size=patch,
+        vision_heads=vision_width // OPENCLIP_HEAD_WIDTH.get(vision_width, 64),
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        text_width=text_width,
+        text_heads=text_width // 64,
+        text_layers=layers("transformer."),
+        # No OpenAI model is this wide; OpenCLIP's are, and they were trained with exact GELU.
+        quick_gelu=vision_width < 1280 if quick_gelu is None else quick_gelu,
+    )
+
+
+def _config_from_hf(path, hf_config):
+    try:
+        text, vision = hf_config["text_config"], hf_config["vision_config"]
+        acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
+        if len(acts) != 1 or acts.pop() not in ("quick_gelu", "gelu"):
+            raise CheckpointError(f"{path}: unsupported activation(s) {acts}; expected quick_gelu or gelu")
+        return dict(vision_heads=vision["num_attention_heads"], text_heads=text["num_attention_heads"],
+                    quick_gelu=text.get("hidden_act", "quick_gelu") == "quick_gelu")
+    except KeyError as e:
+        raise CheckpointError(f"{path}: key {e} missing from a Hugging Face CLIP config") from None
+
+
+def _build(sd, config, source):
+    """A CLIP with exactly these weights: every tensor used, every shape checked."""
+    model = CLIP(config)
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - sd.keys())
+    unexpected = sorted(sd.keys() - expected.keys())
+    if missing or unexpected:
+        problem = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise CheckpointError(f"{source}: {problem} ({len(missing)} missing, {len(unexpected)} unexpected "
+                              f"for a {config.vision_layers}+{config.text_layers}-layer ViT CLIP)")
+    for key, value in sd.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{source}: {key!r} has shape {tuple(value.shape)}, "
+                                  f"expected {tuple(expected[key].shape)}")
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return model
+
+
+def load(path, device="cpu", tokenizer=None, quick_gelu=None):
+    """Load CLIP weights from any file a user is likely to have.
+
+    Returns `(model, preprocess)`: the model in eval mode, float32, on `device`, with
+    `model.tokenizer` attached where one can be found; `preprocess` turns a PIL image into the
+    model's input tensor. `path` is an OpenAI `.pt` file, a plain state dict (`.pt`, `.pth`,
+    `.bin`, `.safetensors`), a Hugging Face CLIPModel folder, or a folder written by `save`.
+    `tokenizer` (a path or a Tokenizer) overrides the one found; `quick_gelu` overrides the guess
+    made for plain state dicts (OpenCLIP's LAION models need False).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    found_tokenizer = None
+    try:
+        if path.is_dir():
+            config_file = path / "config.json"
+            if not config_file.exists():
+                raise CheckpointError(f"{path}: a folder without config.json; expected a Hugging Face "
+                                      "CLIPModel folder or a folder written by safeclip.save")
+            meta = json.loads(config_file.read_text())
+            if (path / "tokenizer.json").exists():
+                found_tokenizer = path / "tokenizer.json"
+            if "safeclip" in meta:
+                sd = load_safetensors(str(path / "model.safetensors"))
+                config = CLIPConfig(**meta["safeclip"]["config"])
+                if infer_config(sd, config.quick_gelu) != config:
+                    raise CheckpointError(f"{config_file}: config does not match the tensors' shapes")
+            else:
+                weights = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
+                if not weights:
+                    raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
+                sd = from_hf_state_dict(_read_state_dict(weights[0]))
+                config = CLIPConfig(**{**asdict(infer_config(sd)), **_config_from_hf(config_file, meta)})
+        else:
+            sd = _read_state_dict(path)
+            config = infer_config(sd, quick_gelu)
+        model = _build(sd, config, path)
+    except CheckpointError as e:
+        raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    except (zipfile.BadZipFile, SafetensorError, EOFError, RuntimeError, OSError, json.JSONDecodeError,
+            KeyError, TypeError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path}: cannot read this file ({type(e).__name__}: {e}); it may be "
+                              "truncated or corrupt") from None
+
+    if tokenizer is not None:
+        model.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
+    elif found_tokenizer is not None:
+        model.tokenizer = Tokenizer.from_file(found_tokenizer)
+    else:
+        model.tokenizer = _default_tokenizer(path, config)
+    return model.to(device).eval(), image_transform(config.image_resolution)
+
+
+VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _default_tokenizer(weights_path, config):
+    """OpenAI's vocabulary, looked for next to the weights, then in ./weights and the repo's
+    weights/ folder. Models with another vocabulary size get none (and an error on first use)."""
+    if config.vocab_size != 49408:
+        return None
+    for folder in (weights_path.parent, Path.cwd() / "weights", HERE / "weights"):
+        if (folder / VOCAB_NAME).exists():
+            return Tokenizer.from_file(folder / VOCAB_NAME)
+    return None
+
+
+def require_tokenizer(model):
+    if model.tokenizer is None:
+        raise RuntimeError(
+            f"no tokenizer for this model: put OpenAI's {VOCAB_NAME} in weights/ "
+            "(`python safeclip.py download ViT-B/32` fetches it) or pass a tokenizer "
+            "(--tokenizer PATH: a tokenizer.json, the .txt.gz vocabulary, or a folder holding either)")
+    return model.tokenizer
+
+
+def _atomic_write(path, write):
+    """Write a file through a temporary name in the same folder and rename it into place, so a
+    crash never leaves a half-written file under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path, obj):
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def _plain_state_dict(model):
+    """Model weights in OpenAI naming with any LoRA folded in (see section 6)."""
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if ".lora" not in k}
+    for name, module in model.named_modules():
+        if getattr(module, "lora", None) is not None:
+            w = sd[f"{name}.weight"]
+            sd[f"{name}.weight"] = w + module.lora.delta().float().cpu().view_as(w)
+        if isinstance(module, Attention) and module.lora_k is not None:
+            w = sd[f"{name}.in_proj_weight"].clone()
+            width = w.shape[1]
+            w[width:2 * width] += module.lora_k.delta().float().cpu()
+            w[2 * width:] += module.lora_v.delta().float().cpu()
+            sd[f"{name}.in_proj_weight"] = w
+    return sd
+
+
+def save(model, folder, tokenizer=None):
+    """Write `folder/model.safetensors`, `folder/tokenizer.json` and `folder/config.json`, each
+    atomically; config.json goes last, so a folder with one is complete. LoRA is merged."""
+    folder = Path(folder)
+    tokenizer = tokenizer or model.tokenizer
+    sd = _plain_state_dict(model)
+    _atomic_write(folder / "model.safetensors", lambda tmp: save_safetensors(sd, tmp))
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    _write_json(folder / "config.json", {"safeclip": {"config": asdict(model.config)}})
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. LoRA: low-rank adapters, W x + (alpha / r) B A dropout(x)
+# ---------------------------------------------------------------------------------------------
+# The public recipe adapts the attention keys, values and output, both MLP layers and the patch
+# embedding of both towers (rank 16, alpha 1, dropout 0.1), and freezes everything else.
+
+
+class LoRA(nn.Module):
+    def __init__(self, in_features, out_features, rank, alpha, dropout):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))  # zero: step 0 is the original model
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scale
+
+    def conv(self, pixels, stride):
+        """The same adapter over image patches: A is a patch-sized convolution, B a 1x1 one."""
+        a = self.A.view(self.A.shape[0], 3, *stride)
+        y = F.conv2d(self.dropout(pixels), a.to(pixels.dtype), stride=stride)  # (B, r, grid, grid)
+        return torch.einsum("or,brhw->bohw", self.B.to(y.dtype), y) * self.scale
+
+    def delta(self):
+        """The weight update this adapter stands for, to fold into the base weight."""
+        return (self.B @ self.A) * self.scale
+
+
+def add_lora(model, rank=16, alpha=1.0, dropout=0.1, towers=("text", "vision")):
+    """Attach fresh adapters to `towers` and freeze every other parameter. Returns the adapters'
+    parameters (the only ones to train)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    roots = {"text": model.transformer, "vision": model.visual}
+    adapters = []
+
+    def make(i, o):
+        adapters.append(LoRA(i, o, rank, alpha, dropout).to(model.logit_scale.device))
+        return adapters[-1]
+
+    for tower in towers:
+        for block in roots[tower].resblocks:
+            width = block.attn.out_proj.in_features
+            block.attn.lora_k, block.attn.lora_v = make(width, width), make(width, width)
+            for linear in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
+                linear.lora = make(linear.in_features, linear.out_features)
+        if tower == "vision":
+            conv = model.visual.conv1
+            conv.lora = make(3 * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels)
+    return [p for a in adapters for p in a.parameters()]
+
+
+def lora_modules(model):
+    """The adapters of a model, by a stable name (used to save and resume them)."""
+    found = {}
+    for name, module in model.named_modules():
+        for attr in ("lora", "lora_k", "lora_v"):
+            if isinstance(getattr(module, attr, None), LoRA):
+                found[f"{name}.{attr}"] = getattr(module, attr)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The Safe-CLIP objective
+# ---------------------------------------------------------------------------------------------
+# Eight terms over the embeddings of a batch of quadruplets (T, T*, V, V*). `t_ref` = T0(T) and
+# `v_ref` = V0(V) come from the frozen original model: every target is the *safe* input's
+# original embedding. Preserve terms keep safe inputs where they were; redirect terms pull the
+# unsafe inputs onto their safe counterparts.
+
+LAMBDAS = {
+    "text_safe": 0.10,  # d(T(T), T0(T))              preserve
+    "text_unsafe": 0.10,  # d(T(T*), T0(T))           redirect
+    "image_safe": 0.10,  # d(V(V), V0(V))             preserve
+    "image_unsafe": 0.20,  # d(V(V*), V0(V))          redirect
+    "nce_text_safe": 0.25,  # NCE(T(T), V0(V))        preserve
+    "nce_text_unsafe": 0.25,  # NCE(T(T*), V0(V))     redirect
+    "nce_image_safe": 0.25,  # NCE(T0(T), V(V))       preserve
+    "nce_image_unsafe": 0.50,  # NCE(T0(T), V(V*))    redirect
+}
+
+
+def cosine_distance(a, b):
+    """Mean over the batch of 1 - cos(a_i, b_i)."""
+    return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
+
+
+def info_nce(a, b, scale=100.0):
+    """Symmetric in-batch InfoNCE: row i of `a` should pick row i of `b` and vice versa."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = scale * a @ b.t()  # (B, B)
+    labels = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None):
+    """The Safe-CLIP objective. Returns `(total, terms)`, with `total = sum(l_i / sum(l) * term_i)`.
+
+    t_safe = T(T), t_unsafe = T(T*), v_safe = V(V), v_unsafe = V(V*): the model being trained.
+    t_ref = T0(T), v_ref = V0(V): the original model (constants). All (B, E).
+    """
+    lambdas = {**LAMBDAS, **(lambdas or {})}
+    terms = {
+        "text_safe": cosine_distance(t_safe, t_ref),
+        "text_unsafe": cosine_distance(t_unsafe, t_ref),
+        "image_safe": cosine_distance(v_safe, v_ref),
+        "image_unsafe": cosine_distance(v_unsafe, v_ref),
+        "nce_text_safe": info_nce(t_safe, v_ref),
+        "nce_text_unsafe": info_nce(t_unsafe, v_ref),
+        "nce_image_safe": info_nce(t_ref, v_safe),
+        "nce_image_unsafe": info_nce(t_ref, v_unsafe),
+    }
+    norm = sum(lambdas[k] for k in terms)
+    total = sum(lambdas[k] / norm * v for k, v in terms.items())
+    return total, terms
+
+
+def clip_loss(text, image, logit_scale):
+    """CLIP's own objective (symmetric InfoNCE, learnable temperature), for pre-training."""
+    return info_nce(text, image, scale=logit_scale.exp().clamp(max=100))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Data: pairs.jsonl, one quadruplet (T, T*, V, V*) per line
+# ---------------------------------------------------------------------------------------------
+# {"safe": .., "unsafe": .., "safe_image": .., "unsafe_image": .., "category": .., "split": ..}
+# Image paths are relative to the .jsonl file's folder. ViSU's names `nsfw` and `nsfw_image` are
+# accepted for `unsafe` and `unsafe_image`.
+
+
+class DataError(ValueError):
+    """Bad training or evaluation data; the message names the file, the line and the problem."""
+
+
+ALIASES = {"nsfw": "unsafe", "nsfw_image": "unsafe_image"}
+SPLITS = ("train", "val", "test")
+
+
+def _parse_row(line, folder):
+    row = json.loads(line)
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    for alias, name in ALIASES.items():
+        if alias in row and name not in row:
+            row[name] = row[alias]
+    for key in ("safe", "unsafe", "safe_image", "unsafe_image"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise ValueError(f"missing or empty field {key!r}")
+    split = row.get("split") or "train"
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    images = {k: str(folder / row[k]) for k in ("safe_image", "unsafe_image")}  # absolute stays absolute
+    for key, image in images.items():
+        if not os.path.isfile(image):
+            raise ValueError(f"{key} {image} does not exist")
+    category = row.get("category")
+    return dict(safe=row["safe"], unsafe=row["unsafe"], **images,
+                category=None if category is None else str(category), split=split)
+
+
+def read_pairs(path, split=None, skip_bad=False):
+    """The quadruplets of a pairs.jsonl file (of one `split`, if given), checked before use.
+
+    A malformed line stops with a DataError naming the file and line, unless `skip_bad`, which
+    skips it and counts it in `read_pairs.skipped`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    rows, skipped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = _parse_row(line, path.parent)
+            except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+                if not skip_bad:
+                    raise DataError(f"{path}:{number}: {e}") from None
+                skipped += 1
+                continue
+            row["line"] = number
+            if split is None or row["split"] == split:
+                rows.append(row)
+    read_pairs.skipped = skipped
+    return rows
+
+
+def open_image(path):
+    """A PIL image, fully decoded now so a broken file fails here with its name."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images by path, preprocessed; the index comes along so batches can find their references."""
+
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.preprocess(open_image(self.paths[i]))
+
+
+def encode_texts(model, texts, batch_size=256, device=None, desc=None):
+    """Embeddings (N, E) of `texts`, batched, float32 on the CPU, not normalised."""
+    device = device or model.logit_scale.device
+    tokenizer = require_tokenizer(model)
+    out = []
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(texts), batch_size), desc=desc or "text", disable=desc is False, leave=False):
+            ids = tokenizer(texts[i:i + batch_size], context_length=model.config.context_length)
+            with autocast(device):
+                out.append(model.encode_text(ids.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
+
+
+def encode_images(model, preprocess, paths, batch_size=64, device=None, desc=None, workers=0):
+    """Embeddings (N, E) of the images at `paths`, batched, float32 on the CPU, not normalised.
+    An unreadable image raises a DataError naming it."""
+    device = device or model.logit_scale.device
+    loader = torch.utils.data.DataLoader(ImageFolder(list(paths), preprocess), batch_size=batch_size,
+                                         num_workers=workers)
+    out = []
+    with torch.inference_mode():
+        for pixels in tqdm(loader, desc=desc or "images", disable=desc is False, leave=False):
+            with autocast(device):
+                out.append(model.encode_image(pixels.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
+
+
+def autocast(device, dtype=torch.bfloat16):
+    """bf16 autocast on CUDA; float32 elsewhere (CPU autocast is slower than it saves here)."""
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Training loop
+# ---------------------------------------------------------------------------------------------
+# One loop serves two objectives: `safeclip` (fine-tune a CLIP with the eight terms above) and
+# `clip` (pre-train a CLIP with its own contrastive loss, as the offline demo does for its toy
+# model). Each step runs the text tower once over the safe and unsafe captions together and the
+# vision tower once over the safe and unsafe images together; the references T0(T) and V0(V) were
+# computed once, before the first step.
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a resume that does not fit)."""
+
+
+class Quadruplets(torch.utils.data.Dataset):
+    """Row i -> (safe pixels, unsafe pixels, i); captions are tokenized up front."""
+
+    def __init__(self, rows, preprocess):
+        self.rows, self.preprocess = rows, preprocess
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        return self.preprocess(open_image(row["safe_image"])), self.preprocess(open_image(row["unsafe_image"])), i
+
+
+class Towers(nn.Module):
+    """The fused forward pass: both captions through the text tower in one batch, both images
+    through the vision tower in another. A frozen tower runs without building a graph.
+    (A module of its own so DistributedDataParallel can wrap it.)"""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, pixels):
+        text_trains = any(p.requires_grad for p in self.model.transformer.parameters())
+        vision_trains = any(p.requires_grad for p in self.model.visual.parameters())
+        with torch.set_grad_enabled(text_trains and torch.is_grad_enabled()):
+            text = self.model.encode_text(ids)
+        with torch.set_grad_enabled(vision_trains and torch.is_grad_enabled()):
+            image = self.model.encode_image(pixels)
+        return text, image
+
+
+# -- distributed helpers: no-ops in a single process ------------------------------------------
+
+
+def dist_info():
+    """(rank, world size, local rank) from torchrun's environment variables."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def gather(x):
+    """Concatenate `x` from all ranks, keeping gradients, so InfoNCE sees the global batch's
+    negatives. Every rank then computes the same global loss; the all-gather's backward sums the
+    gradients from all ranks, and DDP's average over ranks undoes that sum."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    import torch.distributed.nn.functional as dist_fn  # lazily: only under torchrun
+    return torch.cat(dist_fn.all_gather(x.contiguous()))
+
+
+def gather_rows(local, n, rank, world):
+    """Rows computed rank-strided (rank r holds rows r, r + world, ...) -> all n rows, in order."""
+    if world == 1:
+        return local
+    size = -(-n // world)
+    padded = torch.zeros(size, *local.shape[1:], dtype=local.dtype)
+    padded[: len(local)] = local
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.stack(parts, dim=1).flatten(0, 1)[:n]  # interleave back to row order
+
+
+# -- references, computed once ------------------------------------------------------------------
+
+
+def _fingerprint(model_path, rows, model):
+    """What the cached references depend on: the weight files and the safe half of the data."""
+    h = hashlib.sha256()
+    paths = sorted(Path(model_path).rglob("*")) if Path(model_path).is_dir() else [Path(model_path)]
+    for p in paths:
+        if p.is_file():
+            h.update(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+    h.update(json.dumps([asdict(model.config), model.tokenizer.vocab_size]).encode())
+    for r in rows:
+        st = os.stat(r["safe_image"])
+        h.update(f"{r['safe']}\0{r['safe_image']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def reference_embeddings(model, preprocess, rows, cache, fingerprint, device, batch_size, workers):
+    """T0(T) and V0(V) for every row, from the original weights, cached in `cache`.
+
+    They are targets that never move, so computing them once replaces two frozen encoders that
+    would otherwise run at every step. Under torchrun each rank embeds a stride of the rows."""
+    if cache.exists():
+        from safetensors import safe_open
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == fingerprint:
+                return f.get_tensor("t_ref"), f.get_tensor("v_ref")
+    rank, world, _ = dist_info()
+    mine = rows[rank::world]
+    was_training = model.training
+    model.eval()
+    t_ref = encode_texts(model, [r["safe"] for r in mine], batch_size, device, desc="reference T0(T)")
+    v_ref = encode_images(model, preprocess, [r["safe_image"] for r in mine], batch_size, device,
+                          desc="reference V0(V)", workers=workers)
+    model.train(was_training)
+    t_ref, v_ref = gather_rows(t_ref, len(rows), rank, world), gather_rows(v_ref, len(rows), rank, world)
+    if rank == 0:
+        _atomic_write(cache, lambda tmp: save_safetensors({"t_ref": t_ref, "v_ref": v_ref}, tmp,
+                                                          metadata={"fingerprint": fingerprint}))
+    return t_ref, v_ref
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def recall_at_1(queries, gallery):
+    """Share of queries whose own row of `gallery` is the nearest (both L2-normalised)."""
+    sims = F.normalize(queries, dim=-1) @ F.normalize(gallery, dim=-1).t()
+    return (sims.argmax(dim=1) == torch.arange(len(queries))).float().mean().item() * 100
+
+
+@torch.no_grad()
+def validate(model, rows, ids, preprocess, refs, args, device):
+    """Validation loss (averaged over batches) and the public code's recall-sum: R@1 both ways
+    for (T, V), (T, V*) and (T*, V)."""
+    was_training = model.training
+    model.eval()
+    n = len(rows)
+    t_safe = encode_texts_ids(model, ids[0], args.batch_size, device)
+    t_unsafe = encode_texts_ids(model, ids[1], args.batch_size, device)
+    v_safe = encode_images(model, preprocess, [r["safe_image"] for r in rows], args.batch_size, device, desc=False)
+    v_unsafe = encode_images(model, preprocess, [r["unsafe_image"] for r in rows], args.batch_size, device, desc=False)
+    model.train(was_training)
+    sums, batches = {}, 0
+    for i in range(0, n - args.batch_size + 1 if n >= args.batch_size else 1, args.batch_size):
+        s = slice(i, i + args.batch_size)
+        if args.objective == "safeclip":
+            total, terms = safe_clip_loss(t_safe[s], t_unsafe[s], v_safe[s], v_unsafe[s], refs[0][s], refs[1][s], args.lambdas)
+        else:
+            total = clip_loss(torch.cat([t_safe[s], t_unsafe[s]]), torch.cat([v_safe[s], v_unsafe[s]]), model.logit_scale.cpu())
+            terms = {}
+        for k, v in {"loss": total, **terms}.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        batches += 1
+    metrics = {k: v / batches for k, v in sums.items()}
+    pairs = {"T-V": (t_safe, v_safe), "T-V*": (t_safe, v_unsafe), "T*-V": (t_unsafe, v_safe)}
+    metrics["recall_sum"] = sum(recall_at_1(a, b) + recall_at_1(b, a) for a, b in pairs.values())
+    return metrics
+
+
+def encode_texts_ids(model, ids, batch_size, device):
+    out = []
+    with torch.inference_mode(), autocast(device):
+        for i in range(0, len(ids), batch_size):
+            out.append(model.encode_text(ids[i:i + batch_size].to(device)).float().cpu())
+    return torch.cat(out)
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+
+def parse_lambdas(text):
+    """'0.1,0.1,0.1,0.2,0.25,0.25,0.25,0.5' (in the table's order) or 'name=value,...'."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        if all("=" in p for p in parts):
+            out = {k.strip(): float(v) for k, v in (p.split("=", 1) for p in parts)}
+            unknown = set(out) - set(LAMBDAS)
+            if unknown:
+                raise ValueError(f"unknown term(s) {sorted(unknown)}; the terms are {', '.join(LAMBDAS)}")
+            return out
+        if len(parts) != len(LAMBDAS):
+            raise ValueError(f"expected {len(LAMBDAS)} weights ({', '.join(LAMBDAS)}), got {len(parts)}")
+        return dict(zip(LAMBDAS, map(float, parts)))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--lambdas: {e}") from None
+
+
+def parse_scratch(text, vocab_size):
+    """'width=128,layers=4,...' -> a CLIPConfig for a model trained from scratch."""
+    spec = dict(embed_dim=128, image_resolution=32, vision_patch_size=4, width=128, layers=4, context_length=32)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        if key not in spec:
+            raise argparse.ArgumentTypeError(f"--scratch: unknown key {key!r}; known: {', '.join(spec)}")
+        spec[key] = int(value)
+    w, layers = spec.pop("width"), spec.pop("layers")
+    return CLIPConfig(**spec, vision_width=w, vision_layers=layers, vision_heads=max(1, w // 64), text_width=w,
+                      text_layers=layers, text_heads=max(1, w // 64), vocab_size=vocab_size)
+
+
+def lr_at(step, args, total_steps):
+    """Linear warmup, then constant or cosine decay to zero."""
+    warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
+    if args.schedule == "cosine":
+        return args.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return args.lr * warm
+
+
+def _append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path, step):
+    """After a resume, drop the log lines of steps the checkpoint does not contain."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+
+
+def train(args):
+    rank, world, local_rank = dist_info()
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    main_process = rank == 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    # Data: everything is checked before the first step.
+    rows = read_pairs(args.data, skip_bad=args.skip_bad)
+    skipped = read_pairs.skipped
+    train_rows = [r for r in rows if r["split"] == "train"]
+    val_rows = [r for r in rows if r["split"] == "val"]
+    if len(train_rows) < args.batch_size:
+        raise DataError(f"{args.data}: {len(train_rows)} training rows, fewer than one batch of {args.batch_size}")
+    if len(train_rows) < args.batch_size * args.accum:
+        raise DataError(f"{args.data}: {len(train_rows)} training rows, fewer than one step of "
+                        f"{args.batch_size} x {args.accum} (--batch-size x --accum)")
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
+    train_rows, bad = _check_images(train_rows + val_rows, args, main_process)
+    skipped += bad
+    val_rows = [r for r in train_rows if r["split"] == "val"]
+    train_rows = [r for r in train_rows if r["split"] == "train"]
+
+    # Model: pre-trained weights, or a fresh one for the `clip` objective.
+    if args.scratch is not None:
+        if args.tokenizer:
+            tokenizer = Tokenizer.from_file(args.tokenizer)
+        else:
+            captions = [r[k] for r in train_rows for k in ("safe", "unsafe")]
+            tokenizer = Tokenizer.train(captions, vocab_size=args.vocab_size)
+        torch.manual_seed(args.seed)
+        model = CLIP(parse_scratch(args.scratch, tokenizer.vocab_size))
+        model.tokenizer = tokenizer
+        preprocess = image_transform(model.config.image_resolution)
+    else:
+        model, preprocess = load(args.model, device="cpu", tokenizer=args.tokenizer)
+        require_tokenizer(model)
+    model.to(device)
+    ctx = model.config.context_length
+    ids = {split: (model.tokenizer([r["safe"] for r in rs], context_length=ctx),
+                   model.tokenizer([r["unsafe"] for r in rs], context_length=ctx))
+           for split, rs in (("train", train_rows), ("val", val_rows))}
+
+    # References from the original weights, before any adapter exists.
+    refs = {"train": None, "val": None}
+    if args.objective == "safeclip":
+        all_rows = train_rows + val_rows
+        fingerprint = _fingerprint(args.model, all_rows, model)
+        t_ref, v_ref = reference_embeddings(model, preprocess, all_rows, out / "reference.safetensors",
+                                            fingerprint, device, args.batch_size, args.workers)
+        n = len(train_rows)
+        refs = {"train": (t_ref[:n], v_ref[:n]), "val": (t_ref[n:], v_ref[n:])}
+
+    # What trains.
+    towers = [t for t in ("text", "vision") if t not in (args.freeze or [])]
+    if args.full or args.scratch is not None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for t in towers:
+            for p in (model.transformer if t == "text" else model.visual).parameters():
+                p.requires_grad_(True)
+            if t == "text":
+                for p in (model.token_embedding.weight, model.positional_embedding, model.ln_final.weight,
+                          model.ln_final.bias, model.text_projection):
+                    p.requires_grad_(True)
+        model.logit_scale.requires_grad_(args.objective == "clip")
+    else:
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, towers)
+    for t in towers:
+        (model.transformer if t == "text" else model.visual.transformer).grad_checkpointing = args.grad_checkpointing
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    towers_module = Towers(model)
+    if world > 1:
+        towers_module = nn.parallel.DistributedDataParallel(towers_module, device_ids=[device] if device.type == "cuda" else None)
+    step_fn = torch.compile(towers_module) if args.compile else towers_module
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
+
+    # Schedule: an epoch is a seeded permutation of the training rows, cut into global batches.
+    micro = args.batch_size
+    per_epoch = len(train_rows) // (micro * args.accum)
+    total_steps = args.steps or per_epoch * args.epochs
+    state = dict(step=0, best=None, best_step=None, bad_evals=0)
+    log_path = out / "log.jsonl"
+    ckpt_path = out / "checkpoint.pt"
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if set(ckpt["trainable"]) != set(trainable):
+            raise TrainingError(f"{ckpt_path}: its trainable parameters do not match this run's options")
+        with torch.no_grad():
+            for name, value in ckpt["trainable"].items():
+                trainable[name].copy_(value)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        state.update(ckpt["state"])
+        if main_process:
+            _truncate_log(log_path, state["step"])
+            print(f"resumed from {ckpt_path} at step {state['step']}", file=sys.stderr)
+    elif main_process:
+        log_path.write_text("")
+        _write_json(out / "train_config.json", {k: v for k, v in vars(args).items() if k != "func"})
+
+    def save_checkpoint():
+        if not main_process:
+            return
+        ckpt = dict(trainable={n: p.detach().cpu() for n, p in trainable.items()}, optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), rng=torch.get_rng_state(), state=dict(state))
+        _atomic_write(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+
+    def evaluate_and_select():
+        if not val_rows:
+            return False
+        metrics = validate(model, val_rows, ids["val"], preprocess, refs["val"], args, device)
+        score = -metrics["loss"] if args.select == "loss" else metrics["recall_sum"]
+        improved = state["best"] is None or score > state["best"]
+        if improved:
+            state.update(best=score, best_step=state["step"], bad_evals=0, best_metrics=metrics)
+            if main_process:
+                save(model, out / "best")
+        else:
+            state["bad_evals"] += 1
+        if main_process:
+            _append_log(log_path, {"step": state["step"], "val": metrics, "best_step": state["best_step"]})
+            tqdm.write(f"step {state['step']}: val loss {metrics['loss']:.4f}, recall-sum {metrics['recall_sum']:.1f}"
+                       + (" (best)" if improved else ""))
+        return args.patience and state["bad_evals"] >= args.patience
+
+    dataset = Quadruplets(train_rows, preprocess)
+    eval_every = args.eval_every or per_epoch
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train ({args.objective})", disable=not main_process,
+               dynamic_ncols=True)
+    stop, samples, tick = False, 0, time.time()
+    towers_module.train()
+    while state["step"] < total_steps and not stop:
+        epoch, done = divmod(state["step"], per_epoch)
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + epoch))
+        batches = order[: per_epoch * micro * args.accum].view(per_epoch * args.accum, micro)
+        mine = [b[rank::world].tolist() for b in batches[done * args.accum:]]  # this rank's share
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=args.workers,
+                                             generator=torch.Generator().manual_seed(args.seed))
+        it = iter(loader)
+        for _ in range(per_epoch - done):
+            lr = lr_at(state["step"], args, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            record = {}
+            for k in range(args.accum):
+                safe_pix, unsafe_pix, idx = next(it)
+                sync = k == args.accum - 1 or world == 1
+                with (towers_module.no_sync() if not sync else contextlib.nullcontext()):
+                    with autocast(device, dtype or torch.bfloat16) if dtype else contextlib.nullcontext():
+                        t_ids = torch.cat([ids["train"][0][idx], ids["train"][1][idx]]).to(device)
+                        pixels = torch.cat([safe_pix, unsafe_pix]).to(device, non_blocking=True)
+                        text, image = step_fn(t_ids, pixels)
+                    t_safe, t_unsafe = (gather(t) for t in text.float().chunk(2))
+                    v_safe, v_unsafe = (gather(v) for v in image.float().chunk(2))
+                    if args.objective == "safeclip":
+                        gidx = gather(idx.to(device)).cpu()
+                        loss, terms = safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe,
+                                                     refs["train"][0][gidx].to(device), refs["train"][1][gidx].to(device),
+                                                     args.lambdas)
+                    else:
+                        loss, terms = clip_loss(torch.cat([t_safe, t_unsafe]), torch.cat([v_safe, v_unsafe]),
+                                                model.logit_scale), {}
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"non-finite loss ({loss.item()}) at step {state['step']}; terms: "
+                            + ", ".join(f"{n}={float(v):.4g}" for n, v in terms.items())
+                            + f". The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'not written yet'}; "
+                            "try a lower --lr, --precision fp32 or --grad-clip.")
+                    scaler.scale(loss / args.accum).backward()
+                for n, v in {"loss": loss, **terms}.items():
+                    record[n] = record.get(n, 0.0) + float(v) / args.accum
+            if args.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if args.objective == "clip":
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+            state["step"] += 1
+            samples += micro * args.accum
+            speed = samples / (time.time() - tick)
+            if main_process:
+                _append_log(log_path, {"step": state["step"], "epoch": epoch, "lr": lr, **record,
+                                       "samples_per_s": round(speed, 2)})
+                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{speed:.1f}")
+                bar.update()
+            epoch_end = state["step"] % per_epoch == 0
+            if state["step"] % eval_every == 0 or state["step"] == total_steps:
+                stop = evaluate_and_select()
+            if (args.save_every and state["step"] % args.save_every == 0) or epoch_end or stop:
+                save_checkpoint()
+            if os.environ.get("SAFECLIP_TEST_DIE_AFTER_STEP") == str(state["step"]):
+                os._exit(17)  # tests: a hard kill between two steps, no clean-up of any kind
+            if stop or state["step"] >= total_steps:
+                break
+    bar.close()
+    save_checkpoint()
+
+    # The result: the best model by the validation criterion, or the last one without a val split.
+    if main_process:
+        final = load(out / "best", device="cpu")[0] if val_rows and (out / "best" / "config.json").exists() else model
+        save(final, out, tokenizer=model.tokenizer)
+        minutes = (time.time() - started) / 60
+        best = state.get("best_metrics")
+        print(f"done: {state['step']} steps in {minutes:.1f} min"
+              + (f"; best at step {state['best_step']}: val loss {best['loss']:.4f}, recall-sum {best['recall_sum']:.1f}"
+                 if best else "")
+              + (f"; skipped {skipped} bad row(s)" if skipped else "")
+              + f"\nmodel: {out} (safeclip.load('{out}')), log: {log_path}, resume state: {ckpt_path}", file=sys.stderr)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return model
+
+
+def _check_images(rows, args, verbose):
+    """Open every image header once before training, so a broken file stops the run up front."""
+    good, bad = [], 0
+    for row in tqdm(rows, desc="checking images", disable=not verbose, leave=False):
+        try:
+            for key in ("safe_image", "unsafe_image"):
+                with Image.open(row[key]) as image:
+                    image.verify()
+            good.append(row)
+        except Exception as e:  # PIL raises many types for broken files
+            if not args.skip_bad:
+                raise DataError(f"{args.data}:{row['line']}: unreadable {key} {row[key]} ({e})") from None
+            bad += 1
+    return good, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Export, downloads and the command line
+# ---------------------------------------------------------------------------------------------
+
+
+def export_hf(model, folder):
+    """A Hugging Face CLIPModel folder: `transformers.CLIPModel.from_pretrained(folder)` loads it,
+    its text tower can serve as Stable Diffusion's `text_encoder`, its vision tower as LLaVA's."""
+    c, folder = model.config, Path(folder)
+    act = "quick_gelu" if c.quick_gelu else "gelu"
+    eot = model.tokenizer.eot_id if model.tokenizer is not None else c.vocab_size - 1
+    config = {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": c.embed_dim,
+        "logit_scale_init_value": float(model.logit_scale), "initializer_factor": 1.0,
+        "text_config": {"model_type": "clip_text_model", "hidden_size": c.text_width,
+                        "intermediate_size": 4 * c.text_width, "num_attention_heads": c.text_heads,
+                        "num_hidden_layers": c.text_layers, "max_position_embeddings": c.context_length,
+                        "vocab_size": c.vocab_size, "hidden_act": act, "projection_dim": c.embed_dim,
+                        "bos_token_id": eot - 1, "eos_token_id": eot, "pad_token_id": 0, "layer_norm_eps": 1e-5},
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": c.vision_width,
+                          "intermediate_size": 4 * c.vision_width, "num_attention_heads": c.vision_heads,
+                          "num_hidden_layers": c.vision_layers, "image_size": c.image_resolution,
+                          "patch_size": c.vision_patch_size, "hidden_act": act, "projection_dim": c.embed_dim,
+                          "num_channels": 3, "layer_norm_eps": 1e-5},
+    }
+    sd = to_hf_state_dict(_plain_state_dict(model))
+    _atomic_write(folder / "model.safetensors", lambda tmp: save_safetensors(sd, tmp, metadata={"format": "pt"}))
+    if model.tokenizer is not None:
+        model.tokenizer.save(folder)
+    _write_json(folder / "config.json", config)
+
+
+def export_openai(model, path):
+    """An OpenAI-named state dict, as OpenAI's `clip.model.build_model` expects."""
+    sd = _plain_state_dict(model)
+    _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+
+
+def cmd_train(args):
+    if (args.model is None) == (args.scratch is None):
+        raise SystemExit("error: give exactly one of --model PATH (fine-tune) and --scratch SPEC (pre-train)")
+    if args.lr is None:
+        args.lr = 5e-4 if args.scratch is not None else 1e-5 if args.full else 1e-3
+    train(args)
+
+
+def cmd_export(args):
+    if not (args.hf or args.openai):
+        raise SystemExit("error: nothing to do; give --hf OUT and/or --openai OUT.pt")
+    model, _ = load(args.checkpoint, tokenizer=args.tokenizer)
+    if args.hf:
+        export_hf(model, args.hf)
+        print(f"wrote {args.hf} (transformers.CLIPModel.from_pretrained)")
+    if args.openai:
+        export_openai(model, args.openai)
+        print(f"wrote {args.openai} (OpenAI state dict)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="safeclip.py", description="Safe-CLIP: fine-tune CLIP so unsafe inputs land where their safe "
+        "counterparts do. See README.md.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    t = sub.add_parser("train", formatter_class=fmt, help="fine-tune a CLIP with Safe-CLIP (or pre-train one)",
+                       description="Fine-tune a CLIP with the Safe-CLIP objective on pairs.jsonl "
+                       "quadruplets, or pre-train a small CLIP from scratch with --objective clip --scratch.")
+    g = t.add_argument_group("data and model")
+    g.add_argument("--data", required=True, help="pairs.jsonl (safe, unsafe, safe_image, unsafe_image[, category, split])")
+    g.add_argument("--model", help="weights to fine-tune: anything safeclip.load reads")
+    g.add_argument("--tokenizer", help="tokenizer for weights that come without one (tokenizer.json or OpenAI's .txt.gz)")
+    g.add_argument("--scratch", metavar="SPEC", help="train a new model instead, e.g. "
+                   "'width=128,layers=4,embed_dim=128,image_resolution=32,vision_patch_size=4,context_length=32'")
+    g.add_argument("--vocab-size", type=int, default=2000, help="BPE vocabulary trained for --scratch without --tokenizer")
+    g.add_argument("--out", required=True, help="output folder: checkpoints, log.jsonl, the final model")
+    g.add_argument("--skip-bad", action="store_true", help="skip malformed rows and unreadable images instead of stopping")
+    g = t.add_argument_group("objective")
+    g.add_argument("--objective", choices=("safeclip", "clip"), default="safeclip",
+                   help="safeclip: the eight Safe-CLIP terms; clip: CLIP's contrastive pre-training loss")
+    g.add_argument("--lambdas", type=parse_lambdas, help="loss weights, 8 values in the order "
+                   + ",".join(LAMBDAS) + " or name=value pairs (default: the paper's)")
+    g = t.add_argument_group("what trains")
+    g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    g.add_argument("--lora-rank", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=1.0, help="LoRA scale is alpha / rank")
+    g.add_argument("--lora-dropout", type=float, default=0.1)
+    g.add_argument("--freeze", nargs="+", choices=("text", "vision"), help="towers to leave untouched")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, help="learning rate (default: 1e-3 LoRA, 1e-5 --full, 5e-4 --scratch)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--batch-size", type=int, default=16, help="quadruplets per micro-batch, over all processes")
+    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--seed", type=int, default=0)
+    g = t.add_argument_group("validation and checkpoints")
+    g.add_argument("--eval-every", type=int, help="steps between validations (default: each epoch)")
+    g.add_argument("--select", choices=("loss", "recall"), default="loss",
+                   help="best model by validation loss or by the recall-sum")
+    g.add_argument("--patience", type=int, default=5, help="stop after this many validations without improvement (0: never)")
+    g.add_argument("--save-every", type=int, help="also write the resume checkpoint every N steps")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    g = t.add_argument_group("hardware")
+    g.add_argument("--device", help="default: cuda when present, else cpu")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory (large towers)")
+    g.add_argument("--workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)), help="image loading processes")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", formatter_class=fmt, help="write a model for transformers or OpenAI's code",
+                       description="Export a checkpoint (anything safeclip.load reads) to a Hugging Face "
+                       "CLIPModel folder and/or an OpenAI-named state dict.")
+    e.add_argument("checkpoint", help="a training --out folder or any file safeclip.load reads")
+    e.add_argument("--hf", metavar="OUT", help="Hugging Face CLIPModel folder to write")
+    e.add_argument("--openai", metavar="OUT.pt", help="OpenAI-named state dict to write")
+    e.add_argument("--tokenizer", help="tokenizer to attach, for weights without one")
+    e.set_defaults(func=cmd_export)
+
+    add_download_command(sub)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if getattr(args, "precision", None) is None and args.command == "train":
+        args.precision = "bf16" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "fp32"
+    try:
+        args.func(args)
+    except (DataError, CheckpointError, TrainingError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
