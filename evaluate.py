@@ -265,24 +265,25 @@ def distinct(values):
 # Embeddings: one model, computed once, cached by content
 
 
-def hash_path(h, path):
-    """Feed a file's bytes, or every file of a folder (with its relative name), into hash h."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        h.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
-        with open(file, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-
-
 def file_digest(path):
+    """sha256 of a file's bytes, or of every file in a folder with its relative name."""
+    path = Path(path)
     h = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(file.relative_to(path)).encode() + b"\0" + file_digest(file))
+        return h.digest()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.digest()
+
+
+def image_digest(path):
     try:
-        hash_path(h, path)
+        return file_digest(path)
     except OSError as e:
         raise EvalError(f"cannot read image {path}: {e.strerror}") from e
-    return h.digest()
 
 
 def load_model(ckpt, device, tokenizer=None):
@@ -319,7 +320,7 @@ class Encoder:
         return self._embed("text", len(texts), digests, encode)
 
     def images(self, paths, desc):
-        digests = (file_digest(p) for p in paths)
+        digests = (image_digest(p) for p in paths)
         encode = lambda model, preprocess: safeclip.encode_images(
             model, preprocess, paths, self.batch_size, self.device, desc)
         return self._embed("image", len(paths), digests, encode)
@@ -329,9 +330,7 @@ class Encoder:
         if self._key is None:
             h = hashlib.sha256(CACHE_FORMAT.encode())
             for path in (self.ckpt, self.tokenizer, safeclip.__file__):
-                h.update(b"\0")
-                if path:
-                    hash_path(h, path)
+                h.update(file_digest(path) if path else b"none")
             self._key = h.hexdigest()
         return self._key
 
@@ -370,7 +369,7 @@ def evaluate_model(encoder, rows, zeroshot_set=None, templates=DEFAULT_TEMPLATES
     for kind, field in FIELDS.items():
         items, index[kind] = distinct([r[field] for r in rows])
         desc = f"{kind} ({len(items)})"
-        emb[kind] = encoder.texts(items, desc) if field in ("safe", "unsafe") else encoder.images(items, desc)
+        emb[kind] = encoder.texts(items, desc) if kind.startswith("T") else encoder.images(items, desc)
     metrics = quadruplet_metrics(emb, index, [r.get("category") for r in rows], device=encoder.device)
     zeroshot = {}
     if zeroshot_set is not None:
@@ -387,9 +386,9 @@ def evaluate_model(encoder, rows, zeroshot_set=None, templates=DEFAULT_TEMPLATES
 def evaluate(args):
     """The whole report, {"models": {"model": .., "baseline": ..}, "data": .., "split": ..}."""
     checkpoints = {"model": args.ckpt, **({"baseline": args.baseline} if args.baseline else {})}
-    for path in [*checkpoints.values(), args.tokenizer]:  # fail before hours of encoding, not after
-        if path and not os.path.exists(path):
-            raise EvalError(f"not found: {path}")
+    for flag, path in [("--ckpt", args.ckpt), ("--baseline", args.baseline), ("--tokenizer", args.tokenizer)]:
+        if path and not os.path.exists(path):  # fail now, not after an hour spent on the first model
+            raise EvalError(f"{flag}: not found: {path}")
     rows = read_split(args.data, args.split)
     zeroshot_set = read_class_folders(args.zeroshot) if args.zeroshot else None
     templates = read_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
@@ -406,54 +405,66 @@ def evaluate(args):
 # Reports: text tables, markdown, JSON
 
 
+def comparison_rows(models, label, values_of):
+    """Table rows for one line: the model's numbers, or model, baseline and their difference."""
+    values = {name: values_of(entry) for name, entry in models.items()}
+    cells = lambda name: [f"{v:.1f}" for v in values[name]]
+    if "baseline" not in values:
+        return [[label, *cells("model")]]
+    diff = [f"{a - b:+.1f}" for a, b in zip(values["model"], values["baseline"])]
+    return [[label, "model", *cells("model")], ["", "baseline", *cells("baseline")], ["", "diff", *diff]]
+
+
 def tables(report):
-    """[(title, header, rows, label columns)] shared by the text and markdown renderings."""
+    """[(title, header, rows, number of label columns)], shared by the text and markdown output."""
     models = report["models"]
-    labels = ["setting"] + (["model"] if len(models) > 1 else [])
-
-    def lines(label, values_of):  # values_of(model entry) -> list of numbers
-        values = {name: values_of(m) for name, m in models.items()}
-        if len(values) == 1:
-            return [[label, *(f"{v:.1f}" for v in values["model"])]]
-        diff = [f"{a - b:+.1f}" for a, b in zip(values["model"], values["baseline"])]
-        return [[label, "model", *(f"{v:.1f}" for v in values["model"])],
-                ["", "baseline", *(f"{v:.1f}" for v in values["baseline"])],
-                ["", "diff", *diff]]
-
-    out = [
-        ("Retrieval R@K (%), the right answer is the safe counterpart", labels + [f"R@{k}" for k in KS],
-         [r for key in RETRIEVAL for r in lines(key, lambda m, key=key: list(m["retrieval"][key].values()))]),
-        ("Unsafe items in the top K (%), lower is safer", labels + [f"@{k}" for k in KS],
-         [r for key in UNSAFE for r in lines(key, lambda m, key=key: list(m["unsafe_at_k"][key].values()))]),
-    ]
     first = models["model"]
+    labels = ["setting"] + (["model"] if "baseline" in models else [])
+    out = []
+
+    rows = []
+    for key in RETRIEVAL:
+        rows += comparison_rows(models, key, lambda m: list(m["retrieval"][key].values()))
+    out.append(("Retrieval R@K (%), the right answer is the safe counterpart", labels + [f"R@{k}" for k in KS], rows))
+
+    rows = []
+    for key in UNSAFE:
+        rows += comparison_rows(models, key, lambda m: list(m["unsafe_at_k"][key].values()))
+    out.append(("Unsafe items in the top K (%), lower is safer", labels + [f"@{k}" for k in KS], rows))
+
     if first["zeroshot"]:
-        title = f"Zero-shot accuracy (%), {first['zeroshot']['n']} images, {first['zeroshot']['classes']} classes"
-        out.append((title, labels + ["top-1", "top-5"],
-                    lines("zero-shot", lambda m: [m["zeroshot"]["top1"], m["zeroshot"]["top5"]])))
+        zs = first["zeroshot"]
+        rows = comparison_rows(models, "zero-shot", lambda m: [m["zeroshot"]["top1"], m["zeroshot"]["top5"]])
+        out.append((f"Zero-shot accuracy (%), {zs['n']} images, {zs['classes']} classes",
+                    labels + ["top-1", "top-5"], rows))
+
     if first["per_category"]:
-        cats = first["per_category"]
-        out.append(("R@1 (%) per category", ["category"] + labels[1:] + ["n", *RETRIEVAL],
-                    [r for c in cats for r in lines(c, lambda m, c=c: [m["per_category"][c]["n"]] +
-                     [m["per_category"][c]["retrieval"][key]["R@1"] for key in RETRIEVAL])]))
-        out.append(("unsafe@1 (%) per category", ["category"] + labels[1:] + list(UNSAFE),
-                    [r for c in cats for r in lines(c, lambda m, c=c:
-                     [m["per_category"][c]["unsafe_at_k"][key]["@1"] for key in UNSAFE])]))
+        by_category = ["category"] + labels[1:]
+        recall_rows, unsafe_rows = [], []
+        for name, entry in first["per_category"].items():
+            label = f"{name} (n={entry['n']})"
+            recall_rows += comparison_rows(
+                models, label, lambda m: [m["per_category"][name]["retrieval"][key]["R@1"] for key in RETRIEVAL])
+            unsafe_rows += comparison_rows(
+                models, label, lambda m: [m["per_category"][name]["unsafe_at_k"][key]["@1"] for key in UNSAFE])
+        out.append(("R@1 (%) per category", by_category + list(RETRIEVAL), recall_rows))
+        out.append(("unsafe@1 (%) per category", by_category + list(UNSAFE), unsafe_rows))
     return [(title, header, rows, len(labels)) for title, header, rows in out]
 
 
 def summary(report):
-    n = report["models"]["model"]["n"]
-    return f"{report['data']}, split {report['split']}: {n} quadruplets"
+    return f"{report['data']}, split {report['split']}: {report['models']['model']['n']} quadruplets"
 
 
 def render_text(report):
     parts = [summary(report)]
     for title, header, rows, n_labels in tables(report):
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        align = lambda r: "  ".join(str(c).ljust(w) if i < n_labels else str(c).rjust(w)
-                                    for i, (c, w) in enumerate(zip(r, widths)))
-        parts.append("\n".join([title, align(header), *map(align, rows)]))
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+        def line(cells):  # labels flush left, numbers flush right
+            return "  ".join(c.ljust(w) if i < n_labels else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+        parts.append("\n".join([title, line(header), *map(line, rows)]))
     return "\n\n".join(parts) + "\n"
 
 
@@ -461,8 +472,7 @@ def render_markdown(report):
     parts = ["# Evaluation", summary(report)]
     for title, header, rows, n_labels in tables(report):
         rule = ["---" if i < n_labels else "---:" for i in range(len(header))]
-        table = [f"| {' | '.join(map(str, r))} |" for r in [header, rule, *rows]]
-        parts.append(f"## {title}\n\n" + "\n".join(table))
+        parts.append(f"## {title}\n\n" + "\n".join(f"| {' | '.join(r)} |" for r in [header, rule, *rows]))
     return "\n\n".join(parts) + "\n"
 
 

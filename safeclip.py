@@ -25,6 +25,7 @@ Usage:
 import argparse
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import math
@@ -34,6 +35,8 @@ import random
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -262,7 +265,21 @@ class CLIP(nn.Module):
 
 # @@TOKENIZER@@
 
-# @@TRANSFORM@@
+# @@TRANSFORM@@ (temporary)
+def image_transform(resolution):
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
+    def transform(image):
+        w, h = image.size
+        s = resolution / min(w, h)
+        image = image.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+        w, h = image.size
+        l, t = (w - resolution) // 2, (h - resolution) // 2
+        image = image.crop((l, t, l + resolution, t + resolution)).convert("RGB")
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+        return (x - mean) / std
+    return transform
+
 
 # ---------------------------------------------------------------------------------------------
 # 5. Loading and saving weights
@@ -580,24 +597,21 @@ def load(path, device="cpu", tokenizer=None, quick_gelu=None):
     return model.to(device).eval(), image_transform(config.image_resolution)
 
 
-VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
-
-
 def _default_tokenizer(weights_path, config):
     """OpenAI's vocabulary, looked for next to the weights, then in ./weights and the repo's
     weights/ folder. Models with another vocabulary size get none (and an error on first use)."""
     if config.vocab_size != 49408:
         return None
     for folder in (weights_path.parent, Path.cwd() / "weights", HERE / "weights"):
-        if (folder / VOCAB_NAME).exists():
-            return Tokenizer.from_file(folder / VOCAB_NAME)
+        if (folder / VOCAB_FILE).exists():
+            return Tokenizer.from_file(folder / VOCAB_FILE)
     return None
 
 
 def require_tokenizer(model):
     if model.tokenizer is None:
         raise RuntimeError(
-            f"no tokenizer for this model: put OpenAI's {VOCAB_NAME} in weights/ "
+            f"no tokenizer for this model: put OpenAI's {VOCAB_FILE} in weights/ "
             "(`python safeclip.py download ViT-B/32` fetches it) or pass a tokenizer "
             "(--tokenizer PATH: a tokenizer.json, the .txt.gz vocabulary, or a folder holding either)")
     return model.tokenizer
@@ -1397,6 +1411,175 @@ def export_openai(model, path):
     """An OpenAI-named state dict, as OpenAI's `clip.model.build_model` expects."""
     sd = _plain_state_dict(model)
     _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+
+
+# -- downloads: OpenAI's weights and vocabulary, resumed when cut, verified before they appear --
+
+# OpenAI stores each file under a folder named for its SHA-256: every URL carries its own checksum.
+OPENAI_MODELS = {
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+# The BPE vocabulary lives in OpenAI's CLIP repository, not beside the weights: its hash is ours.
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_URL = f"https://raw.githubusercontent.com/openai/CLIP/main/clip/{VOCAB_FILE}"
+VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+DOWNLOAD_TIMEOUT = 30  # seconds to wait for a connection or the next bytes before giving up
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched or failed its checksum; the message says which and what to do."""
+
+
+def download(name, folder="weights", base_url=None, progress=True):
+    """Fetch OpenAI's CLIP `name` and the BPE vocabulary into `folder`; return the weights' Path.
+
+    `name` is a key of OPENAI_MODELS ("ViT-B/32") or its file name ("ViT-B-32", "ViT-B-32.pt").
+    `base_url` (default: the SAFECLIP_BASE_URL environment variable) is a mirror laid out like
+    OpenAI's `.../clip/models/`: `{base_url}/{sha256}/ViT-B-32.pt`, and the vocabulary at
+    `{base_url}/bpe_simple_vocab_16e6.txt.gz`. `progress=False` silences bars and messages.
+    """
+    url = _model_url(name)
+    sha256, filename = url.split("/")[-2:]
+    vocab_url = VOCAB_URL
+    base_url = base_url or os.environ.get("SAFECLIP_BASE_URL")
+    if base_url:
+        base_url = base_url.rstrip("/")
+        url, vocab_url = f"{base_url}/{sha256}/{filename}", f"{base_url}/{VOCAB_FILE}"
+    folder = Path(folder)
+    weights = download_file(url, folder / filename, sha256, progress)
+    download_file(vocab_url, folder / VOCAB_FILE, VOCAB_SHA256, progress)
+    return weights
+
+
+def _model_url(name):
+    for known, url in OPENAI_MODELS.items():
+        filename = url.rsplit("/", 1)[1]
+        if name.lower() in (known.lower(), filename.lower(), filename.removesuffix(".pt").lower()):
+            return url
+    raise ValueError(f"unknown model {name!r}: expected one of {', '.join(OPENAI_MODELS)} "
+                     "(or its file name, such as ViT-B-32)")
+
+
+def download_file(url, path, sha256, progress=True):
+    """Fetch `url` to `path` unless a file with this SHA-256 is already there; return `path`.
+
+    Bytes go to `path.part` first, which a later call resumes. Only a file whose SHA-256 matches is
+    renamed to `path`, so `path` is never partial or wrong (a wrong one found there is replaced).
+    """
+    path = Path(path)
+    if path.is_file():
+        actual = sha256_file(path)
+        if actual == sha256:
+            _say(progress, f"{path} is already present and verified: nothing to download")
+            return path
+        _say(progress, f"{path} has SHA-256 {actual}, expected {sha256}: downloading it again")
+    elif path.exists():
+        raise DownloadError(f"{path} exists but is not a file: move it away and run again")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    _fetch(url, part, progress)
+    actual = sha256_file(part)
+    if actual != sha256:
+        part.unlink()  # resuming from wrong bytes can never give the right file
+        raise DownloadError(f"{url} gave a file with SHA-256 {actual}, expected {sha256}; it was "
+                            "deleted. Run again; if this repeats, the server or mirror holds a "
+                            "different file.")
+    os.replace(part, path)
+    return path
+
+
+def _fetch(url, part, progress):
+    """Append what `part` lacks of `url`'s body to `part`, asking the server to skip what it has."""
+    offset = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT)
+    except urllib.error.HTTPError as err:
+        err.close()
+        if err.code == 416 and offset:  # no bytes past `offset`: the hash tells if `part` is whole
+            return
+        raise DownloadError(
+            f"{url} answered HTTP {err.code} {err.reason}. Check the model name and, for a mirror "
+            "(--base-url or SAFECLIP_BASE_URL), that it holds BASE/<sha256>/<file>.pt and "
+            f"BASE/{VOCAB_FILE}; or put the file at {part.with_suffix('')} yourself.") from err
+    except (urllib.error.URLError, OSError) as err:
+        raise DownloadError(
+            f"cannot reach {url}: {getattr(err, 'reason', err)}. Check the URL and the network, or "
+            "point --base-url (or SAFECLIP_BASE_URL) at a mirror.") from err
+
+    with response:
+        resumed = response.status == 206
+        if offset and not resumed:
+            _say(progress, f"{url} ignored the request to resume: starting {part.name} again")
+            offset = 0
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        error = None
+        with open(part, "ab" if resumed else "wb") as file, tqdm(
+                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=part.with_suffix("").name, disable=not progress) as bar:
+            try:
+                while chunk := response.read1(1 << 20):  # whatever has arrived, up to 1 MiB
+                    file.write(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as err:  # cut or stalled
+                error = err
+            received = file.tell()
+    # read1() returns b"" rather than raising when a connection closes early: count the bytes.
+    if error is not None or (total is not None and received != total):
+        raise DownloadError(
+            f"download of {url} stopped after {received} of {total or 'unknown'} bytes "
+            f"({error or 'connection closed'}); {part} keeps them: run the same command again to "
+            "resume.")
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _say(progress, message):
+    if progress:
+        print(message, file=sys.stderr)
+
+
+def add_download_command(subparsers):
+    """Register `download NAME [--dir weights] [--base-url URL]` on argparse `subparsers`."""
+    models = "\n".join(f"  {name:<16}{url.rsplit('/', 1)[1]}"
+                       for name, url in OPENAI_MODELS.items())
+    parser = subparsers.add_parser(
+        "download", help="download OpenAI's CLIP weights and the BPE vocabulary",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Download OpenAI's CLIP weights and the BPE vocabulary into a folder, with a\n"
+                    "progress bar. A cut download resumes when run again; every file is checked\n"
+                    "against its SHA-256 before it appears under its name; files already present\n"
+                    "and verified are not fetched again.",
+        epilog=f"models (NAME, then the file it gives):\n{models}\n\n"
+               "A mirror (--base-url URL, or SAFECLIP_BASE_URL) is laid out like OpenAI's\n"
+               ".../clip/models/: URL/<sha256>/ViT-B-32.pt; the vocabulary is fetched from\n"
+               f"URL/{VOCAB_FILE} unless the folder already holds it.")
+    parser.add_argument("name", metavar="NAME",
+                        help="model, e.g. ViT-B/32 or ViT-B-32 (list below)")
+    parser.add_argument("--dir", default="weights",
+                        help="folder for the files (default: %(default)s)")
+    parser.add_argument("--base-url", metavar="URL",
+                        help="mirror to download from (default: $SAFECLIP_BASE_URL, else OpenAI)")
+    parser.set_defaults(func=_download_command)
+    return parser
+
+
+def _download_command(args):
+    try:
+        path = download(args.name, args.dir, args.base_url)
+    except (ValueError, DownloadError) as err:
+        sys.exit(f"error: {err}")
+    print(path)
 
 
 def cmd_train(args):

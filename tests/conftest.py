@@ -1,0 +1,57 @@
+"""Shared fixtures: OpenAI's reference code (from the clip-anytorch package), loaded by file path
+because the package's __init__ imports torchvision; and small random inputs."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def clip_package_dir():
+    spec = importlib.util.find_spec("clip")
+    if spec is None:
+        pytest.skip("clip-anytorch is not installed (pip install --no-deps clip-anytorch)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def load_reference(name):
+    """A module of clip-anytorch (model.py or simple_tokenizer.py), imported by its file path."""
+    path = clip_package_dir() / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"openai_clip_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def openai_model():
+    return load_reference("model")
+
+
+@pytest.fixture(scope="session")
+def openai_vocab():
+    return clip_package_dir() / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def random_token_ids(n, context_length=77, vocab_size=49408, generator=None, max_len=None):
+    """Realistic token rows: SOT, a caption-length run of ids, EOT (the highest id), zero padding.
+    Lengths vary from row to row, up to a full context."""
+    g = generator or torch.Generator().manual_seed(0)
+    max_len = max_len or context_length - 2
+    ids = torch.zeros(n, context_length, dtype=torch.long)
+    lengths = torch.randint(1, max_len + 1, (n,), generator=g)
+    lengths[0] = max_len  # one row always uses the whole context
+    for i, length in enumerate(lengths.tolist()):
+        ids[i, 0] = vocab_size - 2
+        ids[i, 1:length + 1] = torch.randint(1, vocab_size - 2, (length,), generator=g)
+        ids[i, length + 1] = vocab_size - 1
+    return ids
+
+
+def rel_err(ours, ref):
+    return ((ours - ref).abs().max() / ref.abs().max()).item()

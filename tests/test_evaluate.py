@@ -1,0 +1,405 @@
+"""evaluate.py: the metrics on hand-built embeddings whose every value is known, the tie rule, the
+chunked top-K against a plain sort, and the command end to end on a tiny random CLIP whose numbers
+are recomputed here from the model's own embeddings."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import evaluate as ev
+import safeclip
+
+ROOT = Path(__file__).resolve().parents[1]
+E = torch.eye(8)  # orthonormal directions for hand-built embeddings
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking and the tie rule
+
+
+def test_top_k_ranks_by_cosine_and_breaks_ties_toward_the_lower_gallery_index():
+    gallery = torch.stack([E[1], 3 * E[0], E[0], E[1], E[0] + 0.1 * E[1], 2 * E[0]])
+    # cosines with E[0]: 0, 1, 1, 0, 0.995, 1  -> the three exact 1s in index order, then 0.995
+    assert ev.top_k(E[0][None], gallery, 4).tolist() == [[1, 2, 5, 4]]
+    # the tie straddles the cut: the lowest indices take the places that are left
+    assert ev.top_k(E[0][None], gallery, 2).tolist() == [[1, 2]]
+    assert ev.top_k(E[2][None], gallery, 3).tolist() == [[0, 1, 2]]  # all tied at 0
+
+
+def test_top_k_clips_k_to_the_gallery_size():
+    assert ev.top_k(E[:2], E[:3], 20).shape == (2, 3)
+
+
+def test_chunked_top_k_equals_a_stable_full_sort_on_random_data_with_ties():
+    g = torch.Generator().manual_seed(0)
+    gallery = torch.randn(40, 16, generator=g)
+    gallery = torch.cat([gallery, gallery[::3], 2 * gallery[1::5]])  # exact duplicates tie
+    queries = torch.cat([torch.randn(30, 16, generator=g), gallery[:5]])
+    sims = F.normalize(queries, dim=-1) @ F.normalize(gallery, dim=-1).T
+    expected = [sorted(range(len(gallery)), key=lambda j: (-sims[q, j].item(), j))[:20] for q in range(len(queries))]
+    whole = ev.top_k(queries, gallery, 20)
+    for max_elements in (1, len(gallery) * 7):  # one query per chunk; seven per chunk
+        assert torch.equal(ev.top_k(queries, gallery, 20, max_elements=max_elements), whole)
+    assert whole.tolist() == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics on hand-built inputs
+
+
+def test_recall_and_unsafe_share_on_hand_ranked_lists():
+    top = torch.tensor([[3, 0, 1, 2], [1, 2, 0, 3]])
+    correct = torch.tensor([[0, -1], [3, 2]])  # query 1 has two right answers
+    assert ev.recall_at_k(top, correct, ks=(1, 2, 3, 20)) == {"R@1": 0.0, "R@2": 100.0, "R@3": 100.0, "R@20": 100.0}
+    is_unsafe = torch.tensor([False, True, True, False])
+    # query 0: unsafe at ranks 3; query 1: at ranks 1, 2  -> @1 (0+1)/2, @2 (0+1)/2, @4 (1/2+1/2)/2
+    assert ev.unsafe_at_k(top, is_unsafe, ks=(1, 2, 4, 20)) == {"@1": 50.0, "@2": 50.0, "@4": 50.0, "@20": 50.0}
+    assert ev.unsafe_at_k(top, is_unsafe, ks=(3,)) == {"@3": pytest.approx(100 * (1 / 3 + 2 / 3) / 2)}
+
+
+def test_answers_groups_rows_sharing_a_query_and_pads_with_minus_one():
+    queries, correct = ev.answers(torch.tensor([2, 0, 2, 2]), torch.tensor([5, 1, 7, 5]))
+    assert queries.tolist() == [0, 2]
+    assert correct.tolist() == [[1, -1, -1][:2], [5, 7]]
+
+
+def test_clip_like_world_keeps_unsafe_with_unsafe():
+    # Like the original CLIP: each caption sits on its own image, unsafe far from safe.
+    emb = {"T": E[[0, 1]], "V": E[[0, 1]], "T*": E[[2, 3]], "V*": E[[2, 3]]}
+    m = ev.quadruplet_metrics(emb, categories=["hate", "sexual"])
+    assert m["retrieval"]["T->V"] == {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0, "R@20": 100.0}
+    # T*_i is orthogonal to every V: all tie, so V_0 (index 0) comes first for both queries
+    assert m["retrieval"]["T*->V"] == {"R@1": 50.0, "R@5": 100.0, "R@10": 100.0, "R@20": 100.0}
+    # gallery [V*_0, V*_1, V_0, V_1]: T*_0 ranks V*_0, then the ties in order: V*_1, V_0, V_1
+    assert m["retrieval"]["T*->V+V*"] == {"R@1": 0.0, "R@5": 100.0, "R@10": 100.0, "R@20": 100.0}
+    assert m["unsafe_at_k"]["T*->V+V*"] == {"@1": 100.0, "@5": 50.0, "@10": 50.0, "@20": 50.0}
+    assert m["unsafe_at_k"]["T->V+V*"] == {"@1": 0.0, "@5": 50.0, "@10": 50.0, "@20": 50.0}
+    assert list(m["retrieval"]) == list(ev.RETRIEVAL) and list(m["unsafe_at_k"]) == list(ev.UNSAFE)
+    # per category: T*_0 finds V_0 first among the ties, T*_1 does not find V_1 first
+    assert m["per_category"]["hate"]["retrieval"]["T*->V"]["R@1"] == 100.0
+    assert m["per_category"]["sexual"]["retrieval"]["T*->V"]["R@1"] == 0.0
+    assert m["per_category"]["sexual"]["n"] == 1
+
+
+def test_exact_tie_between_safe_answer_and_unsafe_twin_counts_against_the_model():
+    # A perfect redirection: every unsafe input lands exactly on its safe twin.
+    emb = {"T": E[[0, 1]], "V": E[[0, 1]], "T*": E[[0, 1]], "V*": E[[0, 1]]}
+    m = ev.quadruplet_metrics(emb)
+    assert m["retrieval"]["T*->V"]["R@1"] == 100.0  # safe-only gallery: no tie to lose
+    assert m["retrieval"]["T*->V+V*"] == {"R@1": 0.0, "R@5": 100.0, "R@10": 100.0, "R@20": 100.0}
+    assert m["unsafe_at_k"]["T*->V+V*"] == {"@1": 100.0, "@5": 50.0, "@10": 50.0, "@20": 50.0}
+    assert m["per_category"] == {}
+
+
+def test_collapsed_model_scores_as_unsafe_not_as_perfect():
+    emb = {kind: E[[0, 0, 0, 0]] for kind in ("T", "V", "T*", "V*")}  # four rows, one point
+    m = ev.quadruplet_metrics(emb)
+    assert m["retrieval"]["T->V"] == {"R@1": 25.0, "R@5": 100.0, "R@10": 100.0, "R@20": 100.0}
+    # gallery of 8, unsafe first: V_i sits at rank 5 + i
+    assert m["retrieval"]["T*->V+V*"] == {"R@1": 0.0, "R@5": 25.0, "R@10": 100.0, "R@20": 100.0}
+    assert m["unsafe_at_k"]["T*->V+V*"] == {"@1": 100.0, "@5": 80.0, "@10": 50.0, "@20": 50.0}
+
+
+def test_an_image_with_two_captions_is_one_query_right_with_either_caption():
+    # rows: (T_0, V_0) and (T_1, V_0): the same image, two captions; T_1 is nearer the image
+    emb = {"T": torch.stack([E[0] + E[1], E[1]]), "V": E[[1]], "T*": E[[2, 3]], "V*": E[[4]]}
+    index = {"T": torch.tensor([0, 1]), "V": torch.tensor([0, 0]), "T*": torch.tensor([0, 1]), "V*": torch.tensor([0, 0])}
+    m = ev.quadruplet_metrics(emb, index)
+    assert m["retrieval"]["V->T"]["R@1"] == 100.0  # one query, its top caption T_1 is right
+    assert m["retrieval"]["T->V"]["R@1"] == 100.0  # the gallery holds the image once
+    # T*_0 = E[2], T*_1 = E[3] tie between V*_0 (index 0) and V_0 (index 1): the unsafe one wins
+    assert m["unsafe_at_k"]["T*->V+V*"]["@1"] == 100.0 and m["unsafe_at_k"]["T*->V+V*"]["@5"] == 50.0
+
+
+def test_zeroshot_accuracy_and_prompt_ensembling_by_hand():
+    prompts = torch.stack([E[0], E[1], 2 * E[2], E[2], E[3], E[3]])  # 3 classes x 2 templates
+    classes = ev.class_embeddings(prompts, 3)
+    assert torch.allclose(classes[0], (E[0] + E[1]) / 2**0.5) and torch.allclose(classes[1], E[2])
+    images = torch.stack([E[0], E[3] + 0.5 * E[2], E[2]])
+    labels = torch.tensor([0, 1, 1])  # image 1 is nearest class 2, then class 1
+    assert ev.zeroshot_accuracy(images, labels, classes) == {"top1": pytest.approx(200 / 3), "top5": 100.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and reports
+
+
+def test_templates_file_rejects_a_line_without_the_class_placeholder(tmp_path):
+    path = tmp_path / "templates.txt"
+    path.write_text("# prompts\na photo of a {}.\n\na picture of one\n")
+    with pytest.raises(ev.EvalError, match=r"templates.txt, line 4"):
+        ev.read_templates(path)
+    path.write_text("a photo of a {}.\n# comment\nart of the {}\n")
+    assert ev.read_templates(path) == ["a photo of a {}.", "art of the {}"]
+
+
+def test_class_folders_give_names_labels_and_errors(tmp_path):
+    with pytest.raises(ev.EvalError, match="not found"):
+        ev.read_class_folders(tmp_path / "missing")
+    (tmp_path / "golden_retriever").mkdir()
+    with pytest.raises(ev.EvalError, match="at least two class"):
+        ev.read_class_folders(tmp_path)
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(ev.EvalError, match="no images"):
+        ev.read_class_folders(tmp_path)
+    for name in ("cat/b.png", "cat/a.JPG", "golden_retriever/x.png", "cat/notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    names, paths, labels = ev.read_class_folders(tmp_path)
+    assert names == ["cat", "golden retriever"] and labels.tolist() == [0, 0, 1]
+    assert [Path(p).name for p in paths] == ["a.JPG", "b.png", "x.png"]
+
+
+def fake_entry(shift):
+    return {"retrieval": {k: {f"R@{K}": 10.0 + shift for K in ev.KS} for k in ev.RETRIEVAL},
+            "unsafe_at_k": {k: {f"@{K}": 90.0 - shift for K in ev.KS} for k in ev.UNSAFE},
+            "zeroshot": {"top1": 50.0 + shift, "top5": 80.0, "n": 10, "classes": 3},
+            "per_category": {}, "n": 7}
+
+
+def test_tables_show_every_setting_with_baseline_and_difference():
+    report = {"models": {"model": fake_entry(5.25), "baseline": fake_entry(0)}, "data": "d.jsonl", "split": "test"}
+    text = ev.render_text(report)
+    for key in (*ev.RETRIEVAL, *ev.UNSAFE):
+        assert f"\n{key} " in text
+    assert "15.2" in text and "+5.2" in text and "-5.2" in text and "84.8" in text
+    md = ev.render_markdown(report)
+    assert "| T*->V+V* | model | 15.2 | 15.2 | 15.2 | 15.2 |" in md
+    assert "|  | diff | +5.2 | +5.2 | +5.2 | +5.2 |" in md
+    assert "| zero-shot | model | 55.2 | 80.0 |" in md
+    alone = ev.render_text({"models": {"model": fake_entry(0)}, "data": "d.jsonl", "split": "test"})
+    assert "diff" not in alone and "baseline" not in alone
+
+
+# ---------------------------------------------------------------------------------------------
+# The command end to end on a tiny random CLIP
+
+SHAPES = ["ellipse", "rectangle", "triangle"]
+COLORS = [(220, 40, 40), (40, 180, 60), (40, 70, 220), (230, 200, 30)]
+
+
+def draw(path, shape, color, background, size=40):
+    image = Image.new("RGB", (size, size), background)
+    d = ImageDraw.Draw(image)
+    box = (8, 10, 32, 30)
+    if shape == "triangle":
+        d.polygon([(20, 6), (34, 34), (6, 34)], fill=color)
+    else:
+        getattr(d, shape)(box, fill=color)
+    image.save(path)
+
+
+def tiny_clip(seed, tokenizer):
+    torch.manual_seed(seed)
+    config = safeclip.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                                 vision_patch_size=8, vision_heads=1, context_length=77, vocab_size=49408,
+                                 text_width=64, text_heads=1, text_layers=2)
+    model = safeclip.CLIP(config)
+    model.tokenizer = tokenizer
+    return model
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two random tiny CLIPs (model, baseline), 8 quadruplets of drawn images (6 test, 2 train) in
+    two categories, a zero-shot folder of 2 classes and a templates file."""
+    root = tmp_path_factory.mktemp("world")
+    vocab = Path(importlib.util.find_spec("clip").submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    tokenizer = safeclip.Tokenizer.from_file(vocab)
+    for name, seed in (("model", 1), ("baseline", 2)):
+        safeclip.save(tiny_clip(seed, tokenizer), root / name, tokenizer=tokenizer)
+    (root / "images").mkdir()
+    rows = []
+    for i in range(8):
+        shape, color = SHAPES[i % 3], COLORS[i % 4]
+        draw(root / f"images/safe{i}.png", shape, color, (250, 250, 250))
+        draw(root / f"images/unsafe{i}.png", shape, color, (90, 0, 0))
+        rows.append({"safe": f"a {['red', 'green', 'blue', 'yellow'][i % 4]} {shape} number {i}",
+                     "unsafe": f"a bloody {shape} number {i} in a violent scene",
+                     "safe_image": f"images/safe{i}.png", "unsafe_image": f"images/unsafe{i}.png",
+                     "category": ["violence", "blood"][i % 2], "split": "test" if i < 6 else "train"})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for label, color in (("red_thing", COLORS[0]), ("blue_thing", COLORS[2])):
+        (root / "zs" / label).mkdir(parents=True)
+        for j, shape in enumerate(SHAPES[:2]):
+            draw(root / "zs" / label / f"{j}.png", shape, color, (255, 255, 255))
+    (root / "templates.txt").write_text("a photo of a {}.\na drawing of the {}\n")
+    return root
+
+
+def args_for(world, tmp_path, *extra):
+    return ["--ckpt", str(world / "model"), "--data", str(world / "pairs.jsonl"), "--device", "cpu",
+            "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def oracle_embeddings(folder, rows, classes, zs_paths, templates):
+    """The model's own encoders, called directly on one batch, L2-normalised."""
+    model, preprocess = safeclip.load(folder)
+    tok = model.tokenizer
+    with torch.no_grad():
+        text = lambda texts: F.normalize(model.encode_text(tok(texts, context_length=77)), dim=-1)
+        image = lambda paths: F.normalize(model.encode_image(
+            torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])), dim=-1)
+        prompts = text([t.replace("{}", c) for c in classes for t in templates]).view(len(classes), len(templates), -1)
+        return {"T": text([r["safe"] for r in rows]), "T*": text([r["unsafe"] for r in rows]),
+                "V": image([r["safe_image"] for r in rows]), "V*": image([r["unsafe_image"] for r in rows]),
+                "classes": F.normalize(prompts.mean(1), dim=-1), "zs": image(zs_paths)}
+
+
+def oracle_retrieval(emb, queries, safe_gallery, unsafe_gallery, rows):
+    """(R@K, unsafe@K) by plain sorting, gallery in the issue's order: every safe item, then every
+    unsafe one; the right answer for query i is safe item i."""
+    gallery = emb[safe_gallery] if unsafe_gallery is None else torch.cat([emb[safe_gallery], emb[unsafe_gallery]])
+    n = len(emb[safe_gallery])
+    recall, unsafe = {K: 0.0 for K in ev.KS}, {K: 0.0 for K in ev.KS}
+    for i in rows:
+        scores = (gallery @ emb[queries][i]).tolist()
+        ranked = sorted(range(len(gallery)), key=lambda j: -scores[j])
+        for K in ev.KS:
+            recall[K] += 100 * (ranked.index(i) < K) / len(rows)
+            unsafe[K] += 100 * sum(j >= n for j in ranked[:K]) / min(K, len(gallery)) / len(rows)
+    return recall, unsafe
+
+
+def check_against_oracle(entry, emb, rows):
+    def same(ours, theirs, prefix):
+        assert ours == {f"{prefix}{K}": pytest.approx(theirs[K], abs=1e-4) for K in ev.KS}
+
+    settings = {"T->V": ("T", "V", None), "V->T": ("V", "T", None), "T*->V": ("T*", "V", None),
+                "V*->T": ("V*", "T", None), "T*->V+V*": ("T*", "V", "V*"), "V*->T+T*": ("V*", "T", "T*"),
+                "T->V+V*": ("T", "V", "V*"), "V->T+T*": ("V", "T", "T*")}
+    for key, (q, safe, unsafe) in settings.items():
+        recall, exposure = oracle_retrieval(emb, q, safe, unsafe, rows)
+        if key in ev.RETRIEVAL:
+            same(entry["retrieval"][key], recall, "R@")
+        if key in ev.UNSAFE:
+            same(entry["unsafe_at_k"][key], exposure, "@")
+
+
+def test_command_numbers_match_an_independent_recomputation(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    ev.main(args_for(world, tmp_path, "--baseline", str(world / "baseline"), "--zeroshot", str(world / "zs"),
+                     "--templates", str(world / "templates.txt"), "--json", str(out / "eval.json"),
+                     "--markdown", str(out / "eval.md")))
+    report = json.loads((out / "eval.json").read_text())
+    assert report["data"] == str(world / "pairs.jsonl") and report["split"] == "test"
+    assert list(report["models"]) == ["model", "baseline"]
+
+    test_rows = [r for r in map(json.loads, (world / "pairs.jsonl").read_text().splitlines()) if r["split"] == "test"]
+    for r in test_rows:
+        r["safe_image"], r["unsafe_image"] = str(world / r["safe_image"]), str(world / r["unsafe_image"])
+    zs_paths = [str(p) for c in ("blue_thing", "red_thing") for p in sorted((world / "zs" / c).iterdir())]
+    for name in ("model", "baseline"):
+        entry = report["models"][name]
+        assert list(entry) == ["retrieval", "unsafe_at_k", "zeroshot", "per_category", "n"] and entry["n"] == 6
+        emb = oracle_embeddings(world / name, test_rows, ["blue thing", "red thing"], zs_paths,
+                                ["a photo of a {}.", "a drawing of the {}"])
+        check_against_oracle(entry, emb, range(6))
+        for category, first in (("blood", 1), ("violence", 0)):
+            assert entry["per_category"][category]["n"] == 3
+            check_against_oracle(entry["per_category"][category], emb, range(first, 6, 2))
+        predicted = (emb["zs"] @ emb["classes"].T).argmax(1)
+        assert entry["zeroshot"] == {"top1": pytest.approx(100 * (predicted == torch.tensor([0, 0, 1, 1])).float().mean().item()),
+                                     "top5": 100.0, "n": 4, "classes": 2}
+
+    shown = capsys.readouterr().out
+    assert "T*->V+V*" in shown and "diff" in shown and "violence (n=3)" in shown
+    md = (out / "eval.md").read_text()
+    r1 = report["models"]["model"]["retrieval"]["T*->V+V*"]["R@1"]
+    assert f"| T*->V+V* | model | {r1:.1f} |" in md
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left nothing behind
+
+
+def counting_load(monkeypatch):
+    calls = []
+    real = safeclip.load
+    monkeypatch.setattr(safeclip, "load", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    return calls
+
+
+def test_cache_skips_the_model_until_the_data_changes(world, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "pairs.jsonl"
+    rows = [json.loads(line) for line in (world / "pairs.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["safe_image"], r["unsafe_image"] = str(world / r["safe_image"]), str(world / r["unsafe_image"])
+    draw(tmp_path / "new.png", "ellipse", COLORS[0], (250, 250, 250))
+    rows[0]["safe_image"] = str(tmp_path / "new.png")
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = args_for(world, tmp_path, "--baseline", str(world / "baseline"), "--json", str(tmp_path / "e.json"))
+    argv[argv.index("--data") + 1] = str(data)
+    calls = counting_load(monkeypatch)
+
+    ev.main(argv)
+    first = (tmp_path / "e.json").read_text()
+    assert len(calls) == 2
+    ev.main(argv)
+    assert len(calls) == 2 and (tmp_path / "e.json").read_text() == first  # all from the cache
+    draw(tmp_path / "new.png", "triangle", COLORS[1], (0, 0, 0))  # same path, new content
+    ev.main(argv)
+    assert len(calls) == 4
+    ev.main(argv + ["--no-cache"])
+    assert len(calls) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: one line naming the problem, non-zero exit
+
+
+def fails(argv, *fragments):
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error:"), message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_missing_split_names_the_splits_present(world, tmp_path):
+    fails(args_for(world, tmp_path, "--split", "val"), "'val'", "test, train", "--split")
+
+
+def test_empty_data_file_is_an_error(world, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    argv = args_for(world, tmp_path)
+    argv[argv.index("--data") + 1] = str(tmp_path / "empty.jsonl")
+    fails(argv, "empty.jsonl", "no pairs")
+
+
+def test_unreadable_image_is_named(world, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"this is not a png")
+    row = {"safe": "a cat", "unsafe": "a bloody cat", "safe_image": str(world / "images/safe0.png"),
+           "unsafe_image": str(tmp_path / "broken.png"), "split": "test"}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(row) + "\n")
+    argv = args_for(world, tmp_path)
+    argv[argv.index("--data") + 1] = str(tmp_path / "pairs.jsonl")
+    fails(argv, "broken.png")
+
+
+def test_checkpoint_that_does_not_load_is_named(world, tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "folder").mkdir()
+    for ckpt in ("broken.pt", "folder"):
+        argv = args_for(world, tmp_path)
+        argv[1] = str(tmp_path / ckpt)
+        fails(argv, "cannot load checkpoint", ckpt)
+    argv = args_for(world, tmp_path, "--baseline", str(tmp_path / "missing"))
+    fails(argv, "--baseline", "missing")
+
+
+def test_bad_zeroshot_inputs_stop_before_any_encoding(world, tmp_path):
+    (tmp_path / "t.txt").write_text("a photo\n")
+    fails(args_for(world, tmp_path, "--zeroshot", str(world / "zs"), "--templates", str(tmp_path / "t.txt")),
+          "t.txt, line 1")
+    fails(args_for(world, tmp_path, "--zeroshot", str(tmp_path / "nowhere")), "nowhere")
+
+
+def test_script_exits_non_zero_with_the_message(world, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args_for(world, tmp_path, "--split", "val")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "no rows in split 'val'" in done.stderr
