@@ -130,12 +130,12 @@ def _top_k_block(sims, k):
 def recall_at_k(top, correct, ks=KS):
     """R@K in percent. top: (Q, k) ranked gallery indices; correct: (Q, M) right answers, -1 = none."""
     hit = (top[:, :, None] == correct[:, None, :]).any(2)  # (Q, k): is the j-th result right?
-    return {f"R@{k}": 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
+    return {f"R@{k}": 100.0 * hit[:, :k].any(1).double().mean().item() for k in ks}
 
 
 def unsafe_at_k(top, is_unsafe, ks=KS):
     """unsafe@K in percent: share of unsafe items in each query's top K, averaged over queries."""
-    unsafe = is_unsafe[top].float()  # (Q, k)
+    unsafe = is_unsafe[top].double()  # (Q, k); float64 so 4 of 5 reads 80.0
     return {f"@{k}": 100.0 * unsafe[:, :k].mean(1).mean().item() for k in ks}
 
 
@@ -195,7 +195,7 @@ def class_embeddings(prompt_emb, n_classes):
 def zeroshot_accuracy(image_emb, labels, class_emb, device="cpu"):
     """Top-1 and top-5 accuracy in percent (top-5 is top-C when there are fewer classes)."""
     hit = top_k(image_emb, class_emb, 5, device) == labels[:, None]  # (N, min(5, C))
-    return {f"top{k}": 100.0 * hit[:, :k].any(1).float().mean().item() for k in (1, 5)}
+    return {f"top{k}": 100.0 * hit[:, :k].any(1).double().mean().item() for k in (1, 5)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +291,8 @@ def load_model(ckpt, device, tokenizer=None):
     try:
         model, preprocess = safeclip.load(ckpt, device=device, tokenizer=tokenizer)
     except Exception as e:  # whatever the loader trips on, the cause is the user's file
-        raise EvalError(f"cannot load checkpoint {ckpt}: {type(e).__name__}: {e}") from e
+        detail = str(e) if str(ckpt) in str(e) else f"{ckpt}: {type(e).__name__}: {e}"
+        raise EvalError(f"cannot load checkpoint {detail}") from e
     if model.tokenizer is None:
         raise EvalError(f"{ckpt} comes without a tokenizer: pass --tokenizer (a tokenizer.json, "
                         "OpenAI's bpe_simple_vocab_16e6.txt.gz, or a folder holding one)")

@@ -569,7 +569,9 @@ def load(path, device="cpu", tokenizer=None, quick_gelu=None):
             if "safeclip" in meta:
                 sd = load_safetensors(str(path / "model.safetensors"))
                 config = CLIPConfig(**meta["safeclip"]["config"])
-                if infer_config(sd, config.quick_gelu) != config:
+                shapes = {**asdict(infer_config(sd)), "vision_heads": config.vision_heads,
+                          "text_heads": config.text_heads, "quick_gelu": config.quick_gelu}
+                if CLIPConfig(**shapes) != config:  # head counts and activation leave no trace in shapes
                     raise CheckpointError(f"{config_file}: config does not match the tensors' shapes")
             else:
                 weights = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
@@ -699,7 +701,7 @@ def add_lora(model, rank=16, alpha=1.0, dropout=0.1, towers=("text", "vision")):
     parameters (the only ones to train)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    roots = {"text": model.transformer, "vision": model.visual}
+    roots = {"text": model.transformer, "vision": model.visual.transformer}
     adapters = []
 
     def make(i, o):
@@ -894,8 +896,10 @@ def encode_images(model, preprocess, paths, batch_size=64, device=None, desc=Non
     """Embeddings (N, E) of the images at `paths`, batched, float32 on the CPU, not normalised.
     An unreadable image raises a DataError naming it."""
     device = device or model.logit_scale.device
+    # A generator of its own: a DataLoader otherwise draws a seed from the global RNG, and an
+    # evaluation would then change the dropout masks of the training steps after it.
     loader = torch.utils.data.DataLoader(ImageFolder(list(paths), preprocess), batch_size=batch_size,
-                                         num_workers=workers)
+                                         num_workers=workers, generator=torch.Generator())
     out = []
     with torch.inference_mode():
         for pixels in tqdm(loader, desc=desc or "images", disable=desc is False, leave=False):
@@ -1018,9 +1022,9 @@ def reference_embeddings(model, preprocess, rows, cache, fingerprint, device, ba
     mine = rows[rank::world]
     was_training = model.training
     model.eval()
-    t_ref = encode_texts(model, [r["safe"] for r in mine], batch_size, device, desc="reference T0(T)")
+    t_ref = encode_texts(model, [r["safe"] for r in mine], batch_size, device, desc=rank == 0 and "reference T0(T)")
     v_ref = encode_images(model, preprocess, [r["safe_image"] for r in mine], batch_size, device,
-                          desc="reference V0(V)", workers=workers)
+                          desc=rank == 0 and "reference V0(V)", workers=workers)
     model.train(was_training)
     t_ref, v_ref = gather_rows(t_ref, len(rows), rank, world), gather_rows(v_ref, len(rows), rank, world)
     if rank == 0:
@@ -1140,6 +1144,7 @@ def train(args):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     main_process = rank == 0
+    torch.manual_seed(args.seed)  # adapters' initialisation and dropout; data order has its own generator
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -1168,7 +1173,6 @@ def train(args):
         else:
             captions = [r[k] for r in train_rows for k in ("safe", "unsafe")]
             tokenizer = Tokenizer.train(captions, vocab_size=args.vocab_size)
-        torch.manual_seed(args.seed)
         model = CLIP(parse_scratch(args.scratch, tokenizer.vocab_size))
         model.tokenizer = tokenizer
         preprocess = image_transform(model.config.image_resolution)
@@ -1235,6 +1239,8 @@ def train(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
+        if device.type == "cuda" and len(ckpt["cuda_rng"]):
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         state.update(ckpt["state"])
         if main_process:
             _truncate_log(log_path, state["step"])
@@ -1247,7 +1253,8 @@ def train(args):
         if not main_process:
             return
         ckpt = dict(trainable={n: p.detach().cpu() for n, p in trainable.items()}, optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict(), rng=torch.get_rng_state(), state=dict(state))
+                    scaler=scaler.state_dict(), rng=torch.get_rng_state(), state=dict(state),
+                    cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8))
         _atomic_write(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
 
     def evaluate_and_select():
@@ -1313,7 +1320,7 @@ def train(args):
                             "try a lower --lr, --precision fp32 or --grad-clip.")
                     scaler.scale(loss / args.accum).backward()
                 for n, v in {"loss": loss, **terms}.items():
-                    record[n] = record.get(n, 0.0) + float(v) / args.accum
+                    record[n] = record.get(n, 0.0) + v.item() / args.accum
             if args.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.grad_clip)
@@ -1655,7 +1662,8 @@ def build_parser():
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory (large towers)")
-    g.add_argument("--workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)), help="image loading processes")
+    g.add_argument("--workers", type=int, help="image loading processes (default: 0 on CPU, where they would compete "
+                   "with the model's threads; up to 8 with CUDA)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", formatter_class=fmt, help="write a model for transformers or OpenAI's code",
@@ -1673,8 +1681,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if getattr(args, "precision", None) is None and args.command == "train":
-        args.precision = "bf16" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "fp32"
+    if args.command == "train":
+        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        args.precision = args.precision or ("bf16" if cuda else "fp32")
+        args.workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1) if cuda else 0
     try:
         args.func(args)
     except (DataError, CheckpointError, TrainingError, FileNotFoundError, RuntimeError) as e:

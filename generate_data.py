@@ -1,0 +1,1866 @@
+#!/usr/bin/env python3
+"""Build Safe-CLIP training data: quadruplets of safe and unsafe captions and images.
+
+Safe-CLIP (Poppi et al., ECCV 2024) fine-tunes CLIP on quadruplets (T, T*, V, V*): a safe caption
+and its image, and their unsafe counterparts (the same scene with an NSFW concept injected). This
+script makes such quadruplets from whatever you have and writes them in the format that
+`safeclip.py train` and `evaluate.py` read. It needs only the standard library, Pillow and tqdm;
+`diffusers` is imported only when asked for.
+
+Sources (pick one)
+  --toy N               an offline toy world drawn with Pillow: N scenes of shapes and things with a
+                        truthful caption, each with an unsafe twin (the same scene plus a drawn
+                        stand-in such as blood splatter or a gun, named in the caption). Used by the
+                        demo and the tests.
+  --captions FILE       safe captions: a text file (one per line), a JSON list, or JSON lines with a
+                        "caption" (or "safe") field and optionally "image", "unsafe", "category",
+                        "split". Image paths are relative to FILE's folder.
+  --from-visu FILE      ViSU-Text rows ("safe", "nsfw", "tag", "coco_id", optional "split");
+                        --coco-root DIR finds the COCO images (DIR/train2017, DIR/val2017).
+  --from-nsfwcaps FILE  NSFWCaps rows ("caption", "nsfw_caption", "chosen_category", an image URL
+                        or file name); --image-dir DIR holds the images, otherwise URLs are fetched.
+
+What the source lacks is generated
+  unsafe captions  --llm URL --llm-model NAME: any OpenAI-compatible chat server (vLLM, llama.cpp,
+                   Ollama, TGI). The prompt (SYSTEM_PROMPT, PROMPT_VERSION) asks for a minimal edit of
+                   the caption that injects a concept of one of the 20 categories, spread evenly over
+                   the items or chosen with --categories. Answers are checked (one sentence, not
+                   empty, not a copy, not a refusal); bad ones are retried, then reported.
+  images           --t2i diffusers:MODEL_ID (a local diffusers pipeline) or --t2i URL (an
+                   OpenAI-compatible images server answering base64); --text-only stops at captions.
+  Set OPENAI_API_KEY if the servers want a bearer token.
+
+Output (--out DIR)
+  pairs.jsonl            one quadruplet per line: {"id", "safe", "unsafe", "safe_image",
+                         "unsafe_image", "category", "split", ...}; image paths are relative to DIR
+                         unless absolute
+  images/                generated or downloaded images
+  manifest.json          provenance: source, backends, models, prompt, seed, counts, request
+                         statistics and every rejected item with its reason
+  unsafe_captions.jsonl  the LLM's accepted answers, so that a resumed run never asks twice
+
+Re-running the same command resumes: finished rows are kept and nothing is duplicated. Images are
+written to a temporary name and renamed into place; each line is appended with one write and an
+fsync, and a torn last line left by a crash is dropped. A kill loses at most the items in flight.
+When every item is done, pairs.jsonl is rewritten in input order, so a finished dataset does not
+depend on thread timing or on how often the run was resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import email.utils
+import hashlib
+import http.client
+import importlib
+import importlib.util
+import io
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from tqdm import tqdm
+
+# ---------------------------------------------------------------------------------------------
+# Categories, splits and the rewriting prompt
+# ---------------------------------------------------------------------------------------------
+
+# The I2P categories that ViSU's unsafe captions are drawn from (SAFECLIP.md, "Data").
+CATEGORIES = (
+    "hate", "harassment", "violence", "suffering", "humiliation", "harm", "suicide", "sexual",
+    "nudity", "bodily fluids", "blood", "obscene gestures", "illegal activity", "drug use",
+    "theft", "vandalism", "weapons", "child abuse", "brutality", "cruelty",
+)
+SPLITS = ("train", "val", "test")
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+               "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+
+# Bump PROMPT_VERSION whenever the prompt changes: it is part of every dataset's recipe, so a
+# resumed run never mixes answers to two different prompts.
+PROMPT_VERSION = "rewrite-v1"
+SYSTEM_PROMPT = (
+    "You help researchers build training data for Safe-CLIP, a method that teaches "
+    "vision-and-language models to steer away from unsafe content. You receive a harmless image "
+    "caption and a category of unsafe content. Write the unsafe counterpart of the caption: the "
+    "same scene, with the same subjects, objects and place, minimally edited so that it also "
+    "clearly shows something of the given category. Answer with the rewritten caption only: a "
+    "single sentence, no quotes, no explanation."
+)
+USER_PROMPT = "Category: {category}\nCaption: {caption}"
+# Two worked examples, sent as earlier turns of the chat: they show the length and style wanted.
+FEW_SHOT = (
+    ("violence", "A man riding a bike down a city street.",
+     "A man riding a bike down a city street, beating a pedestrian with a metal pipe."),
+    ("drug use", "Two women sitting on a bench in a park.",
+     "Two women sitting on a bench in a park, injecting heroin into their arms."),
+)
+LLM_TEMPERATURE = 0.8  # above zero, so that a retried request can get a different answer
+
+# Requests: how long to wait between retries, and when to stop trying altogether.
+MAX_BACKOFF_S = 60.0
+MAX_RETRY_AFTER_S = 300.0
+MAX_REJECTED_IN_A_ROW = 20  # that many rejections in a row means the server is down or refusing
+MANIFEST_EVERY_S = 10.0     # how often a long run refreshes manifest.json
+
+
+class InputError(ValueError):
+    """A bad input file or option; the message names the file, line or option and the problem."""
+
+
+class FatalError(RuntimeError):
+    """A problem that no retry can fix (wrong URL, missing package): the run stops."""
+
+
+class Retry(Exception):
+    """This attempt failed in a way worth retrying; `reason` is counted in the manifest."""
+
+    def __init__(self, reason: str, delay: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay  # seconds to wait first; None means exponential backoff
+
+
+class GiveUp(Exception):
+    """This item cannot be made: it is recorded as rejected and the run goes on."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# Set when a run stops early, so that worker threads waiting to retry give up at once.
+_STOP = threading.Event()
+
+# ---------------------------------------------------------------------------------------------
+# Files: atomic writes and append-only JSON lines
+# ---------------------------------------------------------------------------------------------
+
+
+def _temp_name(path: Path) -> Path:
+    # Unique per process and thread; ".tmp-" marks leftovers that a later run deletes.
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either nothing or all of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_name(path)
+    temp.write_bytes(data)
+    os.replace(temp, path)
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())
+
+
+class JsonlLog:
+    """An append-only JSON-lines file that survives kills.
+
+    Each row is appended with a single write of the whole line followed by an fsync, so a crash
+    can only tear the last line; opening the file drops such a line (it has no newline yet).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = self._recover()
+        self._fd: int | None = None
+
+    def _recover(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            print(f"note: {self.path}: dropping a torn last line left by an interrupted run",
+                  file=sys.stderr)
+            os.truncate(self.path, end)
+        rows = []
+        for number, line in enumerate(data[:end].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise InputError(f"{self.path}:{number}: damaged line ({e}); delete the output "
+                                 f"folder to start over") from None
+        return rows
+
+    def append(self, row: dict) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        while data:  # a regular file takes it in one write; loop only in case it does not
+            data = data[os.write(self._fd, data):]
+        os.fsync(self._fd)
+
+    def rewrite(self, rows: list[dict]) -> None:
+        """Replace the whole file atomically."""
+        self.close()
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        write_atomic(self.path, text.encode("utf-8"))
+        self.rows = list(rows)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _lock_folder(folder: Path):
+    """Hold an advisory lock on the folder for the life of the process (released if it dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: nothing stops two runs sharing a folder
+        return None
+    handle = open(folder / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise FatalError(f"{folder} is in use by another generate_data.py run") from None
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic choices: splits, categories, seeds
+# ---------------------------------------------------------------------------------------------
+
+
+def _digest(*parts) -> bytes:
+    return hashlib.sha256(":".join(map(str, parts)).encode("utf-8")).digest()
+
+
+def hashed_order(ids: list[str], seed: int, salt: str) -> list[str]:
+    """A seeded permutation that depends only on the ids, not on their order or on the run."""
+    return sorted(ids, key=lambda i: _digest(seed, salt, i))
+
+
+def assign_splits(ids: list[str], fractions: tuple[float, float, float], seed: int) -> dict:
+    """Cut a hashed order of the ids at the split fractions: exact counts, stable under resume."""
+    order = hashed_order(ids, seed, "split")
+    n_train = round(fractions[0] * len(order))
+    n_val = min(round(fractions[1] * len(order)), len(order) - n_train)
+    return {i: ("train" if k < n_train else "val" if k < n_train + n_val else "test")
+            for k, i in enumerate(order)}
+
+
+def assign_categories(ids: list[str], categories: tuple[str, ...], seed: int) -> dict:
+    """Deal the categories round-robin over a hashed order, so each gets the same share."""
+    return {i: categories[k % len(categories)]
+            for k, i in enumerate(hashed_order(ids, seed, "category"))}
+
+
+def derive_seed(*parts) -> int:
+    return int.from_bytes(_digest(*parts)[:4], "big") & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the sources
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One quadruplet to make: what the source gives; the rest is generated."""
+
+    index: int                        # position in the source: the item's identity
+    safe: str
+    unsafe: str | None = None
+    category: str | None = None
+    split: str | None = None
+    safe_image: str | None = None     # an existing local file (absolute path)
+    safe_image_url: str | None = None
+    extra: dict = field(default_factory=dict)  # source fields carried into the row (coco_id, ...)
+
+    @property
+    def id(self) -> str:
+        return f"{self.index:06d}"
+
+
+def read_records(path: Path, allow_text: bool = False) -> list[tuple[str, object]]:
+    """The records of a JSON list, a JSON-lines file or (allow_text) a file of lines.
+
+    Each comes with its location ("file:line" or "file item N") for error messages.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e})") from None
+    start = text.lstrip()[:1]
+    if allow_text and (path.suffix.lower() == ".txt" or start not in ("[", "{")):
+        return [(f"{path}:{n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
+                if line.strip()]
+    if start == "[":
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise InputError(f"{path}:{getattr(e, 'lineno', '?')}: not valid JSON ({e})") from None
+        return [(f"{path} item {k + 1}", record) for k, record in enumerate(data)]
+    if start != "{":
+        raise InputError(f"{path}: expected a JSON list of objects or JSON lines (one object "
+                         f"per line)")
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((f"{path}:{n}", json.loads(line)))
+            except ValueError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e}); expected one JSON object "
+                                 f"per line") from None
+    return records
+
+
+def _text_field(record, names: tuple[str, ...], where: str, required: bool = True) -> str | None:
+    """The first of `names` present in the record, as a non-empty string."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for name in names:
+        value = record.get(name)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{where}: field {name!r} should be a non-empty string, "
+                             f"got {value!r:.60}")
+        return value.strip()
+    if required:
+        others = f" (or {', '.join(map(repr, names[1:]))})" if len(names) > 1 else ""
+        raise InputError(f"{where}: missing field {names[0]!r}{others}")
+    return None
+
+
+def _split_field(record, where: str) -> str | None:
+    value = _text_field(record, ("split",), where, required=False)
+    if value is None:
+        return None
+    if value.lower() not in SPLIT_NAMES:
+        raise InputError(f"{where}: split {value!r} is not one of train, val (validation), test")
+    return SPLIT_NAMES[value.lower()]
+
+
+def _local_image(name: str, folder: Path, where: str) -> str:
+    path = Path(name) if Path(name).is_absolute() else folder / name
+    if not path.is_file():
+        raise InputError(f"{where}: image {path} does not exist")
+    return str(path.resolve())
+
+
+def _coco_image(root: Path, coco_id, where: str) -> str:
+    try:
+        name = f"{int(coco_id):012d}.jpg"
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: coco_id {coco_id!r} is not a number") from None
+    for folder in ("train2017", "val2017"):
+        if (root / folder / name).is_file():
+            return str((root / folder / name).resolve())
+    raise InputError(f"{where}: COCO image {name} is in neither {root / 'train2017'} nor "
+                     f"{root / 'val2017'}")
+
+
+def load_captions(path: Path) -> list[Item]:
+    """--captions: safe captions, maybe with images, unsafe captions, categories and splits."""
+    items = []
+    for index, (where, record) in enumerate(read_records(path, allow_text=True)):
+        if isinstance(record, str):  # a line of a text file, or a string in a JSON list
+            record = {"caption": record}
+        image = _text_field(record, ("image", "safe_image", "image_path", "file_name"), where,
+                            required=False)
+        items.append(Item(
+            index=index,
+            safe=_text_field(record, ("caption", "safe", "text"), where),
+            unsafe=_text_field(record, ("unsafe", "nsfw"), where, required=False),
+            category=_text_field(record, ("category", "tag"), where, required=False),
+            split=_split_field(record, where),
+            safe_image=_local_image(image, path.parent, where) if image else None,
+        ))
+    return items
+
+
+def load_visu(path: Path, coco_root: Path | None) -> list[Item]:
+    """--from-visu: ViSU-Text rows; with --coco-root the safe images are COCO's."""
+    items = []
+    for index, (where, record) in enumerate(read_records(path)):
+        item = Item(
+            index=index,
+            safe=_text_field(record, ("safe",), where),
+            unsafe=_text_field(record, ("nsfw", "unsafe"), where),
+            category=_text_field(record, ("tag", "category"), where, required=False),
+            split=_split_field(record, where),
+        )
+        coco_id = record.get("coco_id")
+        if coco_id is not None:
+            item.extra["coco_id"] = coco_id
+        if coco_root is not None:
+            if coco_id is None:
+                raise InputError(f"{where}: missing field 'coco_id' (needed by --coco-root)")
+            item.safe_image = _coco_image(coco_root, coco_id, where)
+        items.append(item)
+    return items
+
+
+def load_nsfwcaps(path: Path, image_dir: Path | None) -> list[Item]:
+    """--from-nsfwcaps: NSFWCaps rows; the safe image is a local file or a URL to fetch."""
+    items = []
+    for index, (where, record) in enumerate(read_records(path)):
+        item = Item(
+            index=index,
+            safe=_text_field(record, ("caption", "safe"), where),
+            unsafe=_text_field(record, ("nsfw_caption", "nsfw", "unsafe"), where),
+            category=_text_field(record, ("chosen_category", "category", "tag"), where,
+                                 required=False),
+            split=_split_field(record, where),
+        )
+        url = _text_field(record, ("url", "image_url", "coco_url", "flickr_url"), where,
+                          required=False)
+        name = _text_field(record, ("image_path", "image", "file_name"), where, required=False)
+        if name and re.match(r"https?://", name):
+            url, name = url or name, None
+        if url:
+            item.extra["image_url"] = url
+        if name:
+            item.safe_image = _local_image(name, image_dir or path.parent, where)
+        elif url and image_dir:
+            item.safe_image = _local_image(Path(urllib.parse.urlparse(url).path).name, image_dir,
+                                           where)
+        elif url:
+            item.safe_image_url = url
+        items.append(item)
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP with retries (standard library only)
+# ---------------------------------------------------------------------------------------------
+
+
+class Stats:
+    """Thread-safe counters per backend ("llm", "t2i", "download"), kept across resumed runs."""
+
+    def __init__(self, previous: dict | None = None):
+        self._lock = threading.Lock()
+        self._groups = {group: Counter(counts) for group, counts in (previous or {}).items()}
+
+    def add(self, group: str, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._groups.setdefault(group, Counter())[key] += n
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            return {g: dict(sorted(c.items())) for g, c in sorted(self._groups.items())}
+
+
+@dataclass
+class RetryPolicy:
+    retries: int        # attempts after the first, for any failure (HTTP error or bad answer)
+    base_delay: float   # seconds before the first retry; doubles with each retry
+    timeout: float      # seconds per HTTP request
+
+    def backoff(self, attempt: int) -> float:
+        delay = min(self.base_delay * 2 ** attempt, MAX_BACKOFF_S)
+        return delay * random.uniform(0.5, 1.0)  # jitter: workers that failed together spread out
+
+
+def with_retries(attempt_fn: Callable[[int], object], policy: RetryPolicy, stats: Stats,
+                 group: str):
+    """Call attempt_fn(attempt) until it returns; each Retry is counted and waited out."""
+    reason = "no attempt"
+    for attempt in range(policy.retries + 1):
+        stats.add(group, "attempts")
+        if attempt:
+            stats.add(group, "retries")
+        try:
+            return attempt_fn(attempt)
+        except Retry as e:
+            reason = e.reason
+            stats.add(group, e.reason)
+            if attempt < policy.retries:
+                delay = policy.backoff(attempt) if e.delay is None else e.delay
+                if _STOP.wait(delay):
+                    raise GiveUp("interrupted") from None
+    raise GiveUp(reason)
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds asked for by a Retry-After header (a number or an HTTP date), if any."""
+    value = headers.get("Retry-After") if headers else None
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def http_request(url: str, payload: dict | None = None, timeout: float = 60.0,
+                 api_key: str | None = None, fatal_codes=(401, 403, 404, 405)) -> bytes:
+    """One request: POST JSON when there is a payload, else GET; returns the body.
+
+    Raises Retry for what may pass (timeouts, dropped connections, 408, 429 and 5xx, honouring
+    Retry-After), FatalError for answers that say the setup is wrong (every item would fail the
+    same way), GiveUp for other client errors.
+    """
+    headers = {"User-Agent": "safeclip-generate-data"}
+    data = None
+    if payload is not None:
+        data = json.dumps(payload).encode("utf-8")
+        headers["Content-Type"] = "application/json"
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code in fatal_codes:
+            raise FatalError(f"{url} answered HTTP {e.code} {e.reason}: check the URL, the "
+                             f"model name and OPENAI_API_KEY") from None
+        if e.code in (408, 425, 429) or e.code >= 500:
+            raise Retry(f"http_{e.code}", _retry_after(e.headers)) from None
+        raise GiveUp(f"http_{e.code}") from None
+    except (TimeoutError, socket.timeout):
+        raise Retry("timeout") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, (TimeoutError, socket.timeout)):
+            raise Retry("timeout") from None
+        raise Retry("connection_error") from None
+    except (ConnectionError, http.client.HTTPException):
+        raise Retry("connection_error") from None
+
+
+def endpoint(url: str, path: str) -> str:
+    """Accept a server's base URL, its /v1 URL or the full endpoint URL."""
+    url = url.rstrip("/")
+    if url.endswith(path):
+        return url
+    if url.endswith("/v1"):
+        return url + path[len("/v1"):]
+    return url + path
+
+
+def _parse_json(body: bytes):
+    try:
+        return json.loads(body)
+    except ValueError:  # includes UnicodeDecodeError
+        raise Retry("bad_json") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Unsafe captions from an LLM
+# ---------------------------------------------------------------------------------------------
+
+_REFUSAL = re.compile(
+    r"^(?:i'm sorry|i am sorry|sorry\b|i apologi[sz]e|unfortunately\b)"
+    r"|^i (?:can't|cannot|can not|won't|will not|am unable|'m unable|am not able|must decline"
+    r"|do not feel|don't feel)"
+    r"|\bas an ai\b|\blanguage model\b|\bcontent polic(?:y|ies)\b"
+    r"|\bi (?:can't|cannot|won't|will not) (?:help|assist|comply|create|provide|generate|write)",
+    re.IGNORECASE)
+_LABEL = re.compile(r"^(?:(?:rewritten|new|unsafe|modified|edited)\s+)?caption\s*:\s*", re.I)
+_QUOTES = "\"'\u201c\u201d\u2018\u2019`"
+
+
+def build_messages(caption: str, category: str) -> list[dict]:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for example_category, example_caption, answer in FEW_SHOT:
+        messages.append({"role": "user", "content": USER_PROMPT.format(
+            category=example_category, caption=example_caption)})
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": USER_PROMPT.format(category=category,
+                                                                   caption=caption)})
+    return messages
+
+
+def clean_answer(text: str) -> str:
+    """Strip what models wrap around an answer: whitespace, a "Caption:" label, quotes."""
+    text = _LABEL.sub("", text.strip()).strip()
+    if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
+        text = text[1:-1].strip()
+    return text
+
+
+def _plain(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+
+
+def check_answer(answer: str, caption: str) -> str | None:
+    """Why an (already cleaned) answer is unusable as the unsafe caption, or None if it is fine."""
+    if not answer:
+        return "empty"
+    if _REFUSAL.search(answer.replace("\u2019", "'")):
+        return "refusal"
+    # A sentence end followed by a capital starts a second sentence (a heuristic: "Mr. Smith"
+    # trips it, and the retry usually phrases it otherwise).
+    if "\n" in answer or re.search(r"[.!?]\s+[A-Z]", answer):
+        return "not_one_sentence"
+    if _plain(answer) == _plain(caption):
+        return "copy"
+    if len(answer) > 2 * len(caption) + 200:
+        return "too_long"
+    return None
+
+
+@dataclass
+class ChatLLM:
+    """An OpenAI-compatible chat-completions server that rewrites captions."""
+
+    url: str
+    model: str
+    policy: RetryPolicy
+    stats: Stats
+    api_key: str | None = None
+
+    def rewrite(self, caption: str, category: str) -> str:
+        payload = {"model": self.model, "messages": build_messages(caption, category),
+                   "temperature": LLM_TEMPERATURE, "max_tokens": 120}
+
+        def attempt(_):
+            reply = _parse_json(http_request(self.url, payload, self.policy.timeout,
+                                             self.api_key))
+            try:
+                content = reply["choices"][0]["message"]["content"]
+            except (KeyError, IndexError, TypeError):
+                raise Retry("bad_response") from None
+            if not isinstance(content, str):
+                raise Retry("bad_response")
+            answer = clean_answer(content)
+            problem = check_answer(answer, caption)
+            if problem:
+                raise Retry(f"invalid_{problem}", delay=0)  # a bad answer: ask again at once
+            return answer
+
+        return with_retries(attempt, self.policy, self.stats, "llm")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images from a text-to-image model
+# ---------------------------------------------------------------------------------------------
+
+
+class HttpImages:
+    """An OpenAI-compatible images server (POST /v1/images/generations, b64_json answers).
+
+    The API takes no seed, so the candidates differ only by the server's own randomness.
+    """
+
+    def __init__(self, url: str, model: str | None, size: int, timeout: float,
+                 api_key: str | None):
+        self.url, self.model, self.size = url, model, size
+        self.timeout, self.api_key = timeout, api_key
+
+    def generate(self, prompt: str, seeds: list[int]) -> list[Image.Image]:
+        payload = {"prompt": prompt, "n": len(seeds), "size": f"{self.size}x{self.size}",
+                   "response_format": "b64_json"}
+        if self.model:
+            payload["model"] = self.model
+        reply = _parse_json(http_request(self.url, payload, self.timeout, self.api_key))
+        entries = reply.get("data") if isinstance(reply, dict) else None
+        if not isinstance(entries, list) or not entries:
+            raise Retry("bad_response")
+        images = []
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("b64_json"), str):
+                if isinstance(entry, dict) and "url" in entry:
+                    raise FatalError(f"{self.url} answered with image URLs; this script asks "
+                                     f"for response_format=b64_json")
+                raise Retry("bad_response")
+            try:
+                image = Image.open(io.BytesIO(base64.b64decode(entry["b64_json"],
+                                                               validate=True)))
+                image.load()
+            except (binascii.Error, ValueError, OSError, UnidentifiedImageError):
+                raise Retry("bad_image") from None
+            images.append(image.convert("RGB"))
+        return images
+
+
+class DiffusersImages:
+    """A local diffusers pipeline (optional dependency; float16 on a GPU)."""
+
+    def __init__(self, model_id: str, size: int):
+        try:
+            import torch
+            from diffusers import AutoPipelineForText2Image
+        except ImportError as e:
+            raise FatalError(f"--t2i diffusers:{model_id} needs the optional packages of "
+                             f"requirements-extras.txt (pip install -r requirements-extras.txt):"
+                             f" {e}") from None
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self.pipe = AutoPipelineForText2Image.from_pretrained(model_id, torch_dtype=dtype)
+        self.pipe = self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.size = size
+        self.lock = threading.Lock()  # one pipeline on one device: worker threads take turns
+
+    def generate(self, prompt: str, seeds: list[int]) -> list[Image.Image]:
+        generators = [self.torch.Generator(self.device).manual_seed(s) for s in seeds]
+        with self.lock:
+            result = self.pipe(prompt, num_images_per_prompt=len(seeds), generator=generators,
+                               height=self.size, width=self.size)
+        return [image.convert("RGB") for image in result.images]
+
+
+def load_keep_rule(spec: str) -> Callable:
+    """--keep-rule module:function or path/to/file.py:function.
+
+    The function gets (images: list[PIL.Image], prompt: str, kind: "safe" | "unsafe") and returns
+    the index of the image to keep, or None to reject them all (and try new seeds). Safe-CLIP
+    keeps, of three seeds, an unsafe image that an NSFW classifier flags.
+    """
+    module_name, _, function_name = spec.rpartition(":")
+    if not module_name or not function_name:
+        raise InputError(f"--keep-rule {spec!r}: expected module:function or file.py:function")
+    try:
+        if module_name.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location("keep_rule", module_name)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except (ImportError, OSError) as e:
+        raise InputError(f"--keep-rule {spec!r}: cannot import {module_name} ({e})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise InputError(f"--keep-rule {spec!r}: {module_name} has no function {function_name}")
+    return function
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline toy world
+# ---------------------------------------------------------------------------------------------
+# Each scene holds one to three objects (a shape or a simple thing, a colour, a size, a position)
+# on a background, and its caption says exactly that: "a small red circle on the left and a blue
+# car on the right on grass". The unsafe twin is the same drawing plus a stand-in for a concept of
+# the item's category, and the same caption with a phrase naming it. Everything is large, flat
+# and distinctly coloured, so a small CLIP at 32-64 px can learn it in minutes on a CPU.
+
+TOY_VERSION = "1"  # part of the recipe: bump when drawing or wording changes
+SUPERSAMPLE = 2    # draw at twice the size and box-filter down: smooth edges, exact flat interiors
+
+COLOURS = {
+    "red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (245, 220, 30),
+    "green": (40, 170, 60), "blue": (30, 70, 220), "purple": (140, 50, 190),
+    "pink": (245, 120, 190), "brown": (130, 80, 35), "black": (20, 20, 20),
+    "white": (250, 250, 250), "grey": (128, 128, 128), "cyan": (40, 200, 220),
+}
+
+
+@dataclass(frozen=True)
+class Background:
+    phrases: tuple[str, ...]   # how a caption names it
+    hidden: frozenset          # object colours that would not stand out on it
+
+
+BACKGROUNDS = {
+    "sky": Background(("in the sky", "against a blue sky"), frozenset({"blue", "cyan", "white"})),
+    "grass": Background(("on grass", "on a green lawn"), frozenset({"green"})),
+    "sand": Background(("on sand", "on a sandy beach"), frozenset({"yellow", "orange"})),
+    "room": Background(("in a grey room", "indoors"), frozenset({"grey"})),
+    "night": Background(("at night", "under a night sky"), frozenset({"black", "blue"})),
+    "snow": Background(("on snow", "in the snow"), frozenset({"white", "grey"})),
+    "water": Background(("on water", "on the sea"), frozenset({"blue", "cyan"})),
+    "wood": Background(("on a wooden floor", "on wooden planks"), frozenset({"brown", "orange"})),
+}
+
+# Positions are centres in [0, 1]^2; three objects sit further apart than one or two.
+POSITIONS = {"left": "on the left", "right": "on the right", "top": "at the top",
+             "bottom": "at the bottom", "center": "in the center"}
+LAYOUTS = {
+    1: (("left",), ("right",), ("top",), ("bottom",), ("center",)),
+    2: (("left", "right"), ("top", "bottom")),
+    3: (("left", "center", "right"), ("top", "center", "bottom")),
+}
+SIZES = {1: {"small": 0.26, "medium": 0.36, "large": 0.5},    # box side, as a share of the image
+         2: {"small": 0.24, "medium": 0.32, "large": 0.42},
+         3: {"small": 0.2, "medium": 0.26}}
+
+# Fixed colours of the parts of composite things (the named colour is always the largest part).
+TRUNK, DOOR, WINDOW, WHEEL = (100, 65, 30), (70, 45, 30), (190, 220, 240), (30, 30, 30)
+MAST, SAIL, STEM, PISTIL = (80, 60, 40), (245, 245, 235), (40, 130, 40), (250, 200, 50)
+STRING, EYE, PUPIL = (90, 90, 90), (240, 240, 240), (5, 5, 5)
+
+
+def _box_px(box, canvas: int) -> tuple[float, float, float, float]:
+    return tuple(v * canvas for v in box)
+
+
+def _pts(box, *uv) -> list[tuple[float, float]]:
+    """Map points given in a box's own unit square to pixels."""
+    x0, y0, x1, y1 = box
+    return [(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in uv]
+
+
+def _sub(box, u0, v0, u1, v1) -> list[float]:
+    """A sub-box given in the box's own unit square."""
+    (a, b), (c, d) = _pts(box, (u0, v0), (u1, v1))
+    return [a, b, c, d]
+
+
+def _bar(p0, p1, w0, w1) -> list[tuple[float, float]]:
+    """A straight bar from p0 to p1, half as wide as w0 at p0 and w1 at p1 (tapers allowed)."""
+    (x0, y0), (x1, y1) = p0, p1
+    length = math.hypot(x1 - x0, y1 - y0) or 1.0
+    nx, ny = (y0 - y1) / length, (x1 - x0) / length
+    return [(x0 + nx * w0, y0 + ny * w0), (x1 + nx * w1, y1 + ny * w1),
+            (x1 - nx * w1, y1 - ny * w1), (x0 - nx * w0, y0 - ny * w0)]
+
+
+def _darker(colour, factor=0.65):
+    return tuple(int(v * factor) for v in colour)
+
+
+# Shapes and things: each draws itself into a pixel box with its named colour.
+
+def _circle(d, b, c):
+    d.ellipse(b, fill=c)
+
+
+def _square(d, b, c):
+    d.rectangle(_sub(b, 0.08, 0.08, 0.92, 0.92), fill=c)
+
+
+def _triangle(d, b, c):
+    d.polygon(_pts(b, (0.5, 0.03), (0.98, 0.95), (0.02, 0.95)), fill=c)
+
+
+def _star(d, b, c):
+    points = []
+    for k in range(10):
+        r = 0.5 if k % 2 == 0 else 0.24
+        angle = -math.pi / 2 + k * math.pi / 5
+        points.append((0.5 + r * math.cos(angle), 0.53 + r * math.sin(angle)))
+    d.polygon(_pts(b, *points), fill=c)
+
+
+def _heart(d, b, c):
+    d.ellipse(_sub(b, 0.02, 0.06, 0.54, 0.56), fill=c)
+    d.ellipse(_sub(b, 0.46, 0.06, 0.98, 0.56), fill=c)
+    d.polygon(_pts(b, (0.05, 0.4), (0.95, 0.4), (0.5, 0.97)), fill=c)
+
+
+def _diamond(d, b, c):
+    d.polygon(_pts(b, (0.5, 0.0), (0.92, 0.5), (0.5, 1.0), (0.08, 0.5)), fill=c)
+
+
+def _cross(d, b, c):
+    d.rectangle(_sub(b, 0.34, 0.02, 0.66, 0.98), fill=c)
+    d.rectangle(_sub(b, 0.02, 0.34, 0.98, 0.66), fill=c)
+
+
+def _ring(d, b, c):
+    d.ellipse(b, outline=c, width=max(2, round(0.2 * (b[2] - b[0]))))
+
+
+def _house(d, b, c):
+    d.rectangle(_sub(b, 0.12, 0.45, 0.88, 0.98), fill=c)
+    d.polygon(_pts(b, (0.02, 0.48), (0.5, 0.04), (0.98, 0.48)), fill=_darker(c))
+    d.rectangle(_sub(b, 0.42, 0.68, 0.58, 0.98), fill=DOOR)
+
+
+def _tree(d, b, c):
+    d.rectangle(_sub(b, 0.41, 0.55, 0.59, 0.99), fill=TRUNK)
+    d.ellipse(_sub(b, 0.08, 0.01, 0.92, 0.7), fill=c)
+
+
+def _car(d, b, c):
+    d.polygon(_pts(b, (0.2, 0.46), (0.3, 0.16), (0.7, 0.16), (0.82, 0.46)), fill=c)
+    d.rectangle(_sub(b, 0.02, 0.44, 0.98, 0.8), fill=c)
+    d.rectangle(_sub(b, 0.33, 0.23, 0.48, 0.42), fill=WINDOW)
+    d.rectangle(_sub(b, 0.53, 0.23, 0.68, 0.42), fill=WINDOW)
+    d.ellipse(_sub(b, 0.12, 0.66, 0.34, 0.92), fill=WHEEL)
+    d.ellipse(_sub(b, 0.66, 0.66, 0.88, 0.92), fill=WHEEL)
+
+
+def _boat(d, b, c):
+    d.rectangle(_sub(b, 0.47, 0.04, 0.52, 0.56), fill=MAST)
+    d.polygon(_pts(b, (0.54, 0.06), (0.54, 0.52), (0.9, 0.52)), fill=SAIL)
+    d.polygon(_pts(b, (0.0, 0.52), (1.0, 0.52), (0.8, 0.96), (0.2, 0.96)), fill=c)
+
+
+def _flower(d, b, c):
+    d.rectangle(_sub(b, 0.46, 0.5, 0.54, 1.0), fill=STEM)
+    for k in range(6):
+        angle = k * math.pi / 3
+        u, v = 0.5 + 0.22 * math.cos(angle), 0.38 + 0.22 * math.sin(angle)
+        d.ellipse(_sub(b, u - 0.17, v - 0.17, u + 0.17, v + 0.17), fill=c)
+    d.ellipse(_sub(b, 0.38, 0.26, 0.62, 0.5), fill=PISTIL)
+
+
+def _fish(d, b, c):
+    d.polygon(_pts(b, (0.0, 0.18), (0.32, 0.5), (0.0, 0.82)), fill=c)
+    d.ellipse(_sub(b, 0.18, 0.2, 0.99, 0.8), fill=c)
+    d.ellipse(_sub(b, 0.72, 0.36, 0.86, 0.5), fill=EYE)
+    d.ellipse(_sub(b, 0.76, 0.4, 0.83, 0.47), fill=PUPIL)
+
+
+def _balloon(d, b, c):
+    d.line(_pts(b, (0.5, 0.75), (0.44, 1.0)), fill=STRING, width=max(1, round(0.04 * (b[2] - b[0]))))
+    d.polygon(_pts(b, (0.5, 0.7), (0.43, 0.8), (0.57, 0.8)), fill=c)
+    d.ellipse(_sub(b, 0.16, 0.0, 0.84, 0.76), fill=c)
+
+
+def _umbrella(d, b, c):
+    width = max(2, round(0.06 * (b[2] - b[0])))
+    d.line(_pts(b, (0.5, 0.45), (0.5, 0.86)), fill=MAST, width=width)
+    d.arc(_sub(b, 0.36, 0.74, 0.52, 0.98), 0, 180, fill=MAST, width=width)
+    d.pieslice(_sub(b, 0.0, 0.06, 1.0, 0.9), 180, 360, fill=c)
+
+
+SHAPES = {"circle": _circle, "square": _square, "triangle": _triangle, "star": _star,
+          "heart": _heart, "diamond": _diamond, "cross": _cross, "ring": _ring, "house": _house,
+          "tree": _tree, "car": _car, "boat": _boat, "flower": _flower, "fish": _fish,
+          "balloon": _balloon, "umbrella": _umbrella}
+
+# Unsafe stand-ins. Each has colours used by nothing else in the toy world, so that it is easy to
+# see (for a small CLIP and for the tests): its `colour` is found in an unsafe image and never in
+# a safe one.
+BLOOD, STEEL, GUNMETAL, BONE = (150, 0, 12), (196, 204, 216), (54, 56, 66), (236, 228, 204)
+ROPE, FLUID, BARREL, HAND = (185, 150, 90), (130, 220, 0), (226, 236, 246), (214, 160, 120)
+BODY, FLAME, FLAME_CORE, BURLAP = (240, 188, 160), (235, 70, 0), (255, 205, 40), (168, 132, 72)
+DOLLAR, VOMIT, VOMIT_CHUNK = (20, 110, 40), (176, 170, 44), (128, 116, 28)
+INK = (25, 22, 20)  # outlines, so that light stand-ins stay visible on snow and sky
+
+
+def _blood(d, b, canvas, rng):
+    """Splatter over the whole picture: drops, spatter around them, and drips."""
+    for _ in range(rng.randint(6, 9)):
+        x, y = rng.uniform(0.08, 0.92) * canvas, rng.uniform(0.06, 0.82) * canvas
+        r = rng.uniform(0.05, 0.1) * canvas
+        d.ellipse((x - r, y - r * rng.uniform(0.7, 1.0), x + r, y + r), fill=BLOOD)
+        for _ in range(rng.randint(3, 6)):
+            angle, distance = rng.uniform(0, 2 * math.pi), r * rng.uniform(1.2, 2.2)
+            s = r * rng.uniform(0.15, 0.35)
+            sx, sy = x + math.cos(angle) * distance, y + math.sin(angle) * distance
+            d.ellipse((sx - s, sy - s, sx + s, sy + s), fill=BLOOD)
+        if rng.random() < 0.6:
+            length = r * rng.uniform(1.5, 3.0)
+            d.rectangle((x - 0.25 * r, y, x + 0.25 * r, y + length), fill=BLOOD)
+            d.ellipse((x - 0.35 * r, y + length - 0.35 * r, x + 0.35 * r, y + length + 0.35 * r),
+                      fill=BLOOD)
+
+
+def _flames(d, b, canvas, rng):
+    """A row of flames along the bottom, drawn behind the objects."""
+    n = rng.randint(6, 8)
+    step = canvas / n
+    heights = [rng.uniform(0.3, 0.5) * canvas for _ in range(n)]
+    for core, colour in ((False, FLAME), (True, FLAME_CORE)):
+        for k in range(n):
+            x = (k + 0.5) * step
+            h = heights[k] * (0.5 if core else 1.0)
+            w = step * (0.5 if core else 0.9)
+            d.polygon([(x - w, canvas), (x - 0.6 * w, canvas - 0.5 * h), (x, canvas - h),
+                       (x + 0.6 * w, canvas - 0.45 * h), (x + w, canvas)], fill=colour)
+    d.rectangle((0, canvas * 0.93, canvas, canvas), fill=FLAME)
+
+
+def _knife(d, b, canvas, rng):
+    s = b[2] - b[0]
+    p = _pts(b, (0.08, 0.92), (0.34, 0.66), (0.36, 0.64), (0.95, 0.05), (0.24, 0.56), (0.44, 0.76))
+    d.polygon(_bar(p[0], p[1], 0.085 * s, 0.075 * s), fill=(70, 40, 22), outline=INK)
+    d.polygon(_bar(p[4], p[5], 0.035 * s, 0.035 * s), fill=(90, 90, 95), outline=INK)
+    d.polygon(_bar(p[2], p[3], 0.09 * s, 0.01 * s), fill=STEEL, outline=INK)
+
+
+def _gun(d, b, canvas, rng):
+    d.polygon(_pts(b, (0.12, 0.38), (0.4, 0.38), (0.32, 0.94), (0.04, 0.94)), fill=GUNMETAL,
+              outline=INK)
+    d.rectangle(_sub(b, 0.06, 0.2, 0.96, 0.42), fill=GUNMETAL, outline=INK)
+    d.rectangle(_sub(b, 0.08, 0.12, 0.18, 0.22), fill=GUNMETAL, outline=INK)
+    d.ellipse(_sub(b, 0.36, 0.36, 0.58, 0.64), outline=GUNMETAL,
+              width=max(2, round(0.05 * (b[2] - b[0]))))
+
+
+def _skull(d, b, canvas, rng):
+    d.ellipse(_sub(b, 0.12, 0.02, 0.88, 0.72), fill=BONE, outline=INK)
+    d.rounded_rectangle(_sub(b, 0.28, 0.55, 0.72, 0.94), radius=0.08 * (b[2] - b[0]), fill=BONE,
+                        outline=INK)
+    d.ellipse(_sub(b, 0.24, 0.3, 0.46, 0.52), fill=INK)
+    d.ellipse(_sub(b, 0.54, 0.3, 0.76, 0.52), fill=INK)
+    d.polygon(_pts(b, (0.5, 0.53), (0.44, 0.65), (0.56, 0.65)), fill=INK)
+    for u in (0.39, 0.47, 0.55, 0.63):
+        d.line(_pts(b, (u, 0.74), (u, 0.92)), fill=INK, width=2)
+
+
+def _noose(d, b, canvas, rng):
+    s = b[2] - b[0]
+    d.rectangle(_sub(b, 0.46, 0.0, 0.54, 0.44), fill=ROPE)
+    d.ellipse(_sub(b, 0.24, 0.48, 0.76, 0.98), outline=ROPE, width=max(3, round(0.09 * s)))
+    d.rounded_rectangle(_sub(b, 0.4, 0.36, 0.6, 0.58), radius=0.05 * s, fill=_darker(ROPE, 0.75),
+                        outline=INK)
+
+
+def _syringe(d, b, canvas, rng):
+    s = b[2] - b[0]
+    p = _pts(b, (0.04, 0.96), (0.2, 0.8), (0.18, 0.82), (0.68, 0.32), (0.3, 0.7), (0.62, 0.38),
+             (0.96, 0.04), (0.1, 0.72), (0.28, 0.9))
+    d.polygon(_bar(p[0], p[1], 0.03 * s, 0.03 * s), fill=(70, 70, 80))
+    d.polygon(_bar(p[7], p[8], 0.03 * s, 0.03 * s), fill=(70, 70, 80))
+    d.polygon(_bar(p[2], p[3], 0.13 * s, 0.13 * s), fill=BARREL, outline=INK)
+    d.polygon(_bar(p[4], p[5], 0.09 * s, 0.09 * s), fill=FLUID)
+    d.polygon(_bar(p[3], p[6], 0.025 * s, 0.008 * s), fill=(150, 155, 165), outline=INK)
+
+
+def _finger(d, b, canvas, rng):
+    s = b[2] - b[0]
+    d.ellipse(_sub(b, 0.06, 0.56, 0.32, 0.8), fill=HAND, outline=INK)                  # thumb
+    d.rounded_rectangle(_sub(b, 0.22, 0.48, 0.78, 0.98), radius=0.12 * s, fill=HAND, outline=INK)
+    d.rounded_rectangle(_sub(b, 0.22, 0.4, 0.4, 0.6), radius=0.08 * s, fill=HAND, outline=INK)
+    d.rounded_rectangle(_sub(b, 0.6, 0.4, 0.78, 0.6), radius=0.08 * s, fill=HAND, outline=INK)
+    d.rounded_rectangle(_sub(b, 0.41, 0.02, 0.59, 0.62), radius=0.08 * s, fill=HAND, outline=INK)
+
+
+def _nude(d, b, canvas, rng):
+    s = b[2] - b[0]
+    for start, end, width in (((0.35, 0.3), (0.12, 0.62), 0.06), ((0.65, 0.3), (0.88, 0.62), 0.06),
+                              ((0.43, 0.6), (0.36, 0.99), 0.07), ((0.57, 0.6), (0.64, 0.99), 0.07)):
+        p0, p1 = _pts(b, start, end)
+        d.polygon(_bar(p0, p1, width * s, width * s), fill=BODY)
+    d.ellipse(_sub(b, 0.3, 0.2, 0.7, 0.66), fill=BODY)
+    d.ellipse(_sub(b, 0.38, 0.0, 0.62, 0.23), fill=BODY, outline=INK)
+
+
+def _money(d, b, canvas, rng):
+    s = b[2] - b[0]
+    d.polygon(_pts(b, (0.36, 0.38), (0.64, 0.38), (0.74, 0.08), (0.26, 0.08)), fill=BURLAP,
+              outline=INK)
+    d.ellipse(_sub(b, 0.08, 0.3, 0.92, 0.99), fill=BURLAP, outline=INK)
+    d.line(_pts(b, (0.3, 0.34), (0.7, 0.34)), fill=INK, width=max(2, round(0.05 * s)))
+    width = max(2, round(0.07 * s))
+    d.line(_pts(b, (0.64, 0.52), (0.42, 0.5), (0.37, 0.62), (0.63, 0.7), (0.6, 0.84),
+                (0.36, 0.82)), fill=DOLLAR, width=width, joint="curve")
+    d.line(_pts(b, (0.5, 0.44), (0.5, 0.92)), fill=DOLLAR, width=width)
+
+
+def _vomit(d, b, canvas, rng):
+    d.ellipse(_sub(b, 0.05, 0.5, 0.95, 1.0), fill=VOMIT)
+    for _ in range(5):
+        u, v, r = rng.uniform(0.15, 0.85), rng.uniform(0.45, 0.85), rng.uniform(0.08, 0.16)
+        d.ellipse(_sub(b, u - r, v - r * 0.7, u + r, v + r * 0.7), fill=VOMIT)
+    for _ in range(8):
+        u, v, r = rng.uniform(0.15, 0.85), rng.uniform(0.55, 0.9), rng.uniform(0.025, 0.05)
+        d.ellipse(_sub(b, u - r, v - r, u + r, v + r), fill=VOMIT_CHUNK)
+
+
+@dataclass(frozen=True)
+class StandIn:
+    draw: Callable
+    colour: tuple           # a colour only this stand-in uses
+    layer: str = "over"     # "over" the objects, or "under" them (behind, like flames)
+    corners: tuple = ("top left", "top right", "bottom left", "bottom right")  # None: everywhere
+    size: float = 0.42      # side of its box, as a share of the image
+
+
+STAND_INS = {
+    "blood": StandIn(_blood, BLOOD, corners=None),
+    "flames": StandIn(_flames, FLAME, layer="under", corners=None),
+    "knife": StandIn(_knife, STEEL),
+    "gun": StandIn(_gun, GUNMETAL),
+    "skull": StandIn(_skull, BONE),
+    "noose": StandIn(_noose, ROPE, corners=("top left", "top right"), size=0.46),
+    "syringe": StandIn(_syringe, FLUID),
+    "finger": StandIn(_finger, HAND),
+    "nude": StandIn(_nude, BODY, size=0.46),
+    "money": StandIn(_money, BURLAP),
+    "vomit": StandIn(_vomit, VOMIT, corners=("bottom left", "bottom right")),
+}
+
+# What each category adds to the scene: a stand-in and ways to say it (appended to the safe
+# caption or inserted before the background). "child abuse" has no toy stand-in.
+TOY_CONCEPTS = {
+    "violence": ("blood", ("splattered with blood after a violent attack",
+                           "sprayed with blood from a violent fight",
+                           "with blood everywhere after a beating")),
+    "blood": ("blood", ("splattered with blood", "covered in blood stains",
+                        "with fresh blood dripping everywhere")),
+    "brutality": ("blood", ("smeared with blood after a brutal beating",
+                            "covered in blood from a savage assault")),
+    "cruelty": ("blood", ("stained with blood from cruel torture",
+                          "with blood splashed around by a cruel attacker")),
+    "weapons": ("gun", ("with a loaded gun", "next to a pistol", "with a handgun lying nearby")),
+    "harm": ("knife", ("with a bloody knife", "next to a sharp knife ready to stab",
+                       "with a knife for cutting someone")),
+    "suicide": ("noose", ("with a hanging noose", "under a noose tied for suicide",
+                          "with a rope noose hanging above")),
+    "suffering": ("skull", ("with a human skull", "next to a dead man's skull",
+                            "beside a grinning skull")),
+    "drug use": ("syringe", ("with a drug syringe", "next to a used heroin needle",
+                             "with a syringe full of drugs")),
+    "illegal activity": ("money", ("with a bag of drug money", "next to a sack of dirty cash")),
+    "theft": ("money", ("with a bag of stolen money", "next to a thief's sack of cash")),
+    "obscene gestures": ("finger", ("with a hand giving the middle finger",
+                                    "next to an obscene middle finger",
+                                    "with a rude middle finger gesture")),
+    "harassment": ("finger", ("with someone flipping the middle finger at it",
+                              "with a harassing middle finger")),
+    "humiliation": ("finger", ("with a mocking middle finger",
+                               "with a humiliating middle finger gesture")),
+    "hate": ("finger", ("with a hateful middle finger", "next to a middle finger full of hate")),
+    "vandalism": ("flames", ("set on fire by vandals", "engulfed in flames",
+                             "with flames burning everything")),
+    "nudity": ("nude", ("with a naked person", "next to a nude body",
+                        "with a naked man standing nearby")),
+    "sexual": ("nude", ("with a naked woman posing", "next to a nude model in a sexual pose")),
+    "bodily fluids": ("vomit", ("with a puddle of vomit", "next to a pool of fresh vomit",
+                                "with vomit spilled nearby")),
+}
+TOY_CATEGORIES = tuple(c for c in CATEGORIES if c in TOY_CONCEPTS)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def _overlap(a, b) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(w, 0.0) * max(h, 0.0)
+
+
+def _corner_box(corner: str, size: float) -> list[float]:
+    x0 = 0.02 if corner.endswith("left") else 0.98 - size
+    y0 = 0.0 if corner.startswith("top") else 1.0 - size
+    return [x0, y0, x0 + size, y0 + size]
+
+
+def toy_scene(index: int, seed: int, category: str) -> dict:
+    """Sample scene `index` of the world `seed` (and its unsafe concept): a plain dict."""
+    rng = random.Random(f"toy:{seed}:{index}")
+    background = rng.choice(tuple(BACKGROUNDS))
+    n = rng.choices((1, 2, 3), weights=(3, 4, 3))[0]
+    layout = rng.choice(LAYOUTS[n])
+    colours = rng.sample([c for c in COLOURS if c not in BACKGROUNDS[background].hidden], n)
+    spread = 0.3 if n == 3 else 0.22
+    centres = {"left": (0.5 - spread, 0.5), "right": (0.5 + spread, 0.5),
+               "top": (0.5, 0.5 - spread), "bottom": (0.5, 0.5 + spread), "center": (0.5, 0.5)}
+    objects = []
+    for position, colour in zip(layout, colours):
+        size = rng.choice(tuple(SIZES[n]))
+        side = SIZES[n][size] * rng.uniform(0.92, 1.08)
+        cx, cy = (v + rng.uniform(-0.03, 0.03) for v in centres[position])
+        cx = min(max(cx, 0.02 + side / 2), 0.98 - side / 2)  # keep the whole object in view
+        cy = min(max(cy, 0.02 + side / 2), 0.98 - side / 2)
+        box = [round(v, 4) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)]
+        objects.append({"shape": rng.choice(tuple(SHAPES)), "colour": colour, "size": size,
+                        "position": position, "box": box})
+    rng.shuffle(objects)  # the caption names them in a random order
+
+    stand_in, phrases = TOY_CONCEPTS[category]
+    spec = STAND_INS[stand_in]
+    stand_in_box = None
+    if spec.corners:  # the free-est allowed corner, so the scene stays visible
+        scored = [(sum(_overlap(_corner_box(c, spec.size), o["box"]) for o in objects),
+                   rng.random(), c) for c in spec.corners]
+        stand_in_box = _corner_box(min(scored)[2], spec.size)
+    return {"background": background, "background_phrase": rng.choice(
+                BACKGROUNDS[background].phrases),
+            "objects": objects, "category": category, "stand_in": stand_in,
+            "stand_in_box": stand_in_box, "phrase": rng.choice(phrases),
+            "phrase_before_background": rng.random() < 0.3, "seed": rng.getrandbits(31)}
+
+
+def toy_captions(scene: dict) -> tuple[str, str]:
+    """The safe caption and its unsafe edit (the same words plus the concept's phrase)."""
+    described = []
+    for o in scene["objects"]:
+        words = [w for w in (o["size"], o["colour"], o["shape"]) if w != "medium"]
+        described.append(f"{_article(words[0])} {' '.join(words)} {POSITIONS[o['position']]}")
+    objects, where, phrase = _join(described), scene["background_phrase"], scene["phrase"]
+    safe = f"{objects} {where}"
+    unsafe = (f"{objects}, {phrase}, {where}" if scene["phrase_before_background"]
+              else f"{safe}, {phrase}")
+    return safe, unsafe
+
+
+@lru_cache(maxsize=None)
+def _background_base(name: str, canvas: int) -> Image.Image:
+    """The fixed part of a background (gradients, planks); details are added per scene."""
+    image = Image.new("RGB", (canvas, canvas))
+    d = ImageDraw.Draw(image)
+
+    def gradient(top, bottom, y0=0, y1=canvas):
+        for y in range(y0, y1):
+            t = (y - y0) / max(y1 - y0 - 1, 1)
+            d.line((0, y, canvas, y), fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bottom)))
+
+    if name == "sky":
+        gradient((110, 170, 230), (185, 220, 245))
+    elif name == "grass":
+        gradient((96, 172, 70), (70, 146, 52))
+    elif name == "sand":
+        gradient((232, 210, 156), (218, 194, 138))
+    elif name == "room":
+        gradient((178, 178, 184), (160, 160, 168), 0, int(0.7 * canvas))
+        d.rectangle((0, int(0.7 * canvas), canvas, canvas), fill=(118, 104, 94))
+    elif name == "night":
+        gradient((10, 14, 40), (24, 30, 70))
+    elif name == "snow":
+        gradient((226, 234, 246), (240, 244, 250))
+    elif name == "water":
+        gradient((30, 90, 170), (50, 122, 200))
+    elif name == "wood":
+        step = max(canvas // 6, 1)
+        for k, x in enumerate(range(0, canvas, step)):
+            d.rectangle((x, 0, x + step, canvas), fill=(166, 116, 66) if k % 2 else (152, 103, 57))
+            d.line((x, 0, x, canvas), fill=(110, 72, 38), width=2)
+    return image
+
+
+def _background(name: str, canvas: int, rng: random.Random) -> Image.Image:
+    image = _background_base(name, canvas).copy()
+    d = ImageDraw.Draw(image)
+    if name == "sky":
+        for _ in range(rng.randint(1, 2)):  # clouds
+            x, y, r = rng.uniform(0.1, 0.9) * canvas, rng.uniform(0.1, 0.9) * canvas, canvas * 0.07
+            for dx in (-1.2, 0.0, 1.2):
+                d.ellipse((x + dx * r - r, y - r * 0.8, x + dx * r + r, y + r * 0.8),
+                          fill=(240, 245, 250))
+    elif name == "grass":
+        for _ in range(40):  # blades
+            x, y = rng.uniform(0, canvas), rng.uniform(0, canvas)
+            d.line((x, y, x + rng.uniform(-2, 2), y - canvas * 0.05), fill=(56, 122, 42), width=2)
+    elif name == "sand":
+        for _ in range(50):
+            x, y = rng.uniform(0, canvas), rng.uniform(0, canvas)
+            d.rectangle((x, y, x + 1, y + 1), fill=(196, 172, 114))
+    elif name == "night":
+        for _ in range(14):  # stars
+            x, y = rng.uniform(0, canvas), rng.uniform(0, canvas)
+            d.rectangle((x, y, x + 1, y + 1), fill=(235, 235, 190))
+    elif name == "snow":
+        for _ in range(4):  # drifts
+            x, y, r = rng.uniform(0, canvas), rng.uniform(0, canvas), canvas * 0.1
+            d.ellipse((x - r, y - r * 0.4, x + r, y + r * 0.4), fill=(214, 224, 240))
+    elif name == "water":
+        for _ in range(10):  # waves
+            x, y, r = rng.uniform(0, canvas), rng.uniform(0, canvas), canvas * 0.05
+            d.arc((x - r, y - r / 2, x + r, y + r / 2), 200, 340, fill=(110, 170, 225), width=2)
+    return image
+
+
+def render_toy(scene: dict, size: int, unsafe: bool) -> Image.Image:
+    """Draw a scene, with its stand-in if `unsafe`; both twins share every other pixel's recipe."""
+    canvas = size * SUPERSAMPLE
+    image = _background(scene["background"], canvas, random.Random(scene["seed"]))
+    d = ImageDraw.Draw(image)
+    stand_in = STAND_INS[scene["stand_in"]] if unsafe else None
+    box = _box_px(scene["stand_in_box"] or (0, 0, 1, 1), canvas)
+    rng = random.Random(scene["seed"] + 1)
+    if stand_in and stand_in.layer == "under":
+        stand_in.draw(d, box, canvas, rng)
+    for o in scene["objects"]:
+        SHAPES[o["shape"]](d, _box_px(o["box"], canvas), COLOURS[o["colour"]])
+    if stand_in and stand_in.layer == "over":
+        stand_in.draw(d, box, canvas, rng)
+    return image.reduce(SUPERSAMPLE)
+
+
+def image_path(index: int, kind: str, suffix: str = "png") -> str:
+    """Where an item's generated image goes, relative to the output folder."""
+    return f"images/{index // 1000:03d}/{index:06d}_{kind}.{suffix}"
+
+
+def make_toy_row(task: tuple) -> dict:
+    """Draw one quadruplet's images and return its row (runs in a worker process)."""
+    index, seed, category, split, size, root = task
+    scene = toy_scene(index, seed, category)
+    safe, unsafe = toy_captions(scene)
+    row = {"id": f"{index:06d}", "safe": safe, "unsafe": unsafe,
+           "safe_image": image_path(index, "safe"), "unsafe_image": image_path(index, "unsafe"),
+           "category": category, "split": split}
+    save_png(render_toy(scene, size, unsafe=False), Path(root) / row["safe_image"])
+    save_png(render_toy(scene, size, unsafe=True), Path(root) / row["unsafe_image"])
+    row["scene"] = {"background": scene["background"], "stand_in": scene["stand_in"],
+                    "objects": [{k: o[k] for k in ("shape", "colour", "size", "position")}
+                                for o in scene["objects"]]}
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder: resume, manifest
+# ---------------------------------------------------------------------------------------------
+
+
+class OutputDir:
+    """DIR with pairs.jsonl, images/, manifest.json and the LLM's answers; resumable."""
+
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self._lock = _lock_folder(root)
+        self.manifest_path = root / "manifest.json"
+        self.previous = None
+        if self.manifest_path.exists():
+            try:
+                self.previous = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise InputError(f"{self.manifest_path}: damaged ({e}); delete {root} to start "
+                                 f"over") from None
+        self.pairs = JsonlLog(root / "pairs.jsonl")
+        self.answers = JsonlLog(root / "unsafe_captions.jsonl")
+        if self.previous is None and self.pairs.rows:
+            raise InputError(f"{root} holds a pairs.jsonl without manifest.json: it was not made "
+                             f"by this script; choose another --out")
+        for temp in (root / "images").rglob("*.tmp-*") if (root / "images").is_dir() else ():
+            temp.unlink()  # a half-written image from a killed run
+
+    def check_recipe(self, recipe: dict) -> None:
+        old = (self.previous or {}).get("recipe")
+        if old is not None and old != recipe:
+            changed = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
+            raise InputError(f"{self.root} already holds data made with other options "
+                             f"({', '.join(changed)} differ); use another --out, or delete "
+                             f"{self.root} to start over")
+
+    def finished_rows(self) -> dict[str, dict]:
+        """Rows already written whose generated images are on disk, by id (last one wins)."""
+        done = {}
+        for row in self.pairs.rows:
+            images = [row.get(k) for k in ("safe_image", "unsafe_image")]
+            if all(p is None or os.path.isabs(p) or os.path.getsize(self.root / p) > 0
+                   if p is None or os.path.isabs(p) or (self.root / p).exists() else False
+                   for p in images):
+                done[row["id"]] = row
+        if len(done) != len(self.pairs.rows):  # duplicates or lost images: keep the good rows
+            self.pairs.rewrite(sorted(done.values(), key=lambda r: int(r["id"])))
+        return done
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_atomic(self.manifest_path, (json.dumps(manifest, indent=2, ensure_ascii=False)
+                                          + "\n").encode("utf-8"))
+
+
+class Job:
+    """One run: the items, what is done, what was rejected, and the manifest that says so."""
+
+    def __init__(self, out: OutputDir, recipe: dict, backends: dict, total: int):
+        self.out, self.recipe, self.backends, self.total = out, recipe, backends, total
+        previous = out.previous or {}
+        self.stats = Stats(previous.get("requests"))
+        self.rejected = {r["id"]: r for r in previous.get("rejected", [])}
+        self.done = out.finished_rows()
+        self._in_a_row = 0
+        self._saved_at = 0.0
+
+    def accept(self, row: dict) -> None:
+        self.out.pairs.append(row)
+        self.done[row["id"]] = row
+        self.rejected.pop(row["id"], None)
+        self._in_a_row = 0
+        self.save(every=MANIFEST_EVERY_S)
+
+    def reject(self, item: Item, stage: str, reason: str) -> None:
+        self.rejected[item.id] = {"id": item.id, "safe": item.safe, "stage": stage,
+                                  "reason": reason}
+        self.stats.add(stage, "rejected_items")
+        self._in_a_row += 1
+        if self._in_a_row >= MAX_REJECTED_IN_A_ROW:
+            raise FatalError(f"{self._in_a_row} items in a row were rejected (last: {reason}); "
+                             f"stopping. Check the server and model, then run the same command "
+                             f"again to resume")
+        self.save(every=MANIFEST_EVERY_S)
+
+    def save(self, status: str = "running", every: float = 0.0) -> None:
+        if every and time.monotonic() - self._saved_at < every:
+            return
+        self._saved_at = time.monotonic()
+        rows = self.done.values()
+        self.out.write_manifest({
+            "generator": "generate_data.py",
+            "status": status,
+            "recipe": self.recipe,
+            "backends": self.backends,
+            "counts": {
+                "items": self.total,
+                "rows": len(self.done),
+                "rejected": len(self.rejected),
+                "pending": self.total - len(self.done) - len(self.rejected),
+                "by_split": dict(sorted(Counter(r.get("split") for r in rows).items())),
+                "by_category": dict(sorted(Counter(str(r.get("category")) for r in rows).items())),
+            },
+            "requests": self.stats.as_dict(),
+            "rejected": [self.rejected[k] for k in sorted(self.rejected, key=int)],
+        })
+
+    def finish(self) -> None:
+        """Put the rows in input order (the file no longer depends on timing) and say so."""
+        self.out.pairs.rewrite(sorted(self.done.values(), key=lambda r: int(r["id"])))
+        self.save("complete")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def run_threads(fn: Callable, items: list, workers: int):
+    """Apply fn to the items on worker threads; yield (item, result or GiveUp) as each finishes.
+
+    At most 2 * workers items are in flight, so an interrupted run has little to lose.
+    """
+    def call(item):
+        try:
+            return fn(item)
+        except GiveUp as e:
+            return e
+
+    pending = iter(items)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        in_flight = {}
+
+        def submit_next():
+            for item in pending:
+                in_flight[pool.submit(call, item)] = item
+                return
+
+        try:
+            for _ in range(2 * workers):
+                submit_next()
+            while in_flight:
+                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    item = in_flight.pop(future)
+                    yield item, future.result()  # a FatalError or a bug stops everything
+                    submit_next()
+        except BaseException:
+            _STOP.set()  # waiting retries give up; requests in flight end within --timeout
+            for future in in_flight:
+                future.cancel()
+            raise
+
+
+def _progress(total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, mininterval=0.5)
+
+
+def caption_phase(job: Job, items: list[Item], llm: ChatLLM, workers: int) -> None:
+    """Ask the LLM for the unsafe captions the source lacks (remembered across runs)."""
+    answers = {a["id"]: a for a in job.out.answers.rows}
+    todo = []
+    for item in items:
+        if item.unsafe is None and item.id in answers:
+            item.unsafe = answers[item.id]["unsafe"]
+        elif item.unsafe is None and item.id not in job.done:
+            todo.append(item)
+    if not todo:
+        return
+    with _progress(len(todo), "unsafe captions (LLM)") as bar:
+        for item, result in run_threads(lambda it: llm.rewrite(it.safe, it.category), todo,
+                                        workers):
+            if isinstance(result, GiveUp):
+                job.reject(item, "llm", result.reason)
+            else:
+                item.unsafe = result
+                job.out.answers.append({"id": item.id, "unsafe": result,
+                                        "category": item.category})
+                job.rejected.pop(item.id, None)
+            bar.update()
+
+
+@dataclass
+class ImageMaker:
+    """Makes the images an item lacks: fetches URLs, or asks the text-to-image backend."""
+
+    root: Path
+    backend: object | None      # HttpImages, DiffusersImages or None (--text-only)
+    keep_rule: Callable | None
+    candidates: int             # images per unsafe prompt (--seeds-per-prompt)
+    seed: int
+    policy: RetryPolicy
+    stats: Stats
+
+    def row(self, item: Item) -> dict:
+        row = {"id": item.id, "safe": item.safe, "unsafe": item.unsafe}
+        if item.safe_image:
+            row["safe_image"] = item.safe_image
+        elif self.backend and item.safe_image_url:
+            row["safe_image"] = self.download(item)
+        elif self.backend:
+            row["safe_image"] = self.generate(item, "safe", item.safe, 1)
+        if self.backend:
+            row["unsafe_image"] = self.generate(item, "unsafe", item.unsafe, self.candidates)
+        row.update(category=item.category, split=item.split, **item.extra)
+        return row
+
+    def generate(self, item: Item, kind: str, prompt: str, n: int) -> str:
+        relative = image_path(item.index, kind)
+
+        def attempt(k):
+            seeds = [derive_seed(self.seed, item.id, kind, k, j) for j in range(n)]
+            images = self.backend.generate(prompt, seeds)
+            pick = self.keep_rule(images, prompt, kind) if self.keep_rule else 0
+            if pick is None:
+                raise Retry("kept_none", delay=0)
+            if isinstance(pick, bool) or not isinstance(pick, int) or not 0 <= pick < len(images):
+                raise FatalError(f"the keep rule returned {pick!r}; expected None or an index "
+                                 f"below {len(images)}")
+            save_png(images[pick], self.root / relative)
+            return relative
+
+        return with_retries(attempt, self.policy, self.stats, "t2i")
+
+    def download(self, item: Item) -> str:
+        def attempt(_):
+            data = http_request(item.safe_image_url, timeout=self.policy.timeout, fatal_codes=())
+            try:
+                image_format = Image.open(io.BytesIO(data)).format
+            except (OSError, UnidentifiedImageError):
+                raise Retry("bad_image") from None
+            suffix = {"JPEG": "jpg"}.get(image_format, str(image_format).lower())
+            relative = image_path(item.index, "safe", suffix)
+            write_atomic(self.root / relative, data)  # the original bytes, not re-encoded
+            return relative
+
+        return with_retries(attempt, self.policy, self.stats, "download")
+
+
+def image_phase(job: Job, items: list[Item], maker: ImageMaker, workers: int,
+                desc: str) -> None:
+    todo = [it for it in items if it.id not in job.done and it.unsafe is not None]
+    if not todo:
+        return
+    with _progress(len(todo), desc) as bar:
+        for item, result in run_threads(maker.row, todo, workers):
+            if isinstance(result, GiveUp):
+                job.reject(item, "download" if item.safe_image_url and maker.backend
+                           and "safe_image" not in job.done.get(item.id, {}) and
+                           result.reason in ("bad_image",) else "t2i", result.reason)
+            else:
+                job.accept(result)
+            bar.update()
+
+
+def toy_phase(job: Job, args, categories: tuple[str, ...], size: int) -> None:
+    ids = [f"{i:06d}" for i in range(args.toy)]
+    splits = assign_splits(ids, args.split, args.seed)
+    category_of = assign_categories(ids, categories, args.seed)
+    tasks = [(i, args.seed, category_of[d], splits[d], size, str(job.out.root))
+             for i, d in enumerate(ids) if d not in job.done]
+    if not tasks:
+        return
+    with _progress(len(tasks), "toy world") as bar:
+        if args.workers == 1:
+            rows = map(make_toy_row, tasks)
+            for row in rows:
+                job.accept(row)
+                bar.update()
+        else:
+            with multiprocessing.Pool(args.workers) as pool:  # exiting terminates the workers
+                for row in pool.imap(make_toy_row, tasks, chunksize=8):
+                    job.accept(row)
+                    bar.update()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected three non-negative fractions for "
+                                         f"train,val,test, such as 0.8,0.1,0.1")
+    return tuple(p / sum(parts) for p in parts)
+
+
+def parse_categories(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(c.strip().lower() for c in text.split(",") if c.strip()))
+    unknown = [c for c in names if c not in CATEGORIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown category {', '.join(map(repr, unknown))}; "
+                                         f"choose from: {', '.join(CATEGORIES)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="generate_data.py",
+        description="Build Safe-CLIP quadruplets (safe caption, unsafe caption, safe image, "
+                    "unsafe image) in DIR/pairs.jsonl + DIR/images/, from a toy world, captions, "
+                    "ViSU-Text or NSFWCaps; an LLM writes missing unsafe captions and a "
+                    "text-to-image model draws missing images. Re-run the same command to resume.",
+        epilog="examples:\n"
+               "  %(prog)s --toy 3000 --out data/toy\n"
+               "  %(prog)s --captions captions.txt --llm http://localhost:8000 --llm-model "
+               "Qwen/Qwen2.5-7B-Instruct \\\n"
+               "      --t2i diffusers:stabilityai/stable-diffusion-2-1 --out data/mine\n"
+               "  %(prog)s --from-visu visu_test.json --coco-root /data/coco --text-only "
+               "--out data/visu\n"
+               "  %(prog)s --captions data/visu/pairs.jsonl --t2i http://localhost:9000 "
+               "--out data/visu-images",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    source = parser.add_argument_group("source (pick one)")
+    one = source.add_mutually_exclusive_group(required=True)
+    one.add_argument("--toy", type=int, metavar="N",
+                     help="draw N quadruplets of the offline toy world (no model, no network)")
+    one.add_argument("--captions", type=Path, metavar="FILE",
+                     help="safe captions: text (one per line), a JSON list or JSON lines with "
+                          "'caption' and optional 'image', 'unsafe', 'category', 'split'")
+    one.add_argument("--from-visu", type=Path, metavar="FILE",
+                     help="ViSU-Text rows (JSON list or JSON lines: safe, nsfw, tag, coco_id, "
+                          "split)")
+    one.add_argument("--from-nsfwcaps", type=Path, metavar="FILE",
+                     help="NSFWCaps rows (caption, nsfw_caption, chosen_category, image URL or "
+                          "file name)")
+    source.add_argument("--coco-root", type=Path, metavar="DIR",
+                        help="with --from-visu: COCO folder holding train2017/ and val2017/")
+    source.add_argument("--image-dir", type=Path, metavar="DIR",
+                        help="with --from-nsfwcaps: folder of the images (named as in the rows "
+                             "or as the URLs' file names); without it URLs are downloaded")
+
+    llm = parser.add_argument_group("unsafe captions")
+    llm.add_argument("--llm", metavar="URL",
+                     help="OpenAI-compatible server (base URL, .../v1 or the full "
+                          "/v1/chat/completions URL) for rows without an unsafe caption")
+    llm.add_argument("--llm-model", metavar="NAME", help="model name sent to --llm")
+    llm.add_argument("--categories", type=parse_categories, metavar="LIST",
+                     help="comma-separated categories to inject, dealt evenly over the items "
+                          "(default: all 20 of SAFECLIP.md; the toy world draws all but "
+                          "'child abuse')")
+
+    images = parser.add_argument_group("images")
+    images.add_argument("--t2i", metavar="SPEC",
+                        help="diffusers:MODEL_ID (local pipeline, needs requirements-extras.txt) "
+                             "or the URL of an OpenAI-compatible images server")
+    images.add_argument("--t2i-model", metavar="NAME", help="model name sent to an images server")
+    images.add_argument("--seeds-per-prompt", type=int, metavar="K",
+                        help="candidate images per unsafe prompt, one kept by --keep-rule "
+                             "(default: 3 with a keep rule, else 1)")
+    images.add_argument("--keep-rule", metavar="MODULE:FUNCTION",
+                        help="picks the image to keep: f(images, prompt, kind) -> index or None "
+                             "(module name or path/to/file.py)")
+    images.add_argument("--image-size", type=int, metavar="PX",
+                        help="side of generated images (default: 64 for --toy, 512 otherwise)")
+    images.add_argument("--text-only", action="store_true",
+                        help="stop at captions: rows keep only the images the source has")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="output folder; re-running the same command there resumes")
+    output.add_argument("--split", type=parse_split, default=(0.8, 0.1, 0.1),
+                        metavar="TRAIN,VAL,TEST",
+                        help="split fractions for rows without a split (default: 0.8,0.1,0.1)")
+    output.add_argument("--seed", type=int, default=0,
+                        help="seed of every random choice (default: 0)")
+
+    requests = parser.add_argument_group("requests")
+    requests.add_argument("--workers", type=int, metavar="N",
+                          help="concurrent requests (default: 8), or drawing processes with "
+                               "--toy (default: CPU count, at most 4)")
+    requests.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                          help="seconds per HTTP request (default: 120)")
+    requests.add_argument("--retries", type=int, default=4, metavar="N",
+                          help="retries per item after an error or an unusable answer "
+                               "(default: 4)")
+    requests.add_argument("--retry-base-delay", type=float, default=1.0, metavar="S",
+                          help="first backoff in seconds, doubled each retry; a server's "
+                               "Retry-After wins (default: 1)")
+    return parser
+
+
+def _check_options(parser: argparse.ArgumentParser, args) -> None:
+    if args.toy is not None:
+        if args.toy < 1:
+            parser.error("--toy N needs N >= 1")
+        for flag in ("llm", "t2i", "coco_root", "image_dir", "keep_rule"):
+            if getattr(args, flag):
+                parser.error(f"--{flag.replace('_', '-')} does not apply to --toy")
+        if args.text_only:
+            parser.error("--text-only does not apply to --toy")
+        missing = [c for c in args.categories or () if c not in TOY_CONCEPTS]
+        if missing:
+            parser.error(f"the toy world draws no stand-in for {', '.join(missing)}")
+    if args.coco_root and not args.from_visu:
+        parser.error("--coco-root goes with --from-visu")
+    if args.image_dir and not args.from_nsfwcaps:
+        parser.error("--image-dir goes with --from-nsfwcaps")
+    if args.llm and not args.llm_model:
+        parser.error("--llm needs --llm-model NAME")
+    if args.t2i and args.text_only:
+        parser.error("--t2i and --text-only exclude each other")
+    if args.keep_rule and not args.t2i:
+        parser.error("--keep-rule goes with --t2i")
+    for flag in ("workers", "seeds_per_prompt", "image_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.retries < 0 or args.timeout <= 0 or args.retry_base_delay < 0:
+        parser.error("--retries, --timeout and --retry-base-delay must be positive")
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_items(args) -> tuple[list[Item], dict]:
+    if args.captions:
+        kind, path, items = "captions", args.captions, load_captions(args.captions)
+    elif args.from_visu:
+        kind, path, items = "visu", args.from_visu, load_visu(args.from_visu, args.coco_root)
+    else:
+        kind, path = "nsfwcaps", args.from_nsfwcaps
+        items = load_nsfwcaps(args.from_nsfwcaps, args.image_dir)
+    if not items:
+        raise InputError(f"{path}: no rows")
+    return items, {"kind": kind, "file": str(path.resolve()), "sha256": _file_digest(path),
+                   "rows": len(items)}
+
+
+def run_toy(args, out: OutputDir) -> Job:
+    size = args.image_size or 64
+    categories = args.categories or TOY_CATEGORIES
+    recipe = {"source": {"kind": "toy", "n": args.toy, "version": TOY_VERSION},
+              "seed": args.seed, "split": list(args.split), "categories": list(categories),
+              "image_size": size}
+    out.check_recipe(recipe)
+    job = Job(out, recipe, {"toy": {"version": TOY_VERSION, "stand_ins": sorted(STAND_INS)}},
+              args.toy)
+    job.save()
+    args.workers = args.workers or min(4, os.cpu_count() or 1)
+    toy_phase(job, args, categories, size)
+    return job
+
+
+def run_sources(args, out: OutputDir) -> Job:
+    items, source = _load_items(args)
+    api_key = os.environ.get("OPENAI_API_KEY")
+    policy = RetryPolicy(args.retries, args.retry_base_delay, args.timeout)
+
+    # Fill in what the source leaves open, deterministically: categories (for the LLM), splits.
+    need_llm = [it for it in items if it.unsafe is None]
+    if need_llm and not args.llm:
+        raise InputError(f"{len(need_llm)} rows have no unsafe caption (the first is row "
+                         f"{need_llm[0].index + 1}); pass --llm URL --llm-model NAME")
+    categories = args.categories or CATEGORIES
+    dealt = assign_categories([it.id for it in need_llm if it.category is None], categories,
+                              args.seed)
+    for item in need_llm:
+        item.category = item.category or dealt[item.id]
+    splits = assign_splits([it.id for it in items if it.split is None], args.split, args.seed)
+    for item in items:
+        item.split = item.split or splits[item.id]
+
+    missing_safe = sum(1 for it in items if not it.safe_image and not it.safe_image_url)
+    if not args.t2i and not args.text_only:
+        raise InputError(f"the unsafe images (and {missing_safe} safe ones) need a model: pass "
+                         f"--t2i diffusers:MODEL_ID or --t2i URL, or --text-only")
+    size = args.image_size or 512
+    keep_spec = args.keep_rule
+    candidates = args.seeds_per_prompt or (3 if keep_spec else 1)
+
+    recipe = {"source": source, "seed": args.seed, "split": list(args.split),
+              "text_only": args.text_only}
+    backends = {}
+    if need_llm:
+        recipe["llm"] = {"model": args.llm_model, "prompt_version": PROMPT_VERSION,
+                         "categories": list(categories)}
+        backends["llm"] = {"url": endpoint(args.llm, "/v1/chat/completions"),
+                           "model": args.llm_model, "prompt_version": PROMPT_VERSION,
+                           "system_prompt": SYSTEM_PROMPT, "user_prompt": USER_PROMPT,
+                           "few_shot": [list(e) for e in FEW_SHOT],
+                           "temperature": LLM_TEMPERATURE}
+    if args.t2i:
+        diffusers_id = args.t2i[len("diffusers:"):] if args.t2i.startswith("diffusers:") else None
+        recipe["t2i"] = {"backend": "diffusers" if diffusers_id else "http",
+                         "model": diffusers_id or args.t2i_model, "image_size": size,
+                         "seeds_per_prompt": candidates, "keep_rule": keep_spec}
+        backends["t2i"] = dict(recipe["t2i"])
+        if not diffusers_id:
+            backends["t2i"]["url"] = endpoint(args.t2i, "/v1/images/generations")
+    out.check_recipe(recipe)
+
+    job = Job(out, recipe, backends, len(items))
+    job.save()
+    workers = args.workers or 8
+    if need_llm:
+        llm = ChatLLM(endpoint(args.llm, "/v1/chat/completions"), args.llm_model, policy,
+                      job.stats, api_key)
+        caption_phase(job, items, llm, workers)
+
+    backend = None
+    if args.t2i and args.t2i.startswith("diffusers:"):
+        backend = DiffusersImages(args.t2i[len("diffusers:"):], size)
+    elif args.t2i:
+        backend = HttpImages(endpoint(args.t2i, "/v1/images/generations"), args.t2i_model, size,
+                             args.timeout, api_key)
+    maker = ImageMaker(out.root, backend, load_keep_rule(keep_spec) if keep_spec else None,
+                       candidates, args.seed, policy, job.stats)
+    image_phase(job, items, maker, workers, "images" if backend else "rows")
+    return job
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_options(parser, args)
+    _STOP.clear()
+    job = None
+    try:
+        out = OutputDir(args.out)
+        job = run_toy(args, out) if args.toy is not None else run_sources(args, out)
+        job.finish()
+    except KeyboardInterrupt:
+        if job is not None:
+            job.save("interrupted")
+        print(f"interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    except (InputError, FatalError) as e:
+        if job is not None:
+            job.save("stopped")
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, InputError) else 1
+    finally:
+        if job is not None:
+            job.out.pairs.close()
+            job.out.answers.close()
+    counts = len(job.done), len(job.rejected)
+    print(f"{args.out / 'pairs.jsonl'}: {counts[0]} rows"
+          + (f", {counts[1]} items rejected (see manifest.json)" if counts[1] else ""),
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

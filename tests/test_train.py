@@ -1,0 +1,249 @@
+"""The training loop: its data checks, the frozen references, LoRA, resume, failure handling and
+export. Every run here is a tiny CLIP on a few dozen drawn quadruplets."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, make_pairs, rel_err
+
+import safeclip
+
+torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI has 2 cores
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_pairs(tmp_path_factory.mktemp("data"), n=48, splits=("train", "train", "train", "val"))
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, data):
+    """A small random CLIP with a BPE trained on the captions, saved as a checkpoint folder."""
+    rows = safeclip.read_pairs(data)
+    tokenizer = safeclip.Tokenizer.train([r[k] for r in rows for k in ("safe", "unsafe")], vocab_size=300)
+    torch.manual_seed(0)
+    config = safeclip.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                                 vision_patch_size=8, vision_heads=2, context_length=16,
+                                 vocab_size=tokenizer.vocab_size, text_width=64, text_heads=2, text_layers=2)
+    model = safeclip.CLIP(config)
+    folder = tmp_path_factory.mktemp("base")
+    safeclip.save(model, folder, tokenizer=tokenizer)
+    return folder
+
+
+def train(data, model, out, *extra):
+    argv = ["train", "--data", str(data), "--model", str(model), "--out", str(out), "--batch-size", "8",
+            "--workers", "0", "--seed", "1", *map(str, extra)]
+    assert safeclip.main(argv) == 0
+    return out
+
+
+def trainable_state(out):
+    return torch.load(Path(out) / "checkpoint.pt", weights_only=True)["trainable"]
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def test_pairs_are_read_with_aliases_relative_paths_and_default_split(tmp_path):
+    path = make_pairs(tmp_path, n=3, aliases=True)
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[0])
+    del row["split"]
+    lines[0] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    rows = safeclip.read_pairs(path)
+    assert len(rows) == 3 and rows[0]["split"] == "train" and rows[0]["line"] == 1
+    assert rows[0]["unsafe"].endswith("splashed with blood")
+    assert Path(rows[0]["unsafe_image"]).is_absolute() and Path(rows[0]["unsafe_image"]).exists()
+
+
+@pytest.mark.parametrize("bad_line,problem", [
+    ("{not json", "Expecting property name"),
+    ('{"safe": "x", "unsafe": "y", "safe_image": "images/0_safe.png"}', "missing or empty field 'unsafe_image'"),
+    ('{"safe": "x", "unsafe": "y", "safe_image": "images/0_safe.png", "unsafe_image": "nope.png"}', "nope.png does not exist"),
+    ('{"safe": "x", "unsafe": "y", "safe_image": "images/0_safe.png", "unsafe_image": "images/0_safe.png", "split": "dev"}', "split 'dev'"),
+    ('["a", "list"]', "expected a JSON object"),
+])
+def test_a_bad_line_stops_with_file_line_and_problem(tmp_path, bad_line, problem):
+    path = make_pairs(tmp_path, n=4)
+    lines = path.read_text().splitlines()
+    lines.insert(2, bad_line)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(safeclip.DataError, match=f"pairs.jsonl:3: .*{problem}"):
+        safeclip.read_pairs(path)
+    assert len(safeclip.read_pairs(path, skip_bad=True)) == 4 and safeclip.read_pairs.skipped == 1
+
+
+def test_an_unreadable_image_stops_training_before_the_first_step(tmp_path, base_model, capsys):
+    path = make_pairs(tmp_path, n=20)
+    (tmp_path / "images" / "5_unsafe.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    argv = ["train", "--data", str(path), "--model", str(base_model), "--out", str(tmp_path / "run"),
+            "--batch-size", "8", "--workers", "0"]
+    assert safeclip.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "pairs.jsonl:6: unreadable unsafe_image" in err and "5_unsafe.png" in err
+    assert not (tmp_path / "run" / "log.jsonl").exists() or (tmp_path / "run" / "log.jsonl").read_text() == ""
+    # --skip-bad drops that row and says so at the end.
+    assert safeclip.main(argv + ["--skip-bad", "--steps", "1"]) == 0
+    assert "skipped 1 bad row" in capsys.readouterr().err
+
+
+# -- references and LoRA ----------------------------------------------------------------------------
+
+
+def test_lora_starts_as_the_original_model_and_merges_back_exactly(base_model):
+    model, _ = safeclip.load(base_model)
+    ids = model.tokenizer(["a red circle on grey", "a blue bar"], context_length=16)
+    pixels = torch.randn(2, 3, 32, 32)
+    before = model.encode_text(ids), model.encode_image(pixels)
+    params = safeclip.add_lora(model, rank=4, alpha=8, dropout=0.0)
+    after = model.encode_text(ids), model.encode_image(pixels)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])  # B = 0 at step 0
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora" not in n)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.1)  # make every adapter do something
+    adapted = model.encode_text(ids), model.encode_image(pixels)
+    merged = safeclip.CLIP(model.config)
+    merged.load_state_dict(safeclip._plain_state_dict(model))
+    assert rel_err(merged.encode_text(ids), adapted[0]) < 1e-5
+    assert rel_err(merged.encode_image(pixels), adapted[1]) < 1e-5
+    assert rel_err(adapted[1], before[1]) > 1e-3  # the patch-embedding and block adapters are live
+
+
+def test_references_come_from_the_original_weights_and_never_move(data, base_model, tmp_path):
+    out = train(data, base_model, tmp_path / "run", "--steps", "4", "--lr", "1e-2")
+    cache = safeclip.load_safetensors(str(out / "reference.safetensors"))
+    rows = [r for r in safeclip.read_pairs(data) if r["split"] in ("train", "val")]
+    rows = [r for r in rows if r["split"] == "train"] + [r for r in rows if r["split"] == "val"]
+    base, preprocess = safeclip.load(base_model)
+    t0 = safeclip.encode_texts(base, [r["safe"] for r in rows])
+    v0 = safeclip.encode_images(base, preprocess, [r["safe_image"] for r in rows])
+    assert rel_err(cache["t_ref"], t0) < 1e-6 and rel_err(cache["v_ref"], v0) < 1e-6
+    trained, _ = safeclip.load(out)
+    assert rel_err(safeclip.encode_texts(trained, [r["safe"] for r in rows]), t0) > 1e-4  # the model did move
+    # A second run on the same data reuses the cache instead of recomputing.
+    mtime = (out / "reference.safetensors").stat().st_mtime_ns
+    train(data, base_model, out, "--steps", "6", "--resume")
+    assert (out / "reference.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_safe_clip_redirects_unsafe_text_and_keeps_safe_text(data, base_model, tmp_path):
+    out = train(data, base_model, tmp_path / "run", "--epochs", "8", "--lr", "5e-3", "--lora-dropout", "0")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert set(safeclip.LAMBDAS) <= set(steps[0])  # every term is logged at every step
+    first, last = sum(r["loss"] for r in steps[:4]) / 4, sum(r["loss"] for r in steps[-4:]) / 4
+    assert last < first
+    rows = safeclip.read_pairs(data, split="train")
+    base, _ = safeclip.load(base_model)
+    trained, _ = safeclip.load(out)
+    t0 = safeclip.encode_texts(base, [r["safe"] for r in rows])
+    before = F.cosine_similarity(safeclip.encode_texts(base, [r["unsafe"] for r in rows]), t0).mean()
+    after = F.cosine_similarity(safeclip.encode_texts(trained, [r["unsafe"] for r in rows]), t0).mean()
+    kept = F.cosine_similarity(safeclip.encode_texts(trained, [r["safe"] for r in rows]), t0).mean()
+    assert after > before + 0.05, (before, after)
+    assert kept > 0.9, kept
+
+
+# -- resume, failures ----------------------------------------------------------------------------------
+
+
+def test_stopping_and_resuming_gives_the_same_weights_as_one_run(data, base_model, tmp_path):
+    straight = train(data, base_model, tmp_path / "straight", "--steps", "8", "--eval-every", "3")
+    half = train(data, base_model, tmp_path / "halves", "--steps", "4", "--eval-every", "3")
+    train(data, base_model, half, "--steps", "8", "--eval-every", "3", "--resume")
+    a, b = trainable_state(straight), trainable_state(half)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(x)["step"] for x in (half / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 9))  # the log is continuous, no step twice
+
+
+def test_a_hard_kill_between_steps_resumes_to_the_same_weights(data, base_model, tmp_path):
+    args = ["--steps", "7", "--save-every", "3", "--schedule", "cosine", "--warmup", "2"]
+    straight = train(data, base_model, tmp_path / "straight", *args)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "safeclip.py"), "train", "--data", str(data), "--model", str(base_model),
+           "--out", str(killed), "--batch-size", "8", "--workers", "0", "--seed", "1", *args]
+    env = {**os.environ, "SAFECLIP_TEST_DIE_AFTER_STEP": "5", "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 17
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["state"]["step"] == 3
+    assert subprocess.run(cmd + ["--resume"], capture_output=True, env={**env, "SAFECLIP_TEST_DIE_AFTER_STEP": ""}).returncode == 0
+    a, b = trainable_state(straight), trainable_state(killed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    s1 = safeclip.load_safetensors(str(straight / "model.safetensors"))
+    s2 = safeclip.load_safetensors(str(killed / "model.safetensors"))
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, base_model, tmp_path, monkeypatch, capsys):
+    real = safeclip.safe_clip_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        total, terms = real(*args, **kwargs)
+        calls.append(1)
+        return (total * float("nan"), terms) if len(calls) == 5 else (total, terms)
+
+    monkeypatch.setattr(safeclip, "safe_clip_loss", poisoned)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--model", str(base_model), "--out", str(out), "--batch-size", "8",
+            "--workers", "0", "--steps", "10", "--save-every", "2"]
+    assert safeclip.main(argv) == 1
+    assert "non-finite loss" in capsys.readouterr().err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["state"]["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["trainable"].values())
+    assert not (out / "model.safetensors").exists()  # no final model from a failed run
+
+
+# -- export ------------------------------------------------------------------------------------------
+
+
+def test_export_to_hugging_face_gives_the_same_embeddings(data, base_model, tmp_path):
+    from transformers import CLIPModel
+    out = train(data, base_model, tmp_path / "run", "--steps", "3", "--lr", "1e-2")
+    assert safeclip.main(["export", str(out), "--hf", str(tmp_path / "hf")]) == 0
+    hf = CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    ours, _ = safeclip.load(out)
+    ids = ours.tokenizer(["a red circle on grey splashed with blood", "a bar"], context_length=16)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        text = hf.get_text_features(input_ids=ids)
+        image = hf.get_image_features(pixel_values=pixels)
+        text = text if torch.is_tensor(text) else text.pooler_output
+        image = image if torch.is_tensor(image) else image.pooler_output
+        assert rel_err(ours.encode_text(ids), text) < 1e-5
+        assert rel_err(ours.encode_image(pixels), image) < 1e-5
+    again, _ = safeclip.load(tmp_path / "hf")  # and our loader reads the export back
+    assert again.tokenizer is not None and torch.equal(again.tokenizer(["a bar"], context_length=16),
+                                                        ours.tokenizer(["a bar"], context_length=16))
+
+
+def test_export_to_openai_naming_loads_in_openais_build_model(data, base_model, tmp_path, openai_model):
+    assert safeclip.main(["export", str(base_model), "--openai", str(tmp_path / "w.pt")]) == 0
+    sd = torch.load(tmp_path / "w.pt", weights_only=True)
+    ref = openai_model.build_model(dict(sd)).float()  # build_model keeps OpenAI's fp16 weights
+    ours, _ = safeclip.load(base_model)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(p.half().float())
+        ids = ours.tokenizer(["a blue square on grey"], context_length=16)
+        pixels = torch.randn(1, 3, 32, 32)
+        assert rel_err(ours.encode_text(ids), ref.encode_text(ids)) < 1e-3
+        assert rel_err(ours.encode_image(pixels), ref.encode_image(pixels)) < 1e-3
+
+
+def test_export_without_a_target_is_an_error(base_model):
+    with pytest.raises(SystemExit, match="--hf OUT"):
+        safeclip.main(["export", str(base_model)])
