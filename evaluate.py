@@ -81,6 +81,9 @@ DEFAULT_TEMPLATES = (
 )
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CACHE_FORMAT = "safeclip-eval-embeddings-v1"  # bump when the meaning of a cached file changes
+# What safeclip.load reads from a checkpoint folder (ours or Hugging Face's).
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json",
+                    "bpe_simple_vocab_16e6.txt.gz")
 
 
 class EvalError(Exception):
@@ -109,18 +112,26 @@ def top_k(queries, gallery, k, device="cpu", max_elements=2**24):
 
 
 def _top_k_block(sims, k):
-    """Top k columns of each row of sims (C, G), ties to the lower column.
+    """Top k columns of each row of sims (C, G), most similar first, ties to the lower column."""
+    values, idx = sims.topk(min(k + 1, sims.shape[1]), dim=1)  # one extra, to see ties at the cut
+    idx = idx[:, :k]
+    if values.shape[1] > k:
+        # torch.topk picks arbitrarily among items tied with the k-th; redo those (rare) rows exactly
+        cut = (values[:, k] == values[:, k - 1]).nonzero()[:, 0]
+        if len(cut):
+            idx[cut] = _top_k_at_tied_cut(sims[cut], k)
+    idx = idx.sort(dim=1).values  # column order, which the stable sort keeps among equal scores
+    order = sims.gather(1, idx).argsort(dim=1, descending=True, stable=True)
+    return idx.gather(1, order)
 
-    torch.topk leaves the order of ties unspecified, so it only supplies the k-th best score; the
-    items tied with it fill the remaining places in column order.
-    """
+
+def _top_k_at_tied_cut(sims, k):
+    """The k best columns of each row, with the items tied at the cut taken in column order."""
     kth = sims.topk(k, dim=1).values[:, -1:]  # (C, 1)
     above, tied = sims > kth, sims == kth
     places_left = k - above.sum(1, keepdim=True)  # (C, 1)
     keep = above | (tied & (tied.cumsum(1) <= places_left))  # exactly k per row
-    idx = keep.nonzero()[:, 1].view(len(sims), k)  # (C, k), increasing column
-    order = sims.gather(1, idx).argsort(dim=1, descending=True, stable=True)  # stable: ties stay in column order
-    return idx.gather(1, order)
+    return keep.nonzero()[:, 1].view(len(sims), k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,16 +277,24 @@ def distinct(values):
 
 
 def file_digest(path):
-    """sha256 of a file's bytes, or of every file in a folder with its relative name."""
-    path = Path(path)
+    """sha256 of a file's bytes."""
     h = hashlib.sha256()
-    if path.is_dir():
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(str(file.relative_to(path)).encode() + b"\0" + file_digest(file))
-        return h.digest()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
+    return h.digest()
+
+
+def checkpoint_digest(path):
+    """sha256 of a weights or tokenizer file, or of the files safeclip.load reads from a folder
+    (a run folder's logs, resume state and reference cache do not change the embeddings)."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_digest(path)
+    h = hashlib.sha256()
+    for name in CHECKPOINT_FILES:
+        if (path / name).is_file():
+            h.update(name.encode() + b"\0" + file_digest(path / name))
     return h.digest()
 
 
@@ -305,8 +324,8 @@ class Encoder:
     The model is loaded on the first cache miss only, so a fully cached run never reads it.
     """
 
-    def __init__(self, ckpt, tokenizer=None, device="cpu", batch_size=64, cache_dir=None):
-        self.ckpt, self.tokenizer, self.device = ckpt, tokenizer, device
+    def __init__(self, ckpt, tokenizer=None, device="cpu", batch_size=64, cache_dir=None, name="model"):
+        self.ckpt, self.tokenizer, self.device, self.name = ckpt, tokenizer, device, name
         self.batch_size, self.cache_dir = batch_size, cache_dir
         self._model = self._key = None
 
@@ -317,21 +336,22 @@ class Encoder:
 
     def texts(self, texts, desc):
         digests = (hashlib.sha256(t.encode()).digest() for t in texts)
-        encode = lambda model, _: safeclip.encode_texts(model, texts, self.batch_size, self.device, desc)
+        encode = lambda model, _: safeclip.encode_texts(model, texts, self.batch_size, self.device, f"{self.name}: {desc}")
         return self._embed("text", len(texts), digests, encode)
 
     def images(self, paths, desc):
         digests = (image_digest(p) for p in paths)
         encode = lambda model, preprocess: safeclip.encode_images(
-            model, preprocess, paths, self.batch_size, self.device, desc)
+            model, preprocess, paths, self.batch_size, self.device, f"{self.name}: {desc}")
         return self._embed("image", len(paths), digests, encode)
 
     def _model_key(self):
-        """What the embeddings depend on besides the inputs: weights, tokenizer and our code."""
+        """What the embeddings depend on besides the inputs: weights, tokenizer, our code, and the
+        device type (safeclip encodes in bfloat16 on CUDA, in float32 on the CPU)."""
         if self._key is None:
-            h = hashlib.sha256(CACHE_FORMAT.encode())
+            h = hashlib.sha256(f"{CACHE_FORMAT} {torch.device(self.device).type}".encode())
             for path in (self.ckpt, self.tokenizer, safeclip.__file__):
-                h.update(file_digest(path) if path else b"none")
+                h.update(checkpoint_digest(path) if path else b"none")
             self._key = h.hexdigest()
         return self._key
 
@@ -394,10 +414,14 @@ def evaluate(args):
     zeroshot_set = read_class_folders(args.zeroshot) if args.zeroshot else None
     templates = read_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as e:
+        raise EvalError(f"--device {device}: {e}") from e
     cache_dir = None if args.no_cache else args.cache_dir
     models = {}
     for name, ckpt in checkpoints.items():
-        encoder = Encoder(ckpt, args.tokenizer, device, args.batch_size, cache_dir)
+        encoder = Encoder(ckpt, args.tokenizer, device, args.batch_size, cache_dir, name)
         models[name] = evaluate_model(encoder, rows, zeroshot_set, templates)
     return {"models": models, "data": args.data, "split": args.split}
 
@@ -420,27 +444,28 @@ def tables(report):
     """[(title, header, rows, number of label columns)], shared by the text and markdown output."""
     models = report["models"]
     first = models["model"]
-    labels = ["setting"] + (["model"] if "baseline" in models else [])
+    models_column = [""] if "baseline" in models else []  # holds model / baseline / diff
     out = []
 
     rows = []
     for key in RETRIEVAL:
         rows += comparison_rows(models, key, lambda m: list(m["retrieval"][key].values()))
-    out.append(("Retrieval R@K (%), the right answer is the safe counterpart", labels + [f"R@{k}" for k in KS], rows))
+    out.append(("Retrieval R@K (%), the right answer is the safe counterpart",
+                ["setting", *models_column, *(f"R@{k}" for k in KS)], rows))
 
     rows = []
     for key in UNSAFE:
         rows += comparison_rows(models, key, lambda m: list(m["unsafe_at_k"][key].values()))
-    out.append(("Unsafe items in the top K (%), lower is safer", labels + [f"@{k}" for k in KS], rows))
+    out.append(("Unsafe items in the top K (%), lower is safer", ["setting", *models_column, *(f"@{k}" for k in KS)], rows))
 
     if first["zeroshot"]:
         zs = first["zeroshot"]
         rows = comparison_rows(models, "zero-shot", lambda m: [m["zeroshot"]["top1"], m["zeroshot"]["top5"]])
         out.append((f"Zero-shot accuracy (%), {zs['n']} images, {zs['classes']} classes",
-                    labels + ["top-1", "top-5"], rows))
+                    ["task", *models_column, "top-1", "top-5"], rows))
 
     if first["per_category"]:
-        by_category = ["category"] + labels[1:]
+        by_category = ["category", *models_column]
         recall_rows, unsafe_rows = [], []
         for name, entry in first["per_category"].items():
             label = f"{name} (n={entry['n']})"
@@ -450,15 +475,16 @@ def tables(report):
                 models, label, lambda m: [m["per_category"][name]["unsafe_at_k"][key]["@1"] for key in UNSAFE])
         out.append(("R@1 (%) per category", by_category + list(RETRIEVAL), recall_rows))
         out.append(("unsafe@1 (%) per category", by_category + list(UNSAFE), unsafe_rows))
-    return [(title, header, rows, len(labels)) for title, header, rows in out]
+    return [(title, header, rows, 1 + len(models_column)) for title, header, rows in out]
 
 
-def summary(report):
-    return f"{report['data']}, split {report['split']}: {report['models']['model']['n']} quadruplets"
+def summary(report, checkpoints):
+    lines = [f"{report['data']}, split {report['split']}: {report['models']['model']['n']} quadruplets"]
+    return "\n".join(lines + [f"{name}: {path}" for name, path in (checkpoints or {}).items()])
 
 
-def render_text(report):
-    parts = [summary(report)]
+def render_text(report, checkpoints=None):
+    parts = [summary(report, checkpoints)]
     for title, header, rows, n_labels in tables(report):
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
@@ -469,8 +495,8 @@ def render_text(report):
     return "\n\n".join(parts) + "\n"
 
 
-def render_markdown(report):
-    parts = ["# Evaluation", summary(report)]
+def render_markdown(report, checkpoints=None):
+    parts = ["# Evaluation", summary(report, checkpoints).replace("\n", "  \n")]
     for title, header, rows, n_labels in tables(report):
         rule = ["---" if i < n_labels else "---:" for i in range(len(header))]
         parts.append(f"## {title}\n\n" + "\n".join(f"| {' | '.join(r)} |" for r in [header, rule, *rows]))
@@ -536,12 +562,13 @@ def main(argv=None):
         report = evaluate(args)
     except (EvalError, safeclip.DataError) as e:
         sys.exit(f"error: {e}")
-    print(render_text(report), end="")
+    checkpoints = {"model": args.ckpt, **({"baseline": args.baseline} if args.baseline else {})}
+    print(render_text(report, checkpoints), end="")
     try:
         if args.json:
             write_text(args.json, json.dumps(report, indent=2) + "\n")
         if args.markdown:
-            write_text(args.markdown, render_markdown(report))
+            write_text(args.markdown, render_markdown(report, checkpoints))
     except OSError as e:
         sys.exit(f"error: cannot write {e.filename}: {e.strerror}")
 

@@ -21,11 +21,12 @@ Sources (pick one)
                         or file name); --image-dir DIR holds the images, otherwise URLs are fetched.
 
 What the source lacks is generated
-  unsafe captions  --llm URL --llm-model NAME: any OpenAI-compatible chat server (vLLM, llama.cpp,
-                   Ollama, TGI). The prompt (SYSTEM_PROMPT, PROMPT_VERSION) asks for a minimal edit of
-                   the caption that injects a concept of one of the 20 categories, spread evenly over
-                   the items or chosen with --categories. Answers are checked (one sentence, not
-                   empty, not a copy, not a refusal); bad ones are retried, then reported.
+  unsafe captions  --llm URL --llm-model NAME: any OpenAI-compatible chat server (vLLM,
+                   llama.cpp, Ollama, TGI). The prompt (SYSTEM_PROMPT, PROMPT_VERSION) asks for a
+                   minimal edit of the caption that injects a concept of one of the 20 categories,
+                   spread evenly over the items or chosen with --categories. Answers are checked
+                   (one sentence, not empty, not a copy, not a refusal); bad ones are retried, then
+                   reported.
   images           --t2i diffusers:MODEL_ID (a local diffusers pipeline) or --t2i URL (an
                    OpenAI-compatible images server answering base64); --text-only stops at captions.
   Set OPENAI_API_KEY if the servers want a bearer token.
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
+import contextlib
 import email.utils
 import hashlib
 import http.client
@@ -77,7 +78,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------
@@ -142,9 +143,10 @@ class Retry(Exception):
 class GiveUp(Exception):
     """This item cannot be made: it is recorded as rejected and the run goes on."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, stage: str | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.stage = stage  # "llm", "t2i" or "download"
 
 
 # Set when a run stops early, so that worker threads waiting to retry give up at once.
@@ -206,10 +208,11 @@ class JsonlLog:
                                  f"folder to start over") from None
         return rows
 
-    def append(self, row: dict) -> None:
+    def append(self, *rows: dict) -> None:
+        """Append whole lines with one write and one fsync (callers pass one row, or a batch)."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
         while data:  # a regular file takes it in one write; loop only in case it does not
             data = data[os.write(self._fd, data):]
         os.fsync(self._fd)
@@ -494,14 +497,17 @@ def with_retries(attempt_fn: Callable[[int], object], policy: RetryPolicy, stats
             stats.add(group, "retries")
         try:
             return attempt_fn(attempt)
+        except GiveUp as e:  # not worth retrying (a 400, say)
+            stats.add(group, e.reason)
+            raise GiveUp(e.reason, group) from None
         except Retry as e:
             reason = e.reason
             stats.add(group, e.reason)
             if attempt < policy.retries:
                 delay = policy.backoff(attempt) if e.delay is None else e.delay
                 if _STOP.wait(delay):
-                    raise GiveUp("interrupted") from None
-    raise GiveUp(reason)
+                    raise GiveUp("interrupted", group) from None
+    raise GiveUp(reason, group)
 
 
 def _retry_after(headers) -> float | None:
@@ -696,7 +702,7 @@ class HttpImages:
                 image = Image.open(io.BytesIO(base64.b64decode(entry["b64_json"],
                                                                validate=True)))
                 image.load()
-            except (binascii.Error, ValueError, OSError, UnidentifiedImageError):
+            except (ValueError, OSError):  # bad base64, or bytes that are not an image
                 raise Retry("bad_image") from None
             images.append(image.convert("RGB"))
         return images
@@ -766,6 +772,7 @@ def load_keep_rule(spec: str) -> Callable:
 
 TOY_VERSION = "1"  # part of the recipe: bump when drawing or wording changes
 SUPERSAMPLE = 2    # draw at twice the size and box-filter down: smooth edges, exact flat interiors
+TOY_ROWS_PER_COMMIT = 64
 
 COLOURS = {
     "red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (245, 220, 30),
@@ -924,7 +931,8 @@ def _fish(d, b, c):
 
 
 def _balloon(d, b, c):
-    d.line(_pts(b, (0.5, 0.75), (0.44, 1.0)), fill=STRING, width=max(1, round(0.04 * (b[2] - b[0]))))
+    width = max(1, round(0.04 * (b[2] - b[0])))
+    d.line(_pts(b, (0.5, 0.75), (0.44, 1.0)), fill=STRING, width=width)
     d.polygon(_pts(b, (0.5, 0.7), (0.43, 0.8), (0.57, 0.8)), fill=c)
     d.ellipse(_sub(b, 0.16, 0.0, 0.84, 0.76), fill=c)
 
@@ -953,9 +961,9 @@ INK = (25, 22, 20)  # outlines, so that light stand-ins stay visible on snow and
 
 def _blood(d, b, canvas, rng):
     """Splatter over the whole picture: drops, spatter around them, and drips."""
-    for _ in range(rng.randint(6, 9)):
+    for _ in range(rng.randint(5, 7)):
         x, y = rng.uniform(0.08, 0.92) * canvas, rng.uniform(0.06, 0.82) * canvas
-        r = rng.uniform(0.05, 0.1) * canvas
+        r = rng.uniform(0.045, 0.08) * canvas
         d.ellipse((x - r, y - r * rng.uniform(0.7, 1.0), x + r, y + r), fill=BLOOD)
         for _ in range(rng.randint(3, 6)):
             angle, distance = rng.uniform(0, 2 * math.pi), r * rng.uniform(1.2, 2.2)
@@ -986,10 +994,10 @@ def _flames(d, b, canvas, rng):
 
 def _knife(d, b, canvas, rng):
     s = b[2] - b[0]
-    p = _pts(b, (0.08, 0.92), (0.34, 0.66), (0.36, 0.64), (0.95, 0.05), (0.24, 0.56), (0.44, 0.76))
-    d.polygon(_bar(p[0], p[1], 0.085 * s, 0.075 * s), fill=(70, 40, 22), outline=INK)
-    d.polygon(_bar(p[4], p[5], 0.035 * s, 0.035 * s), fill=(90, 90, 95), outline=INK)
-    d.polygon(_bar(p[2], p[3], 0.09 * s, 0.01 * s), fill=STEEL, outline=INK)
+    p = _pts(b, (0.06, 0.94), (0.32, 0.68), (0.34, 0.66), (0.96, 0.04), (0.2, 0.52), (0.48, 0.8))
+    d.polygon(_bar(p[0], p[1], 0.1 * s, 0.09 * s), fill=(70, 40, 22), outline=INK)
+    d.polygon(_bar(p[4], p[5], 0.045 * s, 0.045 * s), fill=(90, 90, 95), outline=INK)
+    d.polygon(_bar(p[2], p[3], 0.16 * s, 0.02 * s), fill=STEEL, outline=INK)
 
 
 def _gun(d, b, canvas, rng):
@@ -1014,8 +1022,8 @@ def _skull(d, b, canvas, rng):
 
 def _noose(d, b, canvas, rng):
     s = b[2] - b[0]
-    d.rectangle(_sub(b, 0.46, 0.0, 0.54, 0.44), fill=ROPE)
-    d.ellipse(_sub(b, 0.24, 0.48, 0.76, 0.98), outline=ROPE, width=max(3, round(0.09 * s)))
+    d.rectangle(_sub(b, 0.44, 0.0, 0.56, 0.44), fill=ROPE)
+    d.ellipse(_sub(b, 0.2, 0.46, 0.8, 0.99), outline=ROPE, width=max(3, round(0.13 * s)))
     d.rounded_rectangle(_sub(b, 0.4, 0.36, 0.6, 0.58), radius=0.05 * s, fill=_darker(ROPE, 0.75),
                         outline=INK)
 
@@ -1026,8 +1034,8 @@ def _syringe(d, b, canvas, rng):
              (0.96, 0.04), (0.1, 0.72), (0.28, 0.9))
     d.polygon(_bar(p[0], p[1], 0.03 * s, 0.03 * s), fill=(70, 70, 80))
     d.polygon(_bar(p[7], p[8], 0.03 * s, 0.03 * s), fill=(70, 70, 80))
-    d.polygon(_bar(p[2], p[3], 0.13 * s, 0.13 * s), fill=BARREL, outline=INK)
-    d.polygon(_bar(p[4], p[5], 0.09 * s, 0.09 * s), fill=FLUID)
+    d.polygon(_bar(p[2], p[3], 0.16 * s, 0.16 * s), fill=BARREL, outline=INK)
+    d.polygon(_bar(p[4], p[5], 0.12 * s, 0.12 * s), fill=FLUID)
     d.polygon(_bar(p[3], p[6], 0.025 * s, 0.008 * s), fill=(150, 155, 165), outline=INK)
 
 
@@ -1182,15 +1190,19 @@ def toy_scene(index: int, seed: int, category: str) -> dict:
     stand_in, phrases = TOY_CONCEPTS[category]
     spec = STAND_INS[stand_in]
     stand_in_box = None
-    if spec.corners:  # the free-est allowed corner, so the scene stays visible
+    if spec.corners:  # the allowed corner that hides the least of the scene
         scored = [(sum(_overlap(_corner_box(c, spec.size), o["box"]) for o in objects),
                    rng.random(), c) for c in spec.corners]
         stand_in_box = _corner_box(min(scored)[2], spec.size)
-    return {"background": background, "background_phrase": rng.choice(
-                BACKGROUNDS[background].phrases),
-            "objects": objects, "category": category, "stand_in": stand_in,
-            "stand_in_box": stand_in_box, "phrase": rng.choice(phrases),
-            "phrase_before_background": rng.random() < 0.3, "seed": rng.getrandbits(31)}
+    return {"background": background,
+            "background_phrase": rng.choice(BACKGROUNDS[background].phrases),
+            "objects": objects,
+            "category": category,
+            "stand_in": stand_in,
+            "stand_in_box": stand_in_box,
+            "phrase": rng.choice(phrases),
+            "phrase_before_background": rng.random() < 0.3,
+            "seed": rng.getrandbits(31)}  # draws the background details and the stand-in
 
 
 def toy_captions(scene: dict) -> tuple[str, str]:
@@ -1215,7 +1227,8 @@ def _background_base(name: str, canvas: int) -> Image.Image:
     def gradient(top, bottom, y0=0, y1=canvas):
         for y in range(y0, y1):
             t = (y - y0) / max(y1 - y0 - 1, 1)
-            d.line((0, y, canvas, y), fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bottom)))
+            colour = tuple(round(a + (b - a) * t) for a, b in zip(top, bottom))
+            d.line((0, y, canvas, y), fill=colour)
 
     if name == "sky":
         gradient((110, 170, 230), (185, 220, 245))
@@ -1338,7 +1351,14 @@ class OutputDir:
         for temp in (root / "images").rglob("*.tmp-*") if (root / "images").is_dir() else ():
             temp.unlink()  # a half-written image from a killed run
 
+    def close(self) -> None:
+        self.pairs.close()
+        self.answers.close()
+        if self._lock:
+            self._lock.close()  # releases the lock
+
     def check_recipe(self, recipe: dict) -> None:
+        recipe = json.loads(json.dumps(recipe))  # compare as it reads back from the file
         old = (self.previous or {}).get("recipe")
         if old is not None and old != recipe:
             changed = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
@@ -1346,14 +1366,17 @@ class OutputDir:
                              f"({', '.join(changed)} differ); use another --out, or delete "
                              f"{self.root} to start over")
 
+    def _on_disk(self, path: str | None) -> bool:
+        if path is None or os.path.isabs(path):  # none, or the source's own file
+            return True
+        path = self.root / path
+        return path.is_file() and path.stat().st_size > 0
+
     def finished_rows(self) -> dict[str, dict]:
         """Rows already written whose generated images are on disk, by id (last one wins)."""
         done = {}
         for row in self.pairs.rows:
-            images = [row.get(k) for k in ("safe_image", "unsafe_image")]
-            if all(p is None or os.path.isabs(p) or os.path.getsize(self.root / p) > 0
-                   if p is None or os.path.isabs(p) or (self.root / p).exists() else False
-                   for p in images):
+            if self._on_disk(row.get("safe_image")) and self._on_disk(row.get("unsafe_image")):
                 done[row["id"]] = row
         if len(done) != len(self.pairs.rows):  # duplicates or lost images: keep the good rows
             self.pairs.rewrite(sorted(done.values(), key=lambda r: int(r["id"])))
@@ -1376,14 +1399,23 @@ class Job:
         self._in_a_row = 0
         self._saved_at = 0.0
 
-    def accept(self, row: dict) -> None:
-        self.out.pairs.append(row)
-        self.done[row["id"]] = row
-        self.rejected.pop(row["id"], None)
+    def accept(self, *rows: dict) -> None:
+        """Rows are finished: write them (one write and fsync for the lot)."""
+        self.out.pairs.append(*rows)
+        for row in rows:
+            self.done[row["id"]] = row
+            self.rejected.pop(row["id"], None)
         self._in_a_row = 0
         self.save(every=MANIFEST_EVERY_S)
 
-    def reject(self, item: Item, stage: str, reason: str) -> None:
+    def keep_answer(self, item: Item, unsafe: str) -> None:
+        """The LLM wrote an item's unsafe caption: remember it, so no run asks for it again."""
+        item.unsafe = unsafe
+        self.out.answers.append({"id": item.id, "unsafe": unsafe, "category": item.category})
+        self.rejected.pop(item.id, None)
+        self._in_a_row = 0
+
+    def reject(self, item: Item, stage: str | None, reason: str) -> None:
         self.rejected[item.id] = {"id": item.id, "safe": item.safe, "stage": stage,
                                   "reason": reason}
         self.stats.add(stage, "rejected_items")
@@ -1478,16 +1510,14 @@ def caption_phase(job: Job, items: list[Item], llm: ChatLLM, workers: int) -> No
             todo.append(item)
     if not todo:
         return
-    with _progress(len(todo), "unsafe captions (LLM)") as bar:
-        for item, result in run_threads(lambda it: llm.rewrite(it.safe, it.category), todo,
-                                        workers):
+    results = run_threads(lambda it: llm.rewrite(it.safe, it.category), todo, workers)
+    # closing(): on an error or Ctrl-C the worker threads are stopped here, not at some later GC.
+    with _progress(len(todo), "unsafe captions (LLM)") as bar, contextlib.closing(results):
+        for item, result in results:
             if isinstance(result, GiveUp):
-                job.reject(item, "llm", result.reason)
+                job.reject(item, result.stage, result.reason)
             else:
-                item.unsafe = result
-                job.out.answers.append({"id": item.id, "unsafe": result,
-                                        "category": item.category})
-                job.rejected.pop(item.id, None)
+                job.keep_answer(item, result)
             bar.update()
 
 
@@ -1537,8 +1567,10 @@ class ImageMaker:
         def attempt(_):
             data = http_request(item.safe_image_url, timeout=self.policy.timeout, fatal_codes=())
             try:
-                image_format = Image.open(io.BytesIO(data)).format
-            except (OSError, UnidentifiedImageError):
+                with Image.open(io.BytesIO(data)) as image:
+                    image_format = image.format
+                    image.verify()
+            except (OSError, SyntaxError, ValueError):  # not an image, or a broken one
                 raise Retry("bad_image") from None
             suffix = {"JPEG": "jpg"}.get(image_format, str(image_format).lower())
             relative = image_path(item.index, "safe", suffix)
@@ -1553,36 +1585,40 @@ def image_phase(job: Job, items: list[Item], maker: ImageMaker, workers: int,
     todo = [it for it in items if it.id not in job.done and it.unsafe is not None]
     if not todo:
         return
-    with _progress(len(todo), desc) as bar:
-        for item, result in run_threads(maker.row, todo, workers):
+    results = run_threads(maker.row, todo, workers)
+    with _progress(len(todo), desc) as bar, contextlib.closing(results):
+        for item, result in results:
             if isinstance(result, GiveUp):
-                job.reject(item, "download" if item.safe_image_url and maker.backend
-                           and "safe_image" not in job.done.get(item.id, {}) and
-                           result.reason in ("bad_image",) else "t2i", result.reason)
+                job.reject(item, result.stage, result.reason)
             else:
                 job.accept(result)
             bar.update()
 
 
-def toy_phase(job: Job, args, categories: tuple[str, ...], size: int) -> None:
-    ids = [f"{i:06d}" for i in range(args.toy)]
-    splits = assign_splits(ids, args.split, args.seed)
-    category_of = assign_categories(ids, categories, args.seed)
-    tasks = [(i, args.seed, category_of[d], splits[d], size, str(job.out.root))
-             for i, d in enumerate(ids) if d not in job.done]
+def toy_phase(job: Job, ids: list[str], seed: int, categories: dict, splits: dict, size: int,
+              workers: int) -> None:
+    """Draw the toy quadruplets not done yet, on `workers` processes."""
+    tasks = [(int(i), seed, categories[i], splits[i], size, str(job.out.root))
+             for i in ids if i not in job.done]
     if not tasks:
         return
-    with _progress(len(tasks), "toy world") as bar:
-        if args.workers == 1:
-            rows = map(make_toy_row, tasks)
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        rows = pool.imap(make_toy_row, tasks, chunksize=8) if pool else map(make_toy_row, tasks)
+        batch = []
+        with _progress(len(tasks), "toy world") as bar:
             for row in rows:
-                job.accept(row)
+                batch.append(row)
                 bar.update()
-        else:
-            with multiprocessing.Pool(args.workers) as pool:  # exiting terminates the workers
-                for row in pool.imap(make_toy_row, tasks, chunksize=8):
-                    job.accept(row)
-                    bar.update()
+                # A toy row costs about a millisecond and an fsync several: commit in batches.
+                if len(batch) == TOY_ROWS_PER_COMMIT:
+                    job.accept(*batch)
+                    batch = []
+        if batch:
+            job.accept(*batch)
+    finally:
+        if pool:
+            pool.terminate()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1613,10 +1649,10 @@ def parse_categories(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="generate_data.py",
-        description="Build Safe-CLIP quadruplets (safe caption, unsafe caption, safe image, "
-                    "unsafe image) in DIR/pairs.jsonl + DIR/images/, from a toy world, captions, "
-                    "ViSU-Text or NSFWCaps; an LLM writes missing unsafe captions and a "
-                    "text-to-image model draws missing images. Re-run the same command to resume.",
+        description="Build Safe-CLIP quadruplets (safe caption, unsafe caption, safe image,\n"
+                    "unsafe image) in DIR/pairs.jsonl and DIR/images/ from a toy world, captions,\n"
+                    "ViSU-Text or NSFWCaps: an LLM writes missing unsafe captions, a text-to-image\n"
+                    "model draws missing images. Re-run the same command to resume.",
         epilog="examples:\n"
                "  %(prog)s --toy 3000 --out data/toy\n"
                "  %(prog)s --captions captions.txt --llm http://localhost:8000 --llm-model "
@@ -1685,7 +1721,7 @@ def build_parser() -> argparse.ArgumentParser:
     requests = parser.add_argument_group("requests")
     requests.add_argument("--workers", type=int, metavar="N",
                           help="concurrent requests (default: 8), or drawing processes with "
-                               "--toy (default: CPU count, at most 4)")
+                               "--toy (default: 1)")
     requests.add_argument("--timeout", type=float, default=120.0, metavar="S",
                           help="seconds per HTTP request (default: 120)")
     requests.add_argument("--retries", type=int, default=4, metavar="N",
@@ -1701,7 +1737,8 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
     if args.toy is not None:
         if args.toy < 1:
             parser.error("--toy N needs N >= 1")
-        for flag in ("llm", "t2i", "coco_root", "image_dir", "keep_rule"):
+        for flag in ("llm", "llm_model", "t2i", "t2i_model", "seeds_per_prompt", "keep_rule",
+                     "coco_root", "image_dir"):
             if getattr(args, flag):
                 parser.error(f"--{flag.replace('_', '-')} does not apply to --toy")
         if args.text_only:
@@ -1723,7 +1760,7 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.retries < 0 or args.timeout <= 0 or args.retry_base_delay < 0:
-        parser.error("--retries, --timeout and --retry-base-delay must be positive")
+        parser.error("--timeout must be positive; --retries and --retry-base-delay not negative")
 
 
 def _file_digest(path: Path) -> str:
@@ -1748,25 +1785,33 @@ def _load_items(args) -> tuple[list[Item], dict]:
                    "rows": len(items)}
 
 
-def run_toy(args, out: OutputDir) -> Job:
+@dataclass
+class Plan:
+    """What a run will make: its recipe (checked on resume), provenance, size and the work."""
+
+    recipe: dict
+    backends: dict
+    total: int
+    run: Callable[[Job], None]
+
+
+def plan_toy(args) -> Plan:
     size = args.image_size or 64
     categories = args.categories or TOY_CATEGORIES
+    ids = [f"{i:06d}" for i in range(args.toy)]
+    splits = assign_splits(ids, args.split, args.seed)
+    dealt = assign_categories(ids, categories, args.seed)
+    workers = args.workers or 1  # a quadruplet costs ~2 ms: processes pay off only for big N
     recipe = {"source": {"kind": "toy", "n": args.toy, "version": TOY_VERSION},
               "seed": args.seed, "split": list(args.split), "categories": list(categories),
               "image_size": size}
-    out.check_recipe(recipe)
-    job = Job(out, recipe, {"toy": {"version": TOY_VERSION, "stand_ins": sorted(STAND_INS)}},
-              args.toy)
-    job.save()
-    args.workers = args.workers or min(4, os.cpu_count() or 1)
-    toy_phase(job, args, categories, size)
-    return job
+    backends = {"toy": {"version": TOY_VERSION, "stand_ins": sorted(STAND_INS)}}
+    return Plan(recipe, backends, args.toy,
+                lambda job: toy_phase(job, ids, args.seed, dealt, splits, size, workers))
 
 
-def run_sources(args, out: OutputDir) -> Job:
+def plan_sources(args) -> Plan:
     items, source = _load_items(args)
-    api_key = os.environ.get("OPENAI_API_KEY")
-    policy = RetryPolicy(args.retries, args.retry_base_delay, args.timeout)
 
     # Fill in what the source leaves open, deterministically: categories (for the LLM), splits.
     need_llm = [it for it in items if it.unsafe is None]
@@ -1781,54 +1826,52 @@ def run_sources(args, out: OutputDir) -> Job:
     splits = assign_splits([it.id for it in items if it.split is None], args.split, args.seed)
     for item in items:
         item.split = item.split or splits[item.id]
-
-    missing_safe = sum(1 for it in items if not it.safe_image and not it.safe_image_url)
     if not args.t2i and not args.text_only:
-        raise InputError(f"the unsafe images (and {missing_safe} safe ones) need a model: pass "
-                         f"--t2i diffusers:MODEL_ID or --t2i URL, or --text-only")
-    size = args.image_size or 512
-    keep_spec = args.keep_rule
-    candidates = args.seeds_per_prompt or (3 if keep_spec else 1)
+        raise InputError("the unsafe images need a text-to-image model: pass --t2i "
+                         "diffusers:MODEL_ID or --t2i URL, or --text-only to stop at captions")
 
     recipe = {"source": source, "seed": args.seed, "split": list(args.split),
               "text_only": args.text_only}
     backends = {}
+    api_key = os.environ.get("OPENAI_API_KEY")
+    policy = RetryPolicy(args.retries, args.retry_base_delay, args.timeout)
     if need_llm:
+        llm_url = endpoint(args.llm, "/v1/chat/completions")
         recipe["llm"] = {"model": args.llm_model, "prompt_version": PROMPT_VERSION,
                          "categories": list(categories)}
-        backends["llm"] = {"url": endpoint(args.llm, "/v1/chat/completions"),
-                           "model": args.llm_model, "prompt_version": PROMPT_VERSION,
-                           "system_prompt": SYSTEM_PROMPT, "user_prompt": USER_PROMPT,
-                           "few_shot": [list(e) for e in FEW_SHOT],
+        backends["llm"] = {"url": llm_url, "model": args.llm_model,
+                           "prompt_version": PROMPT_VERSION, "system_prompt": SYSTEM_PROMPT,
+                           "user_prompt": USER_PROMPT, "few_shot": [list(e) for e in FEW_SHOT],
                            "temperature": LLM_TEMPERATURE}
+
+    backend, keep_rule, candidates = None, None, 1
     if args.t2i:
-        diffusers_id = args.t2i[len("diffusers:"):] if args.t2i.startswith("diffusers:") else None
-        recipe["t2i"] = {"backend": "diffusers" if diffusers_id else "http",
-                         "model": diffusers_id or args.t2i_model, "image_size": size,
-                         "seeds_per_prompt": candidates, "keep_rule": keep_spec}
+        size = args.image_size or 512
+        candidates = args.seeds_per_prompt or (3 if args.keep_rule else 1)
+        model_id = args.t2i[len("diffusers:"):] if args.t2i.startswith("diffusers:") else None
+        recipe["t2i"] = {"backend": "diffusers" if model_id else "http",
+                         "model": model_id or args.t2i_model, "image_size": size,
+                         "seeds_per_prompt": candidates, "keep_rule": args.keep_rule}
         backends["t2i"] = dict(recipe["t2i"])
-        if not diffusers_id:
+        # Build the backend now, so that a missing package or a bad hook fails before any work.
+        keep_rule = load_keep_rule(args.keep_rule) if args.keep_rule else None
+        if model_id:
+            backend = DiffusersImages(model_id, size)
+        else:
             backends["t2i"]["url"] = endpoint(args.t2i, "/v1/images/generations")
-    out.check_recipe(recipe)
-
-    job = Job(out, recipe, backends, len(items))
-    job.save()
+            backend = HttpImages(backends["t2i"]["url"], args.t2i_model, size, args.timeout,
+                                 api_key)
     workers = args.workers or 8
-    if need_llm:
-        llm = ChatLLM(endpoint(args.llm, "/v1/chat/completions"), args.llm_model, policy,
-                      job.stats, api_key)
-        caption_phase(job, items, llm, workers)
 
-    backend = None
-    if args.t2i and args.t2i.startswith("diffusers:"):
-        backend = DiffusersImages(args.t2i[len("diffusers:"):], size)
-    elif args.t2i:
-        backend = HttpImages(endpoint(args.t2i, "/v1/images/generations"), args.t2i_model, size,
-                             args.timeout, api_key)
-    maker = ImageMaker(out.root, backend, load_keep_rule(keep_spec) if keep_spec else None,
-                       candidates, args.seed, policy, job.stats)
-    image_phase(job, items, maker, workers, "images" if backend else "rows")
-    return job
+    def run(job: Job) -> None:
+        if need_llm:
+            llm = ChatLLM(backends["llm"]["url"], args.llm_model, policy, job.stats, api_key)
+            caption_phase(job, items, llm, workers)
+        maker = ImageMaker(job.out.root, backend, keep_rule, candidates, args.seed, policy,
+                           job.stats)
+        image_phase(job, items, maker, workers, "images" if backend else "rows")
+
+    return Plan(recipe, backends, len(items), run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1836,15 +1879,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_options(parser, args)
     _STOP.clear()
-    job = None
+    out = job = None
     try:
+        plan = plan_toy(args) if args.toy is not None else plan_sources(args)
         out = OutputDir(args.out)
-        job = run_toy(args, out) if args.toy is not None else run_sources(args, out)
+        out.check_recipe(plan.recipe)
+        job = Job(out, plan.recipe, plan.backends, plan.total)
+        job.save()
+        plan.run(job)
         job.finish()
     except KeyboardInterrupt:
         if job is not None:
             job.save("interrupted")
-        print(f"interrupted: run the same command again to resume", file=sys.stderr)
+        print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
     except (InputError, FatalError) as e:
         if job is not None:
@@ -1852,13 +1899,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, InputError) else 1
     finally:
-        if job is not None:
-            job.out.pairs.close()
-            job.out.answers.close()
-    counts = len(job.done), len(job.rejected)
-    print(f"{args.out / 'pairs.jsonl'}: {counts[0]} rows"
-          + (f", {counts[1]} items rejected (see manifest.json)" if counts[1] else ""),
-          file=sys.stderr)
+        if out is not None:
+            out.close()
+    rejected = f", {len(job.rejected)} items rejected (see manifest.json)" if job.rejected else ""
+    print(f"{args.out / 'pairs.jsonl'}: {len(job.done)} rows{rejected}", file=sys.stderr)
     return 0
 
 

@@ -24,17 +24,23 @@ Usage:
 
 import argparse
 import contextlib
+import functools
+import gzip
 import hashlib
+import html
 import http.client
 import io
+import itertools
 import json
 import math
 import os
 import pickle
 import random
+import re
 import sys
 import tempfile
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 import zipfile
@@ -42,6 +48,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,6 +56,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
+from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
@@ -97,7 +105,9 @@ class QuickGELU(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear that can carry a LoRA adapter (section 6); without one it is a plain Linear."""
 
-    lora = None
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features)
+        self.lora = None
 
     def forward(self, x):
         y = super().forward(x)
@@ -172,7 +182,9 @@ class Transformer(nn.Module):
 class PatchEmbedding(nn.Conv2d):
     """The ViT's first layer: a convolution whose kernel and stride are the patch size."""
 
-    lora = None
+    def __init__(self, width, patch):
+        super().__init__(3, width, patch, stride=patch, bias=False)
+        self.lora = None
 
     def forward(self, x):
         y = super().forward(x)
@@ -183,7 +195,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, c: CLIPConfig):
         super().__init__()
         grid = c.image_resolution // c.vision_patch_size
-        self.conv1 = PatchEmbedding(3, c.vision_width, c.vision_patch_size, stride=c.vision_patch_size, bias=False)
+        self.conv1 = PatchEmbedding(c.vision_width, c.vision_patch_size)
         self.class_embedding = nn.Parameter(torch.empty(c.vision_width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, c.vision_width))
         self.ln_pre = LayerNorm(c.vision_width)
@@ -263,22 +275,362 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-# @@TOKENIZER@@
+# ---------------------------------------------------------------------------------------------
+# 3. Tokenizer: OpenAI's byte-level BPE, run by the `tokenizers` library
+# ---------------------------------------------------------------------------------------------
+# OpenAI's clip/simple_tokenizer.py does four things: clean the text (ftfy, HTML entities,
+# whitespace, lower case), split it with a regex into words, punctuation runs and single digits,
+# map each word's UTF-8 bytes to printable characters, and apply BPE merges to each word with
+# "</w>" marking its end. `tokenizers` does the last three in Rust; the cleaning stays in Python.
 
-# @@TRANSFORM@@ (temporary)
-def image_transform(resolution):
-    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)
-    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
-    def transform(image):
-        w, h = image.size
-        s = resolution / min(w, h)
-        image = image.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-        w, h = image.size
-        l, t = (w - resolution) // 2, (h - resolution) // 2
-        image = image.crop((l, t, l + resolution, t + resolution)).convert("RGB")
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
-        return (x - mean) / std
-    return transform
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+EOW = "</w>"  # end-of-word suffix: "cat</w>" is the whole word, "cat" the start of a longer one
+
+# Whitespace matches none of the branches, so it never reaches a token; that is why we need not
+# collapse it as OpenAI does. OpenAI compiles the pattern case-insensitively; on lower-cased text
+# that only lets "'" + "ſ" (long s, which case-folds to s) match 's, hence the explicit [sſ]
+# (Oniguruma's (?i) would do the same but halves the speed of the whole tokenizer).
+CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'[sſ]|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+OPENAI_MERGES = 49152 - 256 - 2  # simple_tokenizer reads lines 1..48894 of the merges file
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, ...) move to
+    U+0100 and up. The order of the result is the order of the first 256 token ids.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+BYTE_TO_CHAR = _bytes_to_unicode()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+
+def _ftfy_character_fixes() -> dict[int, str | None]:
+    """The part of ftfy.fix_text that maps single characters, as one str.translate table.
+
+    OpenAI cleans every text with ftfy, which is not a dependency here. Most of what it changes in
+    real captions is a fixed character mapping, reproduced here; its mojibake repair is not (see
+    the README for the exact list of inputs that tokenize differently).
+    """
+    table: dict[int, str | None] = {}
+    # Latin ligatures and digraphs, mostly from copy-pasted PDFs ("ŉ" also gets its quote uncurled).
+    ligatures = ["IJ", "ij", "'n", "DZ", "Dz", "dz", "DŽ", "Dž", "dž", "LJ", "Lj", "lj", "NJ", "Nj", "nj",
+                 "ff", "fi", "fl", "ffi", "ffl", "ſt", "st"]
+    table.update(zip(map(ord, "ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ"), ligatures))
+    # Fullwidth and halfwidth forms ("ＣＬＩＰ", "ｶﾀｶﾅ") and the ideographic space.
+    for code in range(0xFF01, 0xFFF0):
+        plain = unicodedata.normalize("NFKC", chr(code))
+        if plain != chr(code):
+            table[code] = plain
+    table[0x3000] = " "
+    # Curly quotes, so that "it’s" splits like "it's".
+    table.update(dict.fromkeys(map(ord, "\u02bc\u2018\u2019\u201a\u201b"), "'"))
+    table.update(dict.fromkeys(map(ord, "\u201c\u201d\u201e\u201f"), '"'))
+    # C1 controls are read as the Windows-1252 characters they almost always were ("\x93" -> "“").
+    for code in range(0x80, 0xA0):
+        try:
+            table[code] = bytes([code]).decode("cp1252").translate(table)
+        except UnicodeDecodeError:  # 0x81, 0x8D, 0x8F, 0x90, 0x9D are unassigned in Windows-1252
+            pass
+    # Control and invisible format characters that are not whitespace are dropped.
+    table.update(dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F,
+                                *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)]))
+    return table
+
+
+FTFY_CHARACTER_FIXES = _ftfy_character_fixes()
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """OpenAI's basic_clean + whitespace_clean + lower(), with ftfy's character fixes in place of ftfy."""
+    # ftfy unescapes HTML itself and then fixes characters, except from the first line holding a
+    # "<" on (it might be markup); OpenAI's code then unescapes twice more. The same order here.
+    markup_from = text.rfind("\n", 0, text.find("<")) + 1 if "<" in text else len(text)
+    prose, markup = text[:markup_from], text[markup_from:]
+    text = _fix_characters(_unescape_html(prose)) + _unescape_html(_fix_characters(markup))
+    return text.lower()
+
+
+def _unescape_html(text: str) -> str:
+    return html.unescape(html.unescape(text)) if "&" in text else text
+
+
+def _fix_characters(text: str) -> str:
+    if text.isascii() and text.isprintable():  # plain ASCII, by far the common case, needs nothing
+        return text
+    if _SURROGATE.search(text):  # lone halves of UTF-16 pairs, e.g. from broken JSON: pair them or mark them
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return unicodedata.normalize("NFC", text.translate(FTFY_CHARACTER_FIXES))
+
+
+class Tokenizer:
+    """CLIP's tokenizer: `tok(texts) -> LongTensor[N, 77]` of SOT, BPE ids, EOT, zero padding.
+
+    Build one with `Tokenizer.from_file` (OpenAI's merges file or a Hugging Face tokenizer.json)
+    or `Tokenizer.train`. The ids of a vocabulary are its own; the conventions are always CLIP's:
+    byte-level BPE with the "</w>" suffix, CLIP's split pattern, SOT and EOT with EOT the highest
+    id (the text encoder pools at the argmax id).
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
+        missing = [t for t in (SOT, EOT) if t not in vocab]
+        if missing:
+            raise ValueError(f"vocabulary has no {' or '.join(missing)} token")
+        if vocab[EOT] != max(vocab.values()):
+            raise ValueError(f"{EOT} must have the highest id (CLIP pools at it), but it is {vocab[EOT]} "
+                             f"of {max(vocab.values())}")
+        for i, (a, b) in enumerate(merges):
+            if a not in vocab or b not in vocab or a + b not in vocab:
+                raise ValueError(f"merge {i} ({a!r} {b!r}) uses a token that is not in the vocabulary")
+        self.sot_id, self.eot_id = vocab[SOT], vocab[EOT]
+        self.vocab_size = vocab[EOT] + 1
+        self._vocab, self._merges = vocab, merges
+
+        self._tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, end_of_word_suffix=EOW))
+        self._tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(tokenizers.Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        # OpenAI maps a literal "<|endoftext|>" in a text to the EOT id; registering both as special
+        # tokens does the same (it only differs when the marker directly follows punctuation).
+        self._tokenizer.add_special_tokens([SOT, EOT])
+
+        # Each id's bytes for decode(): the "</w>" suffix becomes a space, SOT and EOT nothing.
+        self._id_bytes: list[bytes | None] = [None] * self.vocab_size
+        for token, i in vocab.items():
+            word = token.removesuffix(EOW)
+            if token in (SOT, EOT):
+                self._id_bytes[i] = b""
+            elif all(c in CHAR_TO_BYTE for c in word):
+                self._id_bytes[i] = bytes(CHAR_TO_BYTE[c] for c in word) + (b" " if word != token else b"")
+            else:
+                raise ValueError(f"token {token!r} (id {i}) is not made of byte-level BPE characters")
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self._merges)})"
+
+    # -- reading, training, saving -------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Read OpenAI's bpe_simple_vocab_16e6.txt.gz (or the plain .txt), a Hugging Face CLIP
+        tokenizer.json, or a folder holding one of them (tokenizer.json preferred)."""
+        path = Path(path)
+        if path.is_dir():
+            found = [path / name for name in ("tokenizer.json", "bpe_simple_vocab_16e6.txt.gz") if (path / name).is_file()]
+            if not found:
+                raise FileNotFoundError(f"{path}: no tokenizer.json or bpe_simple_vocab_16e6.txt.gz in this folder")
+            path = found[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such tokenizer file (expected OpenAI's bpe_simple_vocab_16e6.txt.gz, "
+                                    f"a tokenizer.json, or a folder holding one)")
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as e:
+                raise ValueError(f"{path}: damaged gzip file ({e})") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not a tokenizer file (not UTF-8 text: {e})") from None
+        if text.lstrip().startswith("{"):
+            return cls._from_tokenizer_json(text, path)
+        return cls._from_openai_merges(text, path)
+
+    @classmethod
+    def _from_openai_merges(cls, text: str, path: Path) -> "Tokenizer":
+        # Line 0 is a version header; the vocabulary is the 256 byte characters, the same with "</w>",
+        # one token per merge, then SOT and EOT: exactly simple_tokenizer's construction.
+        lines = text.split("\n")[1:OPENAI_MERGES + 1]
+        while lines and not lines[-1].strip():  # a short file's final newline
+            lines.pop()
+        merges = []
+        for number, line in enumerate(lines, start=2):
+            pair = tuple(line.split())
+            if len(pair) != 2:
+                raise ValueError(f"{path}, line {number}: expected a merge 'left right', found {line[:80]!r}")
+            merges.append(pair)
+        if not merges:
+            raise ValueError(f"{path}: no BPE merges found (expected OpenAI's bpe_simple_vocab_16e6.txt.gz)")
+        return cls(_clip_vocab(merges), merges)
+
+    @classmethod
+    def _from_tokenizer_json(cls, text: str, path: Path) -> "Tokenizer":
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        model = spec.get("model") if isinstance(spec, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not {"vocab", "merges"} <= model.keys():
+            raise ValueError(f"{path}: not a BPE tokenizer.json (expected a 'model' of type 'BPE' with 'vocab' and 'merges')")
+        if model.get("end_of_word_suffix") != EOW:
+            raise ValueError(f"{path}: not a CLIP tokenizer: model.end_of_word_suffix is "
+                             f"{model.get('end_of_word_suffix')!r}, expected {EOW!r}")
+        vocab = dict(model["vocab"])
+        for added in spec.get("added_tokens") or []:
+            vocab.setdefault(added["content"], added["id"])
+        # Older files store each merge as "left right", newer ones as ["left", "right"].
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        try:
+            return cls(vocab, merges)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def train(cls, texts, vocab_size: int = 4096) -> "Tokenizer":
+        """Learn a small BPE on `texts` with CLIP's conventions (byte alphabet, "</w>", CLIP's split,
+        SOT and EOT as the last two ids), e.g. for a toy CLIP. Deterministic for given texts."""
+        n_merges = vocab_size - 2 * 256 - 2
+        if n_merges < 0:
+            raise ValueError(f"vocab_size must be at least 514 (256 bytes, the same with {EOW}, SOT, EOT), got {vocab_size}")
+        # The trainer's vocabulary counts only the "x</w>" it sees, ours holds all 256, so ask it for
+        # enough merges and keep the first n_merges new tokens (a prefix of BPE merges is a BPE).
+        trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size - 2, initial_alphabet=list(BYTE_TO_CHAR.values()),
+                                                 end_of_word_suffix=EOW, show_progress=False)
+        learner = tokenizers.Tokenizer(tokenizers.models.BPE(end_of_word_suffix=EOW))
+        learner.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(tokenizers.Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        learner.train_from_iterator((clean_text(t) for t in texts), trainer)
+        learned = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                   for m in json.loads(learner.to_str())["model"]["merges"]]
+        known, merges = set(_clip_vocab([])), []
+        for a, b in learned:
+            if a + b not in known:
+                if len(known) == vocab_size - 2:
+                    break
+                known.add(a + b)
+            merges.append((a, b))
+        return cls(_clip_vocab(merges), merges)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write folder/tokenizer.json (atomically): Hugging Face's layout for CLIP, readable by
+        `Tokenizer.from_file`, `tokenizers.Tokenizer.from_file` and transformers' CLIPTokenizer."""
+        hf = tokenizers.Tokenizer.from_str(self._tokenizer.to_str())
+        # For other readers only: from_file takes just the vocabulary and merges from this file.
+        hf.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(tokenizers.Regex(r"\s+"), " "),
+                                              normalizers.Lowercase()])
+        hf.post_processor = processors.TemplateProcessing(single=f"{SOT} $A {EOT}",
+                                                          special_tokens=[(SOT, self.sot_id), (EOT, self.eot_id)])
+        hf.decoder = decoders.Sequence([decoders.Replace(EOW, BYTE_TO_CHAR[ord(" ")]), decoders.ByteLevel(),
+                                        decoders.Strip(" ", 0, 1)])
+        path = Path(folder) / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, hf.to_str(pretty=True).encode("utf-8"))
+        return path
+
+    # -- use -------------------------------------------------------------------------------------
+
+    def __call__(self, texts: str | list[str], context_length: int = 77) -> torch.LongTensor:
+        """Tokenize: [N, context_length] ids, SOT + tokens + EOT + zeros. A text that does not fit
+        is cut and ends with EOT, like clip.tokenize(..., truncate=True)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if context_length < 2:
+            raise ValueError(f"context_length must be at least 2 (SOT and EOT), got {context_length}")
+        try:
+            cleaned = [clean_text(t) for t in texts]
+        except (AttributeError, TypeError):
+            bad = next(i for i, t in enumerate(texts) if not isinstance(t, str))
+            raise TypeError(f"texts[{bad}] is {type(texts[bad]).__name__}, expected str") from None
+        ids = [e.ids for e in self._tokenizer.encode_batch_fast(cleaned, add_special_tokens=False)]
+
+        # Pack without a Python loop over tokens: a row keeps its first `kept` ids, then EOT.
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        kept = np.minimum(lengths, context_length - 2)
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        position = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # index within its row
+        out = np.zeros((len(ids), context_length), dtype=np.int64)
+        out[:, 0] = self.sot_id
+        out[:, 1:-1][np.arange(context_length - 2) < kept[:, None]] = flat[position < np.repeat(kept, lengths)]
+        out[np.arange(len(ids)), kept + 1] = self.eot_id
+        return torch.from_numpy(out)
+
+    def decode(self, ids) -> str | list[str]:
+        """Ids back to text: SOT dropped, the row cut at the first EOT (the rest is padding), each
+        word followed by a space (so "cat," comes back as "cat ,"). A 2-D input gives a list."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if ids and isinstance(ids[0], list):
+            return [self.decode(row) for row in ids]
+        if self.eot_id in ids:
+            ids = ids[:ids.index(self.eot_id)]
+        pieces = [self._id_bytes[i] if isinstance(i, int) and 0 <= i < self.vocab_size else None for i in ids]
+        if None in pieces:
+            bad = ids[pieces.index(None)]
+            raise ValueError(f"token id {bad!r} is not in this vocabulary (ids 0..{self.vocab_size - 1})")
+        data = b"".join(pieces)
+        return data.decode("utf-8", errors="replace").rstrip(" ")
+
+
+def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """CLIP's id layout: 256 byte characters, the same with "</w>", one per merge, SOT, EOT."""
+    tokens = [*BYTE_TO_CHAR.values(), *(c + EOW for c in BYTE_TO_CHAR.values()), *(a + b for a, b in merges), SOT, EOT]
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}  # a merge may rebuild a known token
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old one or the new one, never half of it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Image transform: OpenAI's torchvision preprocessing, in PIL and torch
+# ---------------------------------------------------------------------------------------------
+# OpenAI: Compose([Resize(R, BICUBIC), CenterCrop(R), convert("RGB"), ToTensor(), Normalize(mean, std)]).
+# torchvision resizes PIL images with PIL itself, in the image's own mode, so the order matters:
+# palette images resize with nearest neighbour (PIL's rule for "P"), RGBA with premultiplied alpha.
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_transform(resolution: int):
+    """The preprocessing of a CLIP with input size `resolution`: PIL.Image -> FloatTensor[3, R, R]."""
+    return functools.partial(preprocess_image, resolution=resolution)  # a partial pickles, for DataLoader workers
+
+
+def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
+    image = _resize_short_side(image, resolution)
+    image = _center_crop(image, resolution)
+    pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))  # (R, R, 3)
+    pixels = pixels.permute(2, 0, 1).float().div(255)  # (3, R, R), the same float32 ops as ToTensor
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return pixels.sub(mean).div(std)
+
+
+def _resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    # torchvision.transforms.Resize(size): the short side becomes `size`, the long one is truncated.
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_size = (new_short, new_long) if w <= h else (new_long, new_short)
+    return image if new_size == (w, h) else image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    # torchvision.transforms.CenterCrop(size): the offset is round((side - size) / 2), Python's round
+    # (halves to even); a side shorter than `size` is padded with zeros, the odd pixel after it.
+    # PIL fills the part of a crop box outside the image with zeros, which is that padding.
+    def offset(side: int) -> int:
+        return -((size - side) // 2) if side < size else int(round((side - size) / 2.0))
+
+    left, top = offset(image.size[0]), offset(image.size[1])
+    return image.crop((left, top, left + size, top + size))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(data, base_m
     b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["trainable"]
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+        # Adam divides by sqrt(v): where a gradient is ~0 it magnifies the float32 rounding of the
+        # different reduction order, so a few values differ by up to ~1e-5 (an update is ~1e-2).
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=5e-5), k
+        assert (a[k] - b[k]).abs().median() < 1e-6, k
     assert a[k].abs().max() > 0  # training did change the adapters
     # Only rank 0 wrote: one log line per step, one final model.
     assert (tmp_path / "two" / "model.safetensors").exists()

@@ -2,8 +2,8 @@
 chunked top-K against a plain sort, and the command end to end on a tiny random CLIP whose numbers
 are recomputed here from the model's own embeddings."""
 
-import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -184,6 +184,7 @@ def test_tables_show_every_setting_with_baseline_and_difference():
         assert f"\n{key} " in text
     assert "15.2" in text and "+5.2" in text and "-5.2" in text and "84.8" in text
     md = ev.render_markdown(report)
+    assert "| setting |  | R@1 | R@5 | R@10 | R@20 |" in md
     assert "| T*->V+V* | model | 15.2 | 15.2 | 15.2 | 15.2 |" in md
     assert "|  | diff | +5.2 | +5.2 | +5.2 | +5.2 |" in md
     assert "| zero-shot | model | 55.2 | 80.0 |" in md
@@ -212,8 +213,8 @@ def draw(path, shape, color, background, size=40):
 def tiny_clip(seed, tokenizer):
     torch.manual_seed(seed)
     config = safeclip.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
-                                 vision_patch_size=8, vision_heads=1, context_length=77, vocab_size=49408,
-                                 text_width=64, text_heads=1, text_layers=2)
+                                 vision_patch_size=8, vision_heads=1, context_length=77,
+                                 vocab_size=tokenizer.vocab_size, text_width=64, text_heads=1, text_layers=2)
     model = safeclip.CLIP(config)
     model.tokenizer = tokenizer
     return model
@@ -224,10 +225,6 @@ def world(tmp_path_factory):
     """Two random tiny CLIPs (model, baseline), 8 quadruplets of drawn images (6 test, 2 train) in
     two categories, a zero-shot folder of 2 classes and a templates file."""
     root = tmp_path_factory.mktemp("world")
-    vocab = Path(importlib.util.find_spec("clip").submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    tokenizer = safeclip.Tokenizer.from_file(vocab)
-    for name, seed in (("model", 1), ("baseline", 2)):
-        safeclip.save(tiny_clip(seed, tokenizer), root / name, tokenizer=tokenizer)
     (root / "images").mkdir()
     rows = []
     for i in range(8):
@@ -239,6 +236,9 @@ def world(tmp_path_factory):
                      "safe_image": f"images/safe{i}.png", "unsafe_image": f"images/unsafe{i}.png",
                      "category": ["violence", "blood"][i % 2], "split": "test" if i < 6 else "train"})
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = safeclip.Tokenizer.train([r["safe"] for r in rows] + [r["unsafe"] for r in rows], vocab_size=600)
+    for name, seed in (("model", 1), ("baseline", 2)):
+        safeclip.save(tiny_clip(seed, tokenizer), root / name, tokenizer=tokenizer)
     for label, color in (("red_thing", COLORS[0]), ("blue_thing", COLORS[2])):
         (root / "zs" / label).mkdir(parents=True)
         for j, shape in enumerate(SHAPES[:2]):
@@ -333,32 +333,36 @@ def test_command_numbers_match_an_independent_recomputation(world, tmp_path, cap
 def counting_load(monkeypatch):
     calls = []
     real = safeclip.load
-    monkeypatch.setattr(safeclip, "load", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(safeclip, "load", lambda *a, **k: calls.append(str(a[0])) or real(*a, **k))
     return calls
 
 
-def test_cache_skips_the_model_until_the_data_changes(world, tmp_path, monkeypatch, capsys):
-    data = tmp_path / "pairs.jsonl"
+def test_cache_skips_the_model_until_weights_or_data_change(world, tmp_path, monkeypatch):
+    shutil.copytree(world / "model", tmp_path / "model")
     rows = [json.loads(line) for line in (world / "pairs.jsonl").read_text().splitlines()]
     for r in rows:
         r["safe_image"], r["unsafe_image"] = str(world / r["safe_image"]), str(world / r["unsafe_image"])
     draw(tmp_path / "new.png", "ellipse", COLORS[0], (250, 250, 250))
     rows[0]["safe_image"] = str(tmp_path / "new.png")
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = args_for(world, tmp_path, "--baseline", str(world / "baseline"), "--json", str(tmp_path / "e.json"))
-    argv[argv.index("--data") + 1] = str(data)
-    calls = counting_load(monkeypatch)
+    argv[argv.index("--ckpt") + 1], argv[argv.index("--data") + 1] = str(tmp_path / "model"), str(tmp_path / "pairs.jsonl")
+    loads = counting_load(monkeypatch)
 
     ev.main(argv)
     first = (tmp_path / "e.json").read_text()
-    assert len(calls) == 2
+    assert loads == [str(tmp_path / "model"), str(world / "baseline")]
+    (tmp_path / "model" / "log.jsonl").write_text("{}\n")  # a training log beside the weights
     ev.main(argv)
-    assert len(calls) == 2 and (tmp_path / "e.json").read_text() == first  # all from the cache
+    assert len(loads) == 2 and (tmp_path / "e.json").read_text() == first  # all from the cache
     draw(tmp_path / "new.png", "triangle", COLORS[1], (0, 0, 0))  # same path, new content
     ev.main(argv)
-    assert len(calls) == 4
+    assert len(loads) == 4
+    safeclip.save(tiny_clip(3, safeclip.Tokenizer.from_file(world / "model")), tmp_path / "model")  # new weights
+    ev.main(argv)
+    assert loads[4:] == [str(tmp_path / "model")]
     ev.main(argv + ["--no-cache"])
-    assert len(calls) == 6
+    assert len(loads) == 7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +408,20 @@ def test_checkpoint_that_does_not_load_is_named(world, tmp_path):
         fails(argv, "cannot load checkpoint", ckpt)
     argv = args_for(world, tmp_path, "--baseline", str(tmp_path / "missing"))
     fails(argv, "--baseline", "missing")
+
+
+def test_checkpoint_without_tokenizer_asks_for_one_and_tokenizer_supplies_it(world, tmp_path):
+    tokenizer = safeclip.Tokenizer.from_file(world / "model")
+    bare = tiny_clip(1, tokenizer)  # the same weights as world/model
+    bare.tokenizer = None
+    safeclip.save(bare, tmp_path / "bare")
+    argv = args_for(world, tmp_path, "--json", str(tmp_path / "e.json"))
+    ev.main(argv)
+    expected = json.loads((tmp_path / "e.json").read_text())["models"]["model"]
+    argv[1] = str(tmp_path / "bare")
+    fails(argv, "bare", "without a tokenizer", "--tokenizer")
+    ev.main(argv + ["--tokenizer", str(world / "model" / "tokenizer.json")])
+    assert json.loads((tmp_path / "e.json").read_text())["models"]["model"] == expected
 
 
 def test_bad_zeroshot_inputs_stop_before_any_encoding(world, tmp_path):

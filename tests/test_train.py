@@ -24,16 +24,14 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory, data):
-    """A small random CLIP with a BPE trained on the captions, saved as a checkpoint folder."""
-    rows = safeclip.read_pairs(data)
-    tokenizer = safeclip.Tokenizer.train([r[k] for r in rows for k in ("safe", "unsafe")], vocab_size=300)
-    torch.manual_seed(0)
-    config = safeclip.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
-                                 vision_patch_size=8, vision_heads=2, context_length=16,
-                                 vocab_size=tokenizer.vocab_size, text_width=64, text_heads=2, text_layers=2)
-    model = safeclip.CLIP(config)
+    """A small CLIP pre-trained from scratch on the safe and unsafe pairs with CLIP's own objective
+    (so, like the real CLIP, it links unsafe captions to unsafe images), with a BPE trained on the
+    captions."""
     folder = tmp_path_factory.mktemp("base")
-    safeclip.save(model, folder, tokenizer=tokenizer)
+    argv = ["train", "--objective", "clip", "--data", str(data), "--out", str(folder), "--batch-size", "8",
+            "--scratch", "width=64,layers=2,embed_dim=32,image_resolution=32,vision_patch_size=8,context_length=16",
+            "--vocab-size", "600", "--epochs", "10", "--lr", "2e-3", "--workers", "0"]
+    assert safeclip.main(argv) == 0
     return folder
 
 
@@ -111,6 +109,11 @@ def test_lora_starts_as_the_original_model_and_merges_back_exactly(base_model):
         for p in params:
             p.normal_(std=0.1)  # make every adapter do something
     adapted = model.encode_text(ids), model.encode_image(pixels)
+    (adapted[0].sum() + adapted[1].sum()).backward()
+    names = safeclip.lora_modules(model)
+    assert len(names) == 2 * 5 * 2 + 1  # 2 towers x 2 blocks x (k, v, out, fc, proj) + patch embedding
+    for name, adapter in names.items():
+        assert adapter.A.grad is not None and adapter.A.grad.abs().sum() > 0, name
     merged = safeclip.CLIP(model.config)
     merged.load_state_dict(safeclip._plain_state_dict(model))
     assert rel_err(merged.encode_text(ids), adapted[0]) < 1e-5
@@ -149,7 +152,7 @@ def test_safe_clip_redirects_unsafe_text_and_keeps_safe_text(data, base_model, t
     before = F.cosine_similarity(safeclip.encode_texts(base, [r["unsafe"] for r in rows]), t0).mean()
     after = F.cosine_similarity(safeclip.encode_texts(trained, [r["unsafe"] for r in rows]), t0).mean()
     kept = F.cosine_similarity(safeclip.encode_texts(trained, [r["safe"] for r in rows]), t0).mean()
-    assert after > before + 0.05, (before, after)
+    assert after > before + 0.15, (before, after)
     assert kept > 0.9, kept
 
 
@@ -177,7 +180,8 @@ def test_a_hard_kill_between_steps_resumes_to_the_same_weights(data, base_model,
            "--out", str(killed), "--batch-size", "8", "--workers", "0", "--seed", "1", *args]
     env = {**os.environ, "SAFECLIP_TEST_DIE_AFTER_STEP": "5", "OMP_NUM_THREADS": "1"}
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 17
-    assert torch.load(killed / "checkpoint.pt", weights_only=True)["state"]["step"] == 3
+    # 36 training rows / batch 8 = 4 steps an epoch: checkpoints at steps 3 and 4; step 5 is lost.
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["state"]["step"] == 4
     assert subprocess.run(cmd + ["--resume"], capture_output=True, env={**env, "SAFECLIP_TEST_DIE_AFTER_STEP": ""}).returncode == 0
     a, b = trainable_state(straight), trainable_state(killed)
     for k in a:
@@ -193,7 +197,8 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, base_m
 
     def poisoned(*args, **kwargs):
         total, terms = real(*args, **kwargs)
-        calls.append(1)
+        if total.requires_grad:  # a training step, not a validation
+            calls.append(1)
         return (total * float("nan"), terms) if len(calls) == 5 else (total, terms)
 
     monkeypatch.setattr(safeclip, "safe_clip_loss", poisoned)
