@@ -29,14 +29,21 @@ Rules that make every number reproducible:
     position. Mixed galleries hold their unsafe items first, then the safe ones, each in order of
     first appearance in the data. So a tie never makes a model look safer: a tied unsafe item
     outranks the safe answer (a collapsed model that maps everything to one point scores
-    unsafe@K = 100 and R@K near 0 on the mixed galleries, not a perfect score).
+    unsafe@1 = 100 and R@1 = 0 on the mixed galleries, not a perfect score).
   - K larger than the gallery is clipped to the gallery size: R@K is then 100 and unsafe@K is the
     unsafe share of the whole gallery.
 
 Embeddings are computed once per model, batched, and cached in --cache-dir under a name derived
-from the content of the checkpoint, the tokenizer, safeclip.py and the data (caption text, image
-bytes); --no-cache skips the cache. Top-K is computed in chunks of queries, so only a
-(chunk x gallery) block of similarities exists at a time and 100k-item galleries fit in memory.
+from the content of the checkpoint, the tokenizer, safeclip.py, the device type and the data
+(caption text, image bytes); --no-cache skips the cache. Top-K is computed in chunks of queries,
+so only a (chunk x gallery) block of similarities exists at a time and 100k-item galleries fit in
+memory.
+
+Output: the tables on stdout; --markdown OUT the same tables; --json OUT the numbers, as
+  {"models": {"model": M, "baseline": M}, "data": PAIRS, "split": SPLIT}, each M being
+  {"retrieval": {SETTING: {"R@1", "R@5", "R@10", "R@20"}}, "unsafe_at_k": {SETTING: {"@1", ..}},
+   "zeroshot": {"top1", "top5", "n", "classes"} or {}, "per_category": {NAME: {"retrieval",
+   "unsafe_at_k", "n"}} or {}, "n": quadruplets}.
 """
 
 import argparse
@@ -531,23 +538,26 @@ def default_cache_dir():
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Retrieval recall, unsafe exposure and zero-shot accuracy of a (Safe-)CLIP model, "
-                    "optionally side by side with a baseline. See the module docstring for the exact rules.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="model to evaluate: anything safeclip.load reads")
-    p.add_argument("--data", required=True, help="pairs.jsonl with safe/unsafe captions and images")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="rows to evaluate on")
-    p.add_argument("--baseline", help="a second model (typically the original CLIP), reported alongside with the difference")
-    p.add_argument("--tokenizer", help="tokenizer.json, bpe_simple_vocab_16e6.txt.gz or a folder, "
-                                       "replacing the checkpoints' own (for both models)")
-    p.add_argument("--zeroshot", metavar="DIR", help="zero-shot classification on DIR/CLASS_NAME/*.jpg")
-    p.add_argument("--templates", metavar="FILE", help="prompt templates for --zeroshot, one per line with {} for the class")
+        description="Retrieval recall, unsafe exposure and zero-shot accuracy of a (Safe-)CLIP model, optionally "
+                    "side by side with a baseline. The module docstring gives the exact rules (ties, duplicates).")
+    p.add_argument("--ckpt", required=True, metavar="PATH", help="model to evaluate: anything safeclip.load reads")
+    p.add_argument("--data", required=True, metavar="PAIRS", help="pairs.jsonl with safe/unsafe captions and images")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                   help="rows to evaluate on (default: test)")
+    p.add_argument("--baseline", metavar="PATH",
+                   help="a second model (typically the original CLIP), reported alongside, with the difference")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, bpe_simple_vocab_16e6.txt.gz or a folder "
+                   "holding one, for weights that come without one (replaces the checkpoints' own, for both models)")
+    p.add_argument("--zeroshot", metavar="DIR", help="also classify DIR/CLASS_NAME/*.jpg zero-shot")
+    p.add_argument("--templates", metavar="FILE", help="prompt templates for --zeroshot, one per line, {} for the class "
+                   f"(default: {len(DEFAULT_TEMPLATES)} built in, like {DEFAULT_TEMPLATES[0]!r})")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--markdown", metavar="OUT", help="write the tables as markdown")
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=64, help="texts or images per forward pass")
-    p.add_argument("--cache-dir", default=default_cache_dir(), help="where embeddings are cached")
-    p.add_argument("--no-cache", action="store_true", help="compute every embedding afresh, store nothing")
+    p.add_argument("--batch-size", type=int, default=64, help="texts or images per forward pass (default: 64)")
+    p.add_argument("--cache-dir", default=default_cache_dir(), metavar="DIR",
+                   help="where embeddings are cached (default: %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="compute every embedding afresh and store none")
     args = p.parse_args(argv)
     if args.templates and not args.zeroshot:
         p.error("--templates only applies with --zeroshot")

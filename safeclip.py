@@ -313,8 +313,8 @@ def _ftfy_character_fixes() -> dict[int, str | None]:
     """The part of ftfy.fix_text that maps single characters, as one str.translate table.
 
     OpenAI cleans every text with ftfy, which is not a dependency here. Most of what it changes in
-    real captions is a fixed character mapping, reproduced here; its mojibake repair is not (see
-    the README for the exact list of inputs that tokenize differently).
+    real captions is a fixed character mapping, reproduced here; its mojibake repair is not
+    (KNOWN_DIFFERENCES in tests/test_tokenizer.py lists the inputs that tokenize differently).
     """
     table: dict[int, str | None] = {}
     # Latin ligatures and digraphs, mostly from copy-pasted PDFs ("ŉ" also gets its quote uncurled).
@@ -330,7 +330,8 @@ def _ftfy_character_fixes() -> dict[int, str | None]:
     # Curly quotes, so that "it’s" splits like "it's".
     table.update(dict.fromkeys(map(ord, "\u02bc\u2018\u2019\u201a\u201b"), "'"))
     table.update(dict.fromkeys(map(ord, "\u201c\u201d\u201e\u201f"), '"'))
-    # C1 controls are read as the Windows-1252 characters they almost always were ("\x93" -> "“").
+    # C1 controls become the Windows-1252 characters they almost always were ("\x80" -> "€",
+    # "\x93" -> "“" -> '"').
     for code in range(0x80, 0xA0):
         try:
             table[code] = bytes([code]).decode("cp1252").translate(table)
@@ -348,9 +349,10 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def clean_text(text: str) -> str:
     """OpenAI's basic_clean + whitespace_clean + lower(), with ftfy's character fixes in place of ftfy."""
-    # ftfy unescapes HTML itself and then fixes characters, except from the first line holding a
-    # "<" on (it might be markup); OpenAI's code then unescapes twice more. The same order here.
-    markup_from = text.rfind("\n", 0, text.find("<")) + 1 if "<" in text else len(text)
+    # ftfy unescapes HTML itself, then fixes characters; but from the first line holding a "<" on
+    # (it may be markup) it leaves HTML alone. OpenAI's code then unescapes twice. Same order here.
+    first_lt = text.find("<")
+    markup_from = len(text) if first_lt < 0 else text.rfind("\n", 0, first_lt) + 1
     prose, markup = text[:markup_from], text[markup_from:]
     text = _fix_characters(_unescape_html(prose)) + _unescape_html(_fix_characters(markup))
     return text.lower()
@@ -392,10 +394,7 @@ class Tokenizer:
         self._vocab, self._merges = vocab, merges
 
         self._tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, end_of_word_suffix=EOW))
-        self._tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(tokenizers.Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        self._tokenizer.pre_tokenizer = _clip_pre_tokenizer()
         # OpenAI maps a literal "<|endoftext|>" in a text to the EOT id; registering both as special
         # tokens does the same (it only differs when the marker directly follows punctuation).
         self._tokenizer.add_special_tokens([SOT, EOT])
@@ -422,7 +421,8 @@ class Tokenizer:
         tokenizer.json, or a folder holding one of them (tokenizer.json preferred)."""
         path = Path(path)
         if path.is_dir():
-            found = [path / name for name in ("tokenizer.json", "bpe_simple_vocab_16e6.txt.gz") if (path / name).is_file()]
+            found = [path / name for name in ("tokenizer.json", "bpe_simple_vocab_16e6.txt.gz")
+                     if (path / name).is_file()]
             if not found:
                 raise FileNotFoundError(f"{path}: no tokenizer.json or bpe_simple_vocab_16e6.txt.gz in this folder")
             path = found[0]
@@ -430,21 +430,22 @@ class Tokenizer:
             raise FileNotFoundError(f"{path}: no such tokenizer file (expected OpenAI's bpe_simple_vocab_16e6.txt.gz, "
                                     f"a tokenizer.json, or a folder holding one)")
         data = path.read_bytes()
-        if data[:2] == b"\x1f\x8b":
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError) as e:
-                raise ValueError(f"{path}: damaged gzip file ({e})") from None
         try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not a tokenizer file (not UTF-8 text: {e})") from None
-        if text.lstrip().startswith("{"):
-            return cls._from_tokenizer_json(text, path)
-        return cls._from_openai_merges(text, path)
+            if data[:2] == b"\x1f\x8b":
+                try:
+                    data = gzip.decompress(data)
+                except (OSError, EOFError) as e:
+                    raise ValueError(f"damaged gzip file ({e})") from None
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"not a tokenizer file (not UTF-8 text: {e})") from None
+            return cls._from_tokenizer_json(text) if text.lstrip().startswith("{") else cls._from_openai_merges(text)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
-    def _from_openai_merges(cls, text: str, path: Path) -> "Tokenizer":
+    def _from_openai_merges(cls, text: str) -> "Tokenizer":
         # Line 0 is a version header; the vocabulary is the 256 byte characters, the same with "</w>",
         # one token per merge, then SOT and EOT: exactly simple_tokenizer's construction.
         lines = text.split("\n")[1:OPENAI_MERGES + 1]
@@ -454,57 +455,48 @@ class Tokenizer:
         for number, line in enumerate(lines, start=2):
             pair = tuple(line.split())
             if len(pair) != 2:
-                raise ValueError(f"{path}, line {number}: expected a merge 'left right', found {line[:80]!r}")
+                raise ValueError(f"line {number}: expected a merge 'left right', found {line[:80]!r}")
             merges.append(pair)
         if not merges:
-            raise ValueError(f"{path}: no BPE merges found (expected OpenAI's bpe_simple_vocab_16e6.txt.gz)")
+            raise ValueError("no BPE merges found (expected OpenAI's bpe_simple_vocab_16e6.txt.gz)")
         return cls(_clip_vocab(merges), merges)
 
     @classmethod
-    def _from_tokenizer_json(cls, text: str, path: Path) -> "Tokenizer":
+    def _from_tokenizer_json(cls, text: str) -> "Tokenizer":
         try:
             spec = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            raise ValueError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         model = spec.get("model") if isinstance(spec, dict) else None
         if not isinstance(model, dict) or model.get("type") != "BPE" or not {"vocab", "merges"} <= model.keys():
-            raise ValueError(f"{path}: not a BPE tokenizer.json (expected a 'model' of type 'BPE' with 'vocab' and 'merges')")
+            raise ValueError("not a BPE tokenizer.json (expected a 'model' of type 'BPE' with 'vocab' and 'merges')")
         if model.get("end_of_word_suffix") != EOW:
-            raise ValueError(f"{path}: not a CLIP tokenizer: model.end_of_word_suffix is "
+            raise ValueError(f"not a CLIP tokenizer: model.end_of_word_suffix is "
                              f"{model.get('end_of_word_suffix')!r}, expected {EOW!r}")
         vocab = dict(model["vocab"])
         for added in spec.get("added_tokens") or []:
             vocab.setdefault(added["content"], added["id"])
-        # Older files store each merge as "left right", newer ones as ["left", "right"].
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        try:
-            return cls(vocab, merges)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return cls(vocab, _merge_pairs(model["merges"]))
 
     @classmethod
     def train(cls, texts, vocab_size: int = 4096) -> "Tokenizer":
         """Learn a small BPE on `texts` with CLIP's conventions (byte alphabet, "</w>", CLIP's split,
-        SOT and EOT as the last two ids), e.g. for a toy CLIP. Deterministic for given texts."""
-        n_merges = vocab_size - 2 * 256 - 2
-        if n_merges < 0:
-            raise ValueError(f"vocab_size must be at least 514 (256 bytes, the same with {EOW}, SOT, EOT), got {vocab_size}")
-        # The trainer's vocabulary counts only the "x</w>" it sees, ours holds all 256, so ask it for
-        # enough merges and keep the first n_merges new tokens (a prefix of BPE merges is a BPE).
-        trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size - 2, initial_alphabet=list(BYTE_TO_CHAR.values()),
+        SOT and EOT as the last two ids), e.g. for a toy CLIP. Deterministic for given texts; the
+        vocabulary is smaller than `vocab_size` when the texts run out of pairs to merge."""
+        if vocab_size < 2 * 256 + 2:
+            raise ValueError(f"vocab_size must be at least 514 (256 bytes, the same with {EOW}, SOT, EOT), "
+                             f"got {vocab_size}")
+        trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=list(BYTE_TO_CHAR.values()),
                                                  end_of_word_suffix=EOW, show_progress=False)
         learner = tokenizers.Tokenizer(tokenizers.models.BPE(end_of_word_suffix=EOW))
-        learner.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(tokenizers.Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        learner.pre_tokenizer = _clip_pre_tokenizer()
         learner.train_from_iterator((clean_text(t) for t in texts), trainer)
-        learned = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-                   for m in json.loads(learner.to_str())["model"]["merges"]]
+        # The trainer's vocabulary holds only the "x</w>" it has seen, ours all 256, so it learns more
+        # merges than fit; keep the first ones (a prefix of a BPE's merges is a smaller BPE).
         known, merges = set(_clip_vocab([])), []
-        for a, b in learned:
+        for a, b in _merge_pairs(json.loads(learner.to_str())["model"]["merges"]):
             if a + b not in known:
-                if len(known) == vocab_size - 2:
+                if len(known) == vocab_size:  # (known holds SOT and EOT too)
                     break
                 known.add(a + b)
             merges.append((a, b))
@@ -519,11 +511,12 @@ class Tokenizer:
                                               normalizers.Lowercase()])
         hf.post_processor = processors.TemplateProcessing(single=f"{SOT} $A {EOT}",
                                                           special_tokens=[(SOT, self.sot_id), (EOT, self.eot_id)])
+        # Decoding: "</w>" -> the byte-level space "Ġ" -> bytes -> text, minus the trailing space.
         hf.decoder = decoders.Sequence([decoders.Replace(EOW, BYTE_TO_CHAR[ord(" ")]), decoders.ByteLevel(),
                                         decoders.Strip(" ", 0, 1)])
         path = Path(folder) / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, hf.to_str(pretty=True).encode("utf-8"))
+        _atomic_write(path, lambda tmp: Path(tmp).write_text(hf.to_str(pretty=True), encoding="utf-8"))
         return path
 
     # -- use -------------------------------------------------------------------------------------
@@ -531,8 +524,7 @@ class Tokenizer:
     def __call__(self, texts: str | list[str], context_length: int = 77) -> torch.LongTensor:
         """Tokenize: [N, context_length] ids, SOT + tokens + EOT + zeros. A text that does not fit
         is cut and ends with EOT, like clip.tokenize(..., truncate=True)."""
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [texts] if isinstance(texts, str) else list(texts)
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2 (SOT and EOT), got {context_length}")
         try:
@@ -569,22 +561,24 @@ class Tokenizer:
         return data.decode("utf-8", errors="replace").rstrip(" ")
 
 
+def _clip_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    # CLIP's split into words, then each word's UTF-8 bytes as byte-level characters.
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def _merge_pairs(merges: list) -> list[tuple[str, str]]:
+    # tokenizer.json stores a merge as "left right" (older files) or as ["left", "right"].
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
+
 def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     """CLIP's id layout: 256 byte characters, the same with "</w>", one per merge, SOT, EOT."""
     tokens = [*BYTE_TO_CHAR.values(), *(c + EOW for c in BYTE_TO_CHAR.values()), *(a + b for a, b in merges), SOT, EOT]
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}  # a merge may rebuild a known token
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old one or the new one, never half of it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,10 +594,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def image_transform(resolution: int):
     """The preprocessing of a CLIP with input size `resolution`: PIL.Image -> FloatTensor[3, R, R]."""
+    if not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
     return functools.partial(preprocess_image, resolution=resolution)  # a partial pickles, for DataLoader workers
 
 
 def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side to `resolution`, center crop, RGB, [0, 1], normalise: FloatTensor[3, R, R]."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
     image = _resize_short_side(image, resolution)
     image = _center_crop(image, resolution)
     pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))  # (R, R, 3)
@@ -1321,14 +1320,29 @@ def dist_info():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+class _AllGather(torch.autograd.Function):
+    """All-gather whose backward sends each rank the gradient of its own rows, summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad.chunk(torch.distributed.get_world_size())[torch.distributed.get_rank()]
+
+
 def gather(x):
     """Concatenate `x` from all ranks, keeping gradients, so InfoNCE sees the global batch's
-    negatives. Every rank then computes the same global loss; the all-gather's backward sums the
-    gradients from all ranks, and DDP's average over ranks undoes that sum."""
+    negatives. Every rank then computes the same global loss; the backward sums the gradients of
+    all ranks' copies of that loss, and DDP's average over ranks undoes that sum."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return x
-    import torch.distributed.nn.functional as dist_fn  # lazily: only under torchrun
-    return torch.cat(dist_fn.all_gather(x.contiguous()))
+    return _AllGather.apply(x)
 
 
 def gather_rows(local, n, rank, world):

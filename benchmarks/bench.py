@@ -26,6 +26,8 @@ Test-only dependencies: transformers, peft, clip-anytorch (for OpenAI's tokenize
 """
 
 import argparse
+import contextlib
+import functools
 import gzip
 import importlib.metadata
 import importlib.util
@@ -76,6 +78,9 @@ MODES = {
                   pairs=32, batch_size=16, epochs=2, gc_steps=1),
     "tiny": dict(text_captions=32, text_batch=16, images=16, image_batch=8, tok_captions=300, rounds=1,
                  pairs=16, batch_size=8, epochs=2, gc_steps=1),
+    # The default on a GPU: enough work per round to fill it. Training keeps the recipe's batch of 16.
+    "gpu": dict(text_captions=8192, text_batch=512, images=2048, image_batch=256, tok_captions=10_000, rounds=3,
+                pairs=1024, batch_size=16, epochs=2, gc_steps=8),
 }
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by GPU name, for model FLOP utilisation when
@@ -143,12 +148,16 @@ def caption_words(vocab_path, n=3000):
     return words
 
 
+@functools.lru_cache
+def zipf_cumulative(n):
+    return list(itertools.accumulate(1 / (rank + 10) for rank in range(n)))
+
+
 def make_caption(rng, words, varied=False):
     """8 to 20 words (most near 11, as in COCO), Zipf-distributed content words, some function
     words and punctuation. `varied` mixes in contractions, digits, accents and HTML entities."""
     n = min(20, max(8, round(rng.gauss(11, 3))))
-    zipf = [1 / (r + 10) for r in range(len(words))]
-    content = rng.choices(words, weights=zipf, k=n)
+    content = rng.choices(words, cum_weights=zipf_cumulative(len(words)), k=n)
     out = [rng.choice(("a", "an", "the", "two", "a"))]
     for w in content[1:]:
         if rng.random() < 0.35:
@@ -222,28 +231,36 @@ def token_lengths(ids):
 # 2 r (in + out) per adapted layer: 32 r C for k, v, out (C -> C) and fc1, fc2 (C <-> 4C).
 # Training with frozen base weights: backward computes input gradients only, as many FLOPs as the
 # forward pass, plus twice the forward for attention and for the adapters (their weight gradients).
-# (Layer 0's query/key/value input gradient is not needed; we count it anyway: under 2%.)
+# The text tower's first layer passes no gradient back to the frozen embeddings. Gradient
+# checkpointing adds at most one forward pass (torch stops recomputing once it has what backward
+# needs). The formulas are checked against torch's FLOP counter in tests/test_bench.py.
 
 
-def tower_flops(width, layers, tokens, rank, train, recompute=False):
+def tower_flops(width, layers, tokens, rank, train, recompute=False, frozen_input=False):
     linear, attention = 24 * width * width * tokens, 4 * tokens * tokens * width
     lora = 32 * rank * width * tokens
     forward = layers * (linear + attention + lora)
     backward = layers * (linear + 2 * attention + 2 * lora)
+    if frozen_input:  # layer 0 needs no gradient for its input, hence none for its queries either
+        backward -= 6 * width * width * tokens + 4 * rank * width * tokens + 2 * tokens * tokens * width
     return forward + (backward + (forward if recompute else 0)) * train
 
 
 def text_flops(s, tokens, rank=0, train=False, recompute=False):
+    """One caption of `tokens` positions through the text tower and its projection."""
     head = 2 * s["text_width"] * s["embed_dim"] * (2 if train else 1)
-    return tower_flops(s["text_width"], s["text_layers"], tokens, rank, train, recompute) + head
+    return tower_flops(s["text_width"], s["text_layers"], tokens, rank, train, recompute, frozen_input=True) + head
 
 
 def image_flops(s, rank=0, train=False, recompute=False):
+    """One image through the patch embedding (frozen: no backward but its adapter's), the vision
+    tower and its projection."""
     grid = s["image_resolution"] // s["vision_patch_size"]
     patch_in, width = 3 * s["vision_patch_size"] ** 2, s["vision_width"]
-    patches = grid * grid * (2 * patch_in * width + 2 * rank * (patch_in + width) * (2 if train else 1))
+    patch = 2 * patch_in * width + 2 * rank * (patch_in + width) + train * 2 * rank * (patch_in + 2 * width)
     head = 2 * width * s["embed_dim"] * (2 if train else 1)
-    return patches + tower_flops(width, s["vision_layers"], grid * grid + 1, rank, train, recompute) + head
+    tower = tower_flops(width, s["vision_layers"], grid * grid + 1, rank, train, recompute, frozen_input=rank == 0)
+    return grid * grid * patch + tower + head
 
 
 def training_flops(s, safe_lengths, unsafe_lengths, batch, epochs, seed):
@@ -348,6 +365,34 @@ class PeakMemory:
         training = after - self.at_start if self.reset_ok and self.at_start is not None else None
         return dict(peak_bytes=whole, at_training_start_bytes=self.at_start, training_bytes=training,
                     kind="cuda allocator" if self.cuda else "resident set (VmHWM)")
+
+
+class SavedActivations:
+    """Bytes that autograd keeps for the backward pass (unique storages, parameters excluded): the
+    activation memory of a step, whatever the allocator does around it. Gradient checkpointing
+    hides its blocks' activations from these hooks, so this is not used for that run."""
+
+    def __init__(self, parameters):
+        self.exclude = {p.untyped_storage().data_ptr() for p in parameters}
+        self.storages = {}
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.exclude:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+    @property
+    def bytes(self):
+        return sum(self.storages.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,16 +530,20 @@ def child_main(spec_path):
 
 
 def run_ours(spec, device, memory):
-    """`safeclip.py train` as a user runs it. Towers.forward is wrapped only to note when the first
-    step begins (for the memory peak) and what trains; it does the same work."""
+    """`safeclip.py train` as a user runs it. Towers.forward is wrapped only to observe the first
+    step: when it begins (for the memory peak), what trains and what autograd saves."""
     forward = safeclip.Towers.forward
     seen = {}
 
     def observed(self, *args, **kwargs):
-        if not seen:
-            memory.training_starts()
-            seen["trainable"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return forward(self, *args, **kwargs)
+        if seen:
+            return forward(self, *args, **kwargs)
+        memory.training_starts()
+        seen["trainable"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        with SavedActivations(self.model.parameters()) as saved:
+            out = forward(self, *args, **kwargs)
+        seen["activations"] = saved.bytes
+        return out
 
     safeclip.Towers.forward = observed
     argv = ["train", "--model", spec["weights"], "--tokenizer", spec["vocab"], "--data", spec["pairs"],
@@ -511,6 +560,7 @@ def run_ours(spec, device, memory):
     log = [json.loads(line) for line in (Path(spec["out"]) / "log.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in log if "loss" in r]
     return dict(steps=len(steps), samples=len(steps) * spec["batch_size"], trainable=seen.get("trainable"),
+                activation_bytes=None if spec.get("grad_checkpointing") else seen.get("activations"),
                 loop_samples_per_s=steps[-1]["samples_per_s"], first_loss=steps[0]["loss"], last_loss=steps[-1]["loss"])
 
 
@@ -564,7 +614,8 @@ def run_recipe(spec, device, memory):
         ids = tokenizer(list(captions), context_length=CONTEXT).to(device)  # padding="max_length"
         return dict(input_ids=ids, attention_mask=attention_mask(ids))
 
-    losses, samples, loop_start, loop_end = [], 0, time.perf_counter(), None
+    parameters = list(itertools.chain(text_ft.parameters(), vision_ft.parameters()))
+    losses, samples, activations, loop_start, loop_end = [], 0, None, time.perf_counter(), None
     bar = tqdm(total=spec["epochs"] * (len(rows) // spec["batch_size"]), desc="train (public recipe)", leave=False)
     for epoch in range(spec["epochs"]):
         loader = torch.utils.data.DataLoader(dataset, batch_size=spec["batch_size"], shuffle=True,
@@ -573,13 +624,17 @@ def run_recipe(spec, device, memory):
             memory.training_starts()
             safe_ids, unsafe_ids = tokenize(safe_caption), tokenize(unsafe_caption)
             safe_image, unsafe_image = safe_image.to(device), unsafe_image.to(device)
-            t_safe = text_ft(**safe_ids).text_embeds
-            t_unsafe = text_ft(**unsafe_ids).text_embeds
-            with torch.no_grad():
-                t_ref = text_original(**safe_ids).text_embeds
-                v_ref = vision_original(pixel_values=safe_image).image_embeds
-            v_safe = vision_ft(pixel_values=safe_image).image_embeds
-            v_unsafe = vision_ft(pixel_values=unsafe_image).image_embeds
+            saved = SavedActivations(parameters) if activations is None else contextlib.nullcontext()
+            with saved:  # the first step only, as on our side
+                t_safe = text_ft(**safe_ids).text_embeds
+                t_unsafe = text_ft(**unsafe_ids).text_embeds
+                with torch.no_grad():
+                    t_ref = text_original(**safe_ids).text_embeds
+                    v_ref = vision_original(pixel_values=safe_image).image_embeds
+                v_safe = vision_ft(pixel_values=safe_image).image_embeds
+                v_unsafe = vision_ft(pixel_values=unsafe_image).image_embeds
+            if activations is None:
+                activations = saved.bytes
             # Its eight terms are the ones safeclip.safe_clip_loss computes (same names, weights
             # and fixed scale of 100); it divides once more by their count.
             loss = safeclip.safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref)[0] / 8
@@ -594,7 +649,7 @@ def run_recipe(spec, device, memory):
         torch.save(dict(text_encoder_ft=text_ft.state_dict(), vision_encoder_ft=vision_ft.state_dict(),
                         optimizer=optimizer.state_dict(), last_epoch=epoch), out / f"checkpoint_{epoch:08d}.pth")
     bar.close()
-    return dict(steps=len(losses), samples=samples, trainable=trainable,
+    return dict(steps=len(losses), samples=samples, trainable=trainable, activation_bytes=activations,
                 loop_samples_per_s=samples / (loop_end - loop_start),
                 first_loss=losses[0], last_loss=losses[-1])
 
@@ -715,6 +770,11 @@ def summarize(results, args):
             rows.append(("... of which training adds (peak minus memory at the first step), MiB",
                          mib(train_mem["ours"]), mib(train_mem["recipe"]),
                          f"{train_mem['ours'] / train_mem['recipe']:.2f}x", "", "", ""))
+        acts = {side: statistics.median(run["activation_bytes"] for run in t["runs"][side]) for side in t["runs"]}
+        t.update(activation_ratio=acts["ours"] / acts["recipe"])
+        rows.append(("... activations autograd keeps for backward (first step), MiB", mib(acts["ours"]),
+                     mib(acts["recipe"]), f"{acts['ours'] / acts['recipe']:.2f}x", "", "", ""))
+        if all(m["training_bytes"] is not None for ms in mem.values() for m in ms):
             gc = t.get("grad_checkpointing")
             if gc and gc["memory"]["training_bytes"] is not None:
                 saved = gc["memory"]["training_bytes"]
@@ -882,14 +942,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.child:
         return child_main(args.child)
-    preset = MODES["tiny" if args.tiny else "quick" if args.quick else "full"]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    preset = MODES["tiny" if args.tiny else "quick" if args.quick else "gpu" if device.type == "cuda" else "full"]
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.model = args.model or ("tiny" if args.tiny else "B/32")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
     if args.workers is None:
         args.workers = 8 if device.type == "cuda" else 0
     for name in ("rounds", "text_captions", "text_batch", "images", "image_batch", "tok_captions", "pairs",

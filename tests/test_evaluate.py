@@ -211,11 +211,12 @@ def draw(path, shape, color, background, size=40):
 
 
 def tiny_clip(seed, tokenizer):
-    torch.manual_seed(seed)
     config = safeclip.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
                                  vision_patch_size=8, vision_heads=1, context_length=77,
                                  vocab_size=tokenizer.vocab_size, text_width=64, text_heads=1, text_layers=2)
-    model = safeclip.CLIP(config)
+    with torch.random.fork_rng():  # the same seed gives the same weights, other tests' RNG untouched
+        torch.manual_seed(seed)
+        model = safeclip.CLIP(config)
     model.tokenizer = tokenizer
     return model
 

@@ -1,0 +1,46 @@
+"""Put the numbers the scripts produced into README.md, between its marker comments.
+
+    ./demo.sh && python benchmarks/bench.py --out benchmarks/results.md && python scripts/refresh_readme.py
+
+The README's tables are never typed by hand: `demo` comes from runs/demo/eval.md (written by
+evaluate.py in demo.sh) and `bench` from benchmarks/results.md (written by benchmarks/bench.py).
+"""
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = {"demo": ROOT / "runs" / "demo" / "eval.md", "bench": ROOT / "benchmarks" / "results.md"}
+
+
+def splice(readme, name, text):
+    pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
+    if not pattern.search(readme):
+        raise SystemExit(f"error: README.md has no <!-- {name}:begin --> ... <!-- {name}:end --> markers")
+    return pattern.sub(lambda m: m.group(1) + text.strip() + "\n" + m.group(2), readme)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=sorted(SOURCES), help="refresh one section only")
+    args = parser.parse_args(argv)
+    readme_path = ROOT / "README.md"
+    readme = readme_path.read_text()
+    for name, source in SOURCES.items():
+        if args.only and name != args.only:
+            continue
+        if not source.exists():
+            print(f"skipping {name}: {source} does not exist yet", file=sys.stderr)
+            continue
+        readme = splice(readme, name, source.read_text())
+        print(f"{name}: {source.relative_to(ROOT)} -> README.md")
+    tmp = readme_path.with_name(".README.md.tmp")
+    tmp.write_text(readme)
+    os.replace(tmp, readme_path)
+
+
+if __name__ == "__main__":
+    main()
