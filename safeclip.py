@@ -1501,6 +1501,26 @@ def _truncate_log(path, step):
     _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
 
 
+def choose_trainable(model, args):
+    """Freeze what does not train: LoRA adapters on the unfrozen towers (the default), or, with
+    --full or --scratch, every weight of those towers (the temperature only for `--objective clip`,
+    since the Safe-CLIP objective has a fixed scale)."""
+    towers = [t for t in ("text", "vision") if t not in (args.freeze or [])]
+    if not (args.full or args.scratch is not None):
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, towers)
+    else:
+        text = [model.token_embedding, model.transformer, model.ln_final]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in (text if "text" in towers else []) + ([model.visual] if "vision" in towers else []):
+            module.requires_grad_(True)
+        model.text_projection.requires_grad_("text" in towers)
+        model.positional_embedding.requires_grad_("text" in towers)
+        model.logit_scale.requires_grad_(args.objective == "clip")
+    for t in towers:
+        (model.transformer if t == "text" else model.visual.transformer).grad_checkpointing = args.grad_checkpointing
+
+
 def train(args):
     rank, world, local_rank = dist_info()
     if world > 1:
@@ -1561,23 +1581,8 @@ def train(args):
         n = len(train_rows)
         refs = {"train": (t_ref[:n], v_ref[:n]), "val": (t_ref[n:], v_ref[n:])}
 
-    # What trains.
-    towers = [t for t in ("text", "vision") if t not in (args.freeze or [])]
-    if args.full or args.scratch is not None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for t in towers:
-            for p in (model.transformer if t == "text" else model.visual).parameters():
-                p.requires_grad_(True)
-            if t == "text":
-                for p in (model.token_embedding.weight, model.positional_embedding, model.ln_final.weight,
-                          model.ln_final.bias, model.text_projection):
-                    p.requires_grad_(True)
-        model.logit_scale.requires_grad_(args.objective == "clip")
-    else:
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, towers)
-    for t in towers:
-        (model.transformer if t == "text" else model.visual.transformer).grad_checkpointing = args.grad_checkpointing
+    # What trains: LoRA adapters (the default), or whole towers.
+    choose_trainable(model, args)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
@@ -1681,7 +1686,7 @@ def train(args):
                     if not torch.isfinite(loss):
                         raise TrainingError(
                             f"non-finite loss ({loss.item()}) at step {state['step']}; terms: "
-                            + ", ".join(f"{n}={float(v):.4g}" for n, v in terms.items())
+                            + ", ".join(f"{n}={v.item():.4g}" for n, v in terms.items())
                             + f". The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'not written yet'}; "
                             "try a lower --lr, --precision fp32 or --grad-clip.")
                     scaler.scale(loss / args.accum).backward()

@@ -283,3 +283,16 @@ def test_missing_files_and_foreign_folders_are_reported(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(safeclip.CheckpointError, match="config.json"):
         safeclip.load(tmp_path / "empty")
+
+
+def test_openai_vocabulary_next_to_the_weights_is_attached(openai_model, openai_vocab, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(safeclip, "HERE", tmp_path / "repo")  # a vocabulary in the repo's weights/ would count
+    torch.save(reference_clip(openai_model, "tiny").state_dict(), tmp_path / "w.pt")
+    alone, _ = safeclip.load(tmp_path / "w.pt")
+    assert alone.tokenizer is None
+    with pytest.raises(RuntimeError, match="safeclip.py download"):
+        safeclip.require_tokenizer(alone)
+    (tmp_path / "bpe_simple_vocab_16e6.txt.gz").write_bytes(openai_vocab.read_bytes())
+    found, _ = safeclip.load(tmp_path / "w.pt")
+    assert found.tokenizer(["a photo of a cat"])[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]

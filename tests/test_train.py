@@ -252,3 +252,14 @@ def test_export_to_openai_naming_loads_in_openais_build_model(data, base_model, 
 def test_export_without_a_target_is_an_error(base_model):
     with pytest.raises(SystemExit, match="--hf OUT"):
         safeclip.main(["export", str(base_model)])
+
+
+def test_full_fine_tuning_with_a_frozen_tower_leaves_that_tower_untouched(data, base_model, tmp_path):
+    out = train(data, base_model, tmp_path / "run", "--full", "--freeze", "vision", "--steps", "3", "--lr", "1e-3")
+    before = safeclip.load_safetensors(str(base_model / "model.safetensors"))
+    after = safeclip.load_safetensors(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(not k.startswith("visual.") for k in changed)
+    assert "logit_scale" not in changed  # the Safe-CLIP objective has a fixed scale
+    assert {k for k in changed if k.startswith("transformer.")}  # the text tower did train
