@@ -125,15 +125,26 @@ class Attention(nn.Module):
         self.out_proj = Linear(width, width)
         self.lora_k = self.lora_v = None  # LoRA on keys and values only, as in the public recipe
 
-    def forward(self, x, causal):
+    def forward(self, x, causal, query=None):
+        """(B, L, C) -> (B, L, C); or, given `query` (B,) positions, only their outputs (B, 1, C)."""
         B, L, C = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        if query is None:
+            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            mask = None
+        else:  # keys and values still come from every position; the query from one per row
+            w_q, w_kv = self.in_proj_weight.split([C, 2 * C])
+            b_q, b_kv = self.in_proj_bias.split([C, 2 * C])
+            k, v = F.linear(x, w_kv, b_kv).chunk(2, dim=-1)
+            q = F.linear(x[torch.arange(B, device=x.device), query][:, None], w_q, b_q)  # (B, 1, C)
+            # The causal mask, seen from the one query: positions up to and including its own.
+            mask = (torch.arange(L, device=x.device) <= query[:, None])[:, None, None] if causal else None
+            causal = False
         if self.lora_k is not None:
             k = k + self.lora_k(x)
             v = v + self.lora_v(x)
-        q, k, v = (t.view(B, L, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(y.transpose(1, 2).reshape(B, L, C))  # (B, L, C)
+        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.out_proj(y.transpose(1, 2).reshape(B, -1, C))  # (B, L or 1, C)
 
 
 class MLP(nn.Module):
@@ -157,7 +168,10 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = LayerNorm(width)
         self.mlp = MLP(width, quick_gelu)
 
-    def forward(self, x, causal=False):
+    def forward(self, x, causal=False, query=None):
+        if query is not None:  # only the outputs at `query` are wanted: (B, L, C) -> (B, C)
+            x = x[torch.arange(x.shape[0], device=x.device), query] + self.attn(self.ln_1(x), causal, query)[:, 0]
+            return x + self.mlp(self.ln_2(x))
         x = x + self.attn(self.ln_1(x), causal)
         return x + self.mlp(self.ln_2(x))
 
@@ -168,14 +182,20 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
         self.grad_checkpointing = False
 
-    def forward(self, x, causal=False):
-        for block in self.resblocks:
+    def forward(self, x, causal=False, pool=None):
+        """(B, L, C) -> (B, L, C); or, given `pool` (B,) positions, the outputs there only (B, C).
+
+        CLIP reads one token per row (the class token, the EOT token), so the last block needs its
+        query, output projection and MLP at that token alone: ~1/layers of the tower's work saved.
+        """
+        for i, block in enumerate(self.resblocks):
+            query = pool if i == len(self.resblocks) - 1 else None
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Recompute activations in the backward pass instead of storing them: less memory
                 # for large towers, about a third more compute.
-                x = torch.utils.checkpoint.checkpoint(block, x, causal, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, causal, query, use_reentrant=False)
             else:
-                x = block(x, causal)
+                x = block(x, causal, query)
         return x
 
 
@@ -208,8 +228,9 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, C)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + grid*grid, C)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj  # (B, E): the class token is the image
+        cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the class token is the image
+        x = self.transformer(self.ln_pre(x), pool=cls)  # (B, C)
+        return self.ln_post(x) @ self.proj  # (B, E)
 
 
 class CLIP(nn.Module):
@@ -263,8 +284,7 @@ class CLIP(nn.Module):
             raise ValueError(f"token ids are {ids.shape[1]} long; this model reads at most "
                              f"{self.config.context_length}")
         x = self.token_embedding(ids[:, :n]) + self.positional_embedding[:n]  # (B, n, C)
-        x = self.transformer(x, causal=True)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, C)
+        x = self.transformer(x, causal=True, pool=eot)  # (B, C)
         return self.ln_final(x) @ self.text_projection  # (B, E)
 
     def forward(self, pixels, ids):

@@ -1,9 +1,9 @@
-"""Put the numbers the scripts produced into README.md, between its marker comments.
+"""Put the demo's table into README.md, between its `demo:begin` / `demo:end` marker comments.
 
-    ./demo.sh && python benchmarks/bench.py --out benchmarks/results.md && python scripts/refresh_readme.py
+    ./demo.sh && python scripts/refresh_readme.py
 
-The README's tables are never typed by hand: `demo` comes from runs/demo/eval.md (written by
-evaluate.py in demo.sh) and `bench` from benchmarks/results.md (written by benchmarks/bench.py).
+The README's tables are never typed by hand: this one is runs/demo/eval.md, written by evaluate.py
+in demo.sh. (The speed table is written by `python benchmarks/bench.py --out README.md` itself.)
 """
 
 import argparse
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = {"demo": ROOT / "runs" / "demo" / "eval.md", "bench": ROOT / "benchmarks" / "results.md"}
+SOURCES = {"demo": ROOT / "runs" / "demo" / "eval.md"}
 
 
 def splice(readme, name, text):

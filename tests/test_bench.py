@@ -68,6 +68,7 @@ def test_tiny_run_writes_the_table_between_markers_and_both_sides_agree(tmp_path
     assert train["grad_checkpointing"]["steps"] == 1
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft vs transformers 5
 def test_flop_formulas_match_torch_flop_counter_on_both_sides(tmp_path):
     """Every matmul FLOP of a forward and a LoRA training pass, ours and transformers + peft's,
     counted by torch (attention through the math kernel, which the counter sees)."""

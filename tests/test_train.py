@@ -263,3 +263,17 @@ def test_full_fine_tuning_with_a_frozen_tower_leaves_that_tower_untouched(data, 
     assert changed and all(not k.startswith("visual.") for k in changed)
     assert "logit_scale" not in changed  # the Safe-CLIP objective has a fixed scale
     assert {k for k in changed if k.startswith("transformer.")}  # the text tower did train
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(base_model):
+    grads = []
+    for checkpointing in (False, True):
+        model, _ = safeclip.load(base_model)
+        model.transformer.grad_checkpointing = model.visual.transformer.grad_checkpointing = checkpointing
+        ids = model.tokenizer(["a red circle on grey", "a blue bar on grey splashed with blood"], context_length=16)
+        pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        (model.encode_text(ids).square().sum() + model.encode_image(pixels).square().sum()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(model.parameters())) - 1  # all but logit_scale
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
