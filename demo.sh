@@ -16,7 +16,7 @@ N=${N:-3000}                       # quadruplets (80% train, 10% val, 10% test)
 SEED=${SEED:-0}
 ARCH=${ARCH:-width=128,layers=4,embed_dim=128,image_resolution=32,vision_patch_size=8,context_length=40}
 CLIP_EPOCHS=${CLIP_EPOCHS:-16}
-SAFECLIP_EPOCHS=${SAFECLIP_EPOCHS:-4}
+SAFECLIP_EPOCHS=${SAFECLIP_EPOCHS:-6}
 FREEZE=${FREEZE-vision}            # the toy's 4x4-patch images: see the README
 PYTHON=${PYTHON:-python}
 
