@@ -35,7 +35,9 @@ def main(argv=None):
         if not source.exists():
             print(f"skipping {name}: {source} does not exist yet", file=sys.stderr)
             continue
-        readme = splice(readme, name, source.read_text())
+        text = source.read_text()
+        text = text.split("\n## R@1 (%) per category")[0]  # the README shows the overall tables
+        readme = splice(readme, name, text)
         print(f"{name}: {source.relative_to(ROOT)} -> README.md")
     tmp = readme_path.with_name(".README.md.tmp")
     tmp.write_text(readme)
