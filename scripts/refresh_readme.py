@@ -37,6 +37,8 @@ def main(argv=None):
             continue
         text = source.read_text()
         text = text.split("\n## R@1 (%) per category")[0]  # the README shows the overall tables
+        text = re.sub(r"^# .*\n", "", text)  # under the README's own heading,
+        text = re.sub(r"^## ", "#### ", text, flags=re.M)  # as sub-sections
         readme = splice(readme, name, text)
         print(f"{name}: {source.relative_to(ROOT)} -> README.md")
     tmp = readme_path.with_name(".README.md.tmp")
