@@ -92,12 +92,12 @@ def test_flop_formulas_match_torch_flop_counter_on_both_sides(tmp_path):
 
     torch.manual_seed(0)
     ours = safeclip.CLIP(safeclip.CLIPConfig(**s, vision_heads=1, text_heads=1))
-    assert count(lambda: ours.encode_text(ids)) == 3 * bench.text_flops(s, 13)
-    assert count(lambda: ours.encode_image(pixels)) == 3 * bench.image_flops(s)
+    assert count(lambda: ours.encode_text(ids)) == 3 * bench.text_flops(s, 13, pooled=True)
+    assert count(lambda: ours.encode_image(pixels)) == 3 * bench.image_flops(s, pooled=True)
     safeclip.add_lora(ours, rank, 1.0, 0.1)
     ours.train()
-    assert count(lambda: ours.encode_text(ids).sum().backward()) == 3 * bench.text_flops(s, 13, rank, train=True)
-    assert count(lambda: ours.encode_image(pixels).sum().backward()) == 3 * bench.image_flops(s, rank, train=True)
+    assert count(lambda: ours.encode_text(ids).sum().backward()) == 3 * bench.text_flops(s, 13, rank, train=True, pooled=True)
+    assert count(lambda: ours.encode_image(pixels).sum().backward()) == 3 * bench.image_flops(s, rank, train=True, pooled=True)
 
     bench.write_weights(tmp_path, s, seed=0)
     config = LoraConfig(r=rank, lora_alpha=1, target_modules=bench.RECIPE["targets"], lora_dropout=0.1, bias="none")
