@@ -1552,7 +1552,6 @@ def train(args):
     main_process = rank == 0
     torch.manual_seed(args.seed)  # adapters' initialisation and dropout; data order has its own generator
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
     # Data: everything is checked before the first step.
@@ -1571,6 +1570,8 @@ def train(args):
     skipped += bad
     val_rows = [r for r in train_rows if r["split"] == "val"]
     train_rows = [r for r in train_rows if r["split"] == "train"]
+
+    out.mkdir(parents=True, exist_ok=True)  # only now that the data is known to be good
 
     # Model: pre-trained weights, or a fresh one for the `clip` objective.
     if args.scratch is not None:
