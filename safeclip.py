@@ -35,7 +35,6 @@ import json
 import math
 import os
 import pickle
-import random
 import re
 import sys
 import tempfile
@@ -44,7 +43,7 @@ import unicodedata
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -1252,14 +1251,17 @@ class ImageFolder(torch.utils.data.Dataset):
 
 def encode_texts(model, texts, batch_size=256, device=None, desc=None):
     """Embeddings (N, E) of `texts`, batched, float32 on the CPU, not normalised."""
+    ids = require_tokenizer(model)(list(texts), context_length=model.config.context_length)
+    return encode_token_ids(model, ids, batch_size, device, desc)
+
+
+def encode_token_ids(model, ids, batch_size=256, device=None, desc=None):
+    """Embeddings (N, E) of already tokenized texts (N, L); `desc=False` hides the progress bar."""
     device = device or model.logit_scale.device
-    tokenizer = require_tokenizer(model)
     out = []
-    with torch.inference_mode():
-        for i in tqdm(range(0, len(texts), batch_size), desc=desc or "text", disable=desc is False, leave=False):
-            ids = tokenizer(texts[i:i + batch_size], context_length=model.config.context_length)
-            with autocast(device):
-                out.append(model.encode_text(ids.to(device)).float().cpu())
+    with torch.inference_mode(), autocast(device):
+        for i in tqdm(range(0, len(ids), batch_size), desc=desc or "text", disable=desc is False, leave=False):
+            out.append(model.encode_text(ids[i:i + batch_size].to(device)).float().cpu())
     return torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
 
 
@@ -1316,18 +1318,19 @@ class Quadruplets(torch.utils.data.Dataset):
 class Towers(nn.Module):
     """The fused forward pass: both captions through the text tower in one batch, both images
     through the vision tower in another. A frozen tower runs without building a graph.
-    (A module of its own so DistributedDataParallel can wrap it.)"""
+    (A module of its own so DistributedDataParallel can wrap it.) Build it after deciding what
+    trains: which towers do is read once, here, not at every step."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.text_trains = any(p.requires_grad for p in model.transformer.parameters())
+        self.vision_trains = any(p.requires_grad for p in model.visual.parameters())
 
     def forward(self, ids, pixels):
-        text_trains = any(p.requires_grad for p in self.model.transformer.parameters())
-        vision_trains = any(p.requires_grad for p in self.model.visual.parameters())
-        with torch.set_grad_enabled(text_trains and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.text_trains and torch.is_grad_enabled()):
             text = self.model.encode_text(ids)
-        with torch.set_grad_enabled(vision_trains and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.vision_trains and torch.is_grad_enabled()):
             image = self.model.encode_image(pixels)
         return text, image
 
@@ -1435,8 +1438,8 @@ def validate(model, rows, ids, preprocess, refs, args, device):
     was_training = model.training
     model.eval()
     n = len(rows)
-    t_safe = encode_texts_ids(model, ids[0], args.batch_size, device)
-    t_unsafe = encode_texts_ids(model, ids[1], args.batch_size, device)
+    t_safe = encode_token_ids(model, ids[0], args.batch_size, device, desc=False)
+    t_unsafe = encode_token_ids(model, ids[1], args.batch_size, device, desc=False)
     v_safe = encode_images(model, preprocess, [r["safe_image"] for r in rows], args.batch_size, device, desc=False)
     v_unsafe = encode_images(model, preprocess, [r["unsafe_image"] for r in rows], args.batch_size, device, desc=False)
     model.train(was_training)
@@ -1455,14 +1458,6 @@ def validate(model, rows, ids, preprocess, refs, args, device):
     pairs = {"T-V": (t_safe, v_safe), "T-V*": (t_safe, v_unsafe), "T*-V": (t_unsafe, v_safe)}
     metrics["recall_sum"] = sum(recall_at_1(a, b) + recall_at_1(b, a) for a, b in pairs.values())
     return metrics
-
-
-def encode_texts_ids(model, ids, batch_size, device):
-    out = []
-    with torch.inference_mode(), autocast(device):
-        for i in range(0, len(ids), batch_size):
-            out.append(model.encode_text(ids[i:i + batch_size].to(device)).float().cpu())
-    return torch.cat(out)
 
 
 # -- the loop ---------------------------------------------------------------------------------------

@@ -16,10 +16,6 @@ from conftest import ROOT
 
 import safeclip
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-if importlib.util.find_spec("clip") is None:
-    pytest.skip("clip-anytorch is not installed (pip install --no-deps clip-anytorch)", allow_module_level=True)
 
 BENCH = ROOT / "benchmarks" / "bench.py"
 

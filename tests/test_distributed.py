@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import ROOT, make_pairs
+from conftest import ROOT
 from test_train import base_model, data  # noqa: F401  (fixtures)
 
 

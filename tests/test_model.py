@@ -1,7 +1,6 @@
 """The model and its loaders: our CLIP gives OpenAI's and Hugging Face's numbers on the same weights,
 reads every kind of file a user has, and refuses anything that is not exactly a ViT CLIP."""
 
-import io
 import json
 import os
 import pickle

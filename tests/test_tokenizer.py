@@ -1,9 +1,7 @@
 """safeclip.Tokenizer against OpenAI's own tokenizer (clip-anytorch's simple_tokenizer.py)."""
 
 import gzip
-import importlib.util
 import json
-import os
 import random
 import re
 
@@ -12,6 +10,8 @@ import regex
 import tokenizers
 import torch
 
+from conftest import clip_package_dir, load_reference
+
 import safeclip
 
 # ---------------------------------------------------------------------------------------------
@@ -19,16 +19,8 @@ import safeclip
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_simple_tokenizer():
-    # clip/__init__.py imports torchvision (broken here), so load simple_tokenizer.py by path.
-    folder = importlib.util.find_spec("clip").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("openai_simple_tokenizer", os.path.join(folder, "simple_tokenizer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz")
-
-
-SIMPLE_TOKENIZER, OPENAI_BPE = _load_simple_tokenizer()
+SIMPLE_TOKENIZER = load_reference("simple_tokenizer")
+OPENAI_BPE = str(clip_package_dir() / "bpe_simple_vocab_16e6.txt.gz")
 
 
 def openai_tokenize(openai, texts, context_length=77):
