@@ -24,9 +24,10 @@ What the source lacks is generated
   unsafe captions  --llm URL --llm-model NAME: any OpenAI-compatible chat server (vLLM,
                    llama.cpp, Ollama, TGI). The prompt (SYSTEM_PROMPT, PROMPT_VERSION) asks for a
                    minimal edit of the caption that injects a concept of one of the 20 categories,
-                   spread evenly over the items or chosen with --categories. Answers are checked
-                   (one sentence, not empty, not a copy, not a refusal); bad ones are retried, then
-                   reported.
+                   spread evenly over the items or chosen with --categories. Reasoning blocks,
+                   markdown, quotes and lead-ins ("Here is the caption:") are stripped; then an
+                   answer must have no more sentences than its caption, and not be empty, a copy,
+                   a refusal or cut off at max_tokens. Bad ones are retried, then reported.
   images           --t2i diffusers:MODEL_ID (a local diffusers pipeline) or --t2i URL (an
                    OpenAI-compatible images server answering base64); --text-only stops at captions.
   Set OPENAI_API_KEY if the servers want a bearer token.
@@ -61,6 +62,7 @@ import io
 import json
 import math
 import multiprocessing
+import operator
 import os
 import random
 import re
@@ -307,7 +309,7 @@ def read_records(path: Path, allow_text: bool = False) -> list[tuple[str, object
     Each comes with its location ("file:line" or "file item N") for error messages.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
@@ -583,15 +585,29 @@ def _parse_json(body: bytes):
 # Unsafe captions from an LLM
 # ---------------------------------------------------------------------------------------------
 
+# A caption never speaks in the first person to apologise, decline or cite a policy; a refusal
+# almost always does. The patterns are checked on a lower-cased answer with ’ turned into '.
 _REFUSAL = re.compile(
-    r"^(?:i'm sorry|i am sorry|sorry\b|i apologi[sz]e|unfortunately\b)"
-    r"|^i (?:can't|cannot|can not|won't|will not|am unable|'m unable|am not able|must decline"
-    r"|do not feel|don't feel)"
-    r"|\bas an ai\b|\blanguage model\b|\bcontent polic(?:y|ies)\b"
-    r"|\bi (?:can't|cannot|won't|will not) (?:help|assist|comply|create|provide|generate|write)",
-    re.IGNORECASE)
-_LABEL = re.compile(r"^(?:(?:rewritten|new|unsafe|modified|edited)\s+)?caption\s*:\s*", re.I)
-_QUOTES = "\"'\u201c\u201d\u2018\u2019`"
+    r"^(?:sorry\b|(?:my )?apologies\b|unfortunately\b|regrettably\b|no[,.!]|nope\b)"
+    r"|\bi(?:'m| am)(?: really| so| very| truly)? (?:sorry|afraid|unable|not able|not comfortable"
+    r"|uncomfortable|not going to|programmed|designed)\b"
+    r"|\bi (?:can't|cannot|can not|won't|will not|couldn't|could not|wouldn't|would not|don't"
+    r"|do not|must not|shouldn't|should not|refuse|decline|apologi[sz]e|regret)\b"
+    r"|\bi (?:must|have to|need to|will have to)(?: respectfully| politely)? (?:decline|refuse)\b"
+    r"|\bi(?:'d| would)(?: much)? (?:rather not|prefer not)\b"
+    r"|\b(?:as an ai|language model|ai assistant|content polic(?:y|ies)|usage polic(?:y|ies))\b"
+    r"|\b(?:against|violates?|breach(?:es)?) (?:my|the|our|openai's|community) (?:guidelines"
+    r"|polic(?:y|ies)|principles|programming|rules|terms)\b"
+    r"|\bnot (?:something i|appropriate for me|able to (?:help|assist|comply))\b")
+# Wrappers that chat models put around an answer, removed in this order.
+_REASONING = re.compile(r"<(think|thinking|reasoning)>.*?</\1>", re.DOTALL | re.IGNORECASE)
+_LEAD_IN = re.compile(  # "Sure! Here is the rewritten caption:", "Unsafe caption:", "Output:"
+    r"^(?:(?:sure|certainly|of course|okay|ok|absolutely)\b[^\n:]{0,20}?[,.!]\s*)?"
+    r"(?:here(?:'s|\u2019s| is| are)\b[^\n:]{0,60}"
+    r"|(?:the |your )?(?:(?:rewritten|new|unsafe|modified|edited|nsfw|final)\s+)*"
+    r"(?:caption|version|answer|output|rewrite|result))\s*:\s*", re.IGNORECASE)
+_QUOTES = "\"'\u201c\u201d\u2018\u2019`\u00ab\u00bb\u300c\u300d"
+_MARKUP = "*_`#> \t\n"
 
 
 def build_messages(caption: str, category: str) -> list[dict]:
@@ -606,27 +622,43 @@ def build_messages(caption: str, category: str) -> list[dict]:
 
 
 def clean_answer(text: str) -> str:
-    """Strip what models wrap around an answer: whitespace, a "Caption:" label, quotes."""
-    text = _LABEL.sub("", text.strip()).strip()
-    if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
-        text = text[1:-1].strip()
+    """Strip what chat models wrap around an answer: reasoning, markdown, lead-ins and quotes.
+
+    A reasoning block is dropped whole; an answer that ends inside one (cut off, or only the
+    closing tag sent) keeps just what follows it, which may be nothing.
+    """
+    text = _REASONING.sub("", text)
+    text = text.rpartition("</think>")[2].partition("<think>")[0]
+    text = text.replace("**", "").replace("__", "").strip(_MARKUP)
+    text = _LEAD_IN.sub("", text).strip(_MARKUP)
+    while len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
+        text = text[1:-1].strip(_MARKUP)
     return text
 
 
 def _plain(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+    """The words of a text in any script, lower-cased, without punctuation."""
+    return " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
+
+
+def _sentence_breaks(text: str) -> int:
+    """Where one sentence ends and another starts: a new line, a stop followed by a capital, or a
+    CJK full stop followed by more text. "U.S. Navy" counts too, so answers are compared with
+    their caption, never with a fixed number."""
+    breaks = len([line for line in text.splitlines() if line.strip()]) - 1
+    breaks += sum(m.group(1).isupper()
+                  for m in re.finditer(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+(\w)", text))
+    return breaks + len(re.findall(r"[\u3002\uff01\uff1f]+(?=\s*\S)", text))
 
 
 def check_answer(answer: str, caption: str) -> str | None:
     """Why an (already cleaned) answer is unusable as the unsafe caption, or None if it is fine."""
-    if not answer:
+    if not _plain(answer):
         return "empty"
-    if _REFUSAL.search(answer.replace("\u2019", "'")):
+    if _REFUSAL.search(answer.lower().replace("\u2019", "'").replace("\u2018", "'")):
         return "refusal"
-    # A sentence end followed by a capital starts a second sentence (a heuristic: "Mr. Smith"
-    # trips it, and the retry usually phrases it otherwise).
-    if "\n" in answer or re.search(r"[.!?]\s+[A-Z]", answer):
-        return "not_one_sentence"
+    if _sentence_breaks(answer) > _sentence_breaks(caption):
+        return "extra_sentences"
     if _plain(answer) == _plain(caption):
         return "copy"
     if len(answer) > 2 * len(caption) + 200:
@@ -652,11 +684,14 @@ class ChatLLM:
             reply = _parse_json(http_request(self.url, payload, self.policy.timeout,
                                              self.api_key))
             try:
-                content = reply["choices"][0]["message"]["content"]
+                choice = reply["choices"][0]
+                content = choice["message"]["content"]
             except (KeyError, IndexError, TypeError):
                 raise Retry("bad_response") from None
             if not isinstance(content, str):
                 raise Retry("bad_response")
+            if choice.get("finish_reason") == "length":  # cut off at max_tokens mid-sentence
+                raise Retry("invalid_cut_off", delay=0)
             answer = clean_answer(content)
             problem = check_answer(answer, caption)
             if problem:
@@ -1555,10 +1590,14 @@ class ImageMaker:
             pick = self.keep_rule(images, prompt, kind) if self.keep_rule else 0
             if pick is None:
                 raise Retry("kept_none", delay=0)
-            if isinstance(pick, bool) or not isinstance(pick, int) or not 0 <= pick < len(images):
+            try:  # numpy and torch integers (np.argmax(...)) are indices too
+                index = None if isinstance(pick, bool) else operator.index(pick)
+            except TypeError:
+                index = None
+            if index is None or not 0 <= index < len(images):
                 raise FatalError(f"the keep rule returned {pick!r}; expected None or an index "
                                  f"below {len(images)}")
-            save_png(images[pick], self.root / relative)
+            save_png(images[index], self.root / relative)
             return relative
 
         return with_retries(attempt, self.policy, self.stats, "t2i")
@@ -1756,6 +1795,11 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--t2i and --text-only exclude each other")
     if args.keep_rule and not args.t2i:
         parser.error("--keep-rule goes with --t2i")
+    for flag, url in (("--llm", args.llm), ("--t2i", args.t2i)):
+        # "localhost:8000" parses as scheme "localhost": refuse it now, not after retries.
+        if url and not url.startswith("diffusers:") and not re.match(r"https?://[^/?#]+", url):
+            parser.error(f"{flag} {url}: expected a URL starting with http:// or https://, such "
+                         f"as http://{url.split('://')[-1]}")
     for flag in ("workers", "seeds_per_prompt", "image_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")

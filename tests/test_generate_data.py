@@ -58,6 +58,8 @@ class Stub:
         self.files = {}       # path -> bytes served by GET
         self.log = []         # (time, kind, key, behaviour) per request, in arrival order
         self.latency = 0.0
+        self.by_category = {}  # category -> behaviour for captions without a script of their own
+        self.closing = threading.Event()
         self.lock = threading.Lock()
         stub = self
 
@@ -89,9 +91,12 @@ class Stub:
                 answers = {"ok": ok_answer(caption, category), "copy": caption,
                            "refusal": "I'm sorry, but I can't help with that request.",
                            "two": f"{caption} It is sunny. Everyone is happy.", "empty": "  "}
-                if behaviour in answers:
+                if isinstance(behaviour, str) and behaviour in answers:
+                    behaviour = {"content": answers[behaviour]}
+                if isinstance(behaviour, dict):  # {"content": ..., "finish_reason": ...}
                     body = {"choices": [{"message": {"role": "assistant",
-                                                     "content": answers[behaviour]}}]}
+                                                     "content": behaviour["content"]},
+                                         "finish_reason": behaviour.get("finish_reason", "stop")}]}
                     self.reply(200, json.dumps(body).encode())
                 else:
                     self.fail(behaviour)
@@ -112,6 +117,23 @@ class Stub:
                 if behaviour == "timeout":
                     time.sleep(1.5)  # longer than the tests' --timeout
                     return self.reply(200, b"{}")
+                if behaviour == "hang":  # until the test ends
+                    stub.closing.wait(60)
+                    return self.reply(200, b"{}")
+                if behaviour == "trickle":  # a byte every 0.1 s: each read is quick, the whole not
+                    body = json.dumps({"choices": [{"message": {"content": "x" * 40}}]}).encode()
+                    try:
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        for k in range(len(body)):
+                            self.wfile.write(body[k:k + 1])
+                            self.wfile.flush()
+                            if stub.closing.wait(0.1):
+                                return
+                    except OSError:  # the client gave up
+                        pass
+                    return
                 if behaviour == "garbage":
                     return self.reply(200, b"<html>upstream hiccup</html>")
                 headers = {"Retry-After": "0.3"} if behaviour == "429" else {}
@@ -138,7 +160,7 @@ class Stub:
     def next(self, kind, key, **info):
         with self.lock:
             queue = self.script.get(key) or []
-            behaviour = queue.pop(0) if queue else "ok"
+            behaviour = queue.pop(0) if queue else self.by_category.get(info.get("category"), "ok")
             self.log.append((time.monotonic(), kind, key, behaviour, info))
         if self.latency:
             time.sleep(self.latency)
@@ -154,6 +176,7 @@ def stub():
     server = Stub()
     server.thread.start()
     yield server
+    server.closing.set()
     server.server.shutdown()
     server.server.server_close()
 
@@ -209,8 +232,8 @@ FAST = ("--retry-base-delay", "0.001", "--timeout", "1")
     ("As an AI, I must decline.", "refusal"),
     ("Sorry \u2014 that is not something I write.", "refusal"),
     ("A dog on a sofa!", "copy"),
-    ("a dog on a sofa, bleeding. The sofa is red.", "not_one_sentence"),
-    ("a dog on a sofa,\nbleeding", "not_one_sentence"),
+    ("a dog on a sofa, bleeding. The sofa is red.", "extra_sentences"),
+    ("a dog on a sofa,\nbleeding", "extra_sentences"),
     ("a dog on a sofa " + "bleeding " * 60, "too_long"),
 ])
 def test_check_answer_accepts_edits_and_names_each_problem(answer, problem):
@@ -292,7 +315,7 @@ def test_llm_run_survives_errors_retries_and_counts_them(stub, tmp_path):
     assert llm["retries"] == llm["attempts"] - len(captions)
     assert llm["http_500"] == 2 and llm["http_429"] == 1 and llm["bad_json"] == 1
     assert llm["invalid_refusal"] == 1 + 4 and llm["invalid_copy"] == 1
-    assert llm["invalid_not_one_sentence"] == 1 and llm["invalid_empty"] == 1
+    assert llm["invalid_extra_sentences"] == 1 and llm["invalid_empty"] == 1
     assert llm["timeout"] >= 1 and llm["rejected_items"] == 1
     assert m["counts"] == {**m["counts"], "items": 9, "rows": 8, "rejected": 1, "pending": 0}
     assert m["recipe"]["llm"]["prompt_version"] == gd.PROMPT_VERSION

@@ -1,0 +1,298 @@
+"""generate_data.py against what real LLM servers do at ViSU scale (issue 18).
+
+Refusals in their many phrasings, answers wrapped in reasoning, markdown and lead-ins, answers cut
+off at max_tokens, captions in any script, a model that refuses one category for good, slow and
+trickling servers, Ctrl-C, a full disk, moved sources. Every test talks to the scripted stub
+server of test_generate_data.py on 127.0.0.1.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+import generate_data as gd
+from test_generate_data import FAST, manifest, ok_answer, rows, run, stub, write_jsonl, write_lines
+
+__all__ = ["stub"]  # the fixture, imported for the tests below
+
+# ---------------------------------------------------------------------------------------------
+# Refusals and valid edits, both ways
+# ---------------------------------------------------------------------------------------------
+
+# Phrasings collected from instruction-tuned models (Llama, Qwen, Mistral, Gemma, GPT, Claude);
+# straight and curly apostrophes alike.
+REFUSALS = [
+    "I'm sorry, but I can't help with that request.",
+    "I\u2019m sorry, but I can\u2019t assist with that.",
+    "I'm unable to create that content.",
+    "I\u2019m unable to create that content.",
+    "I'm not able to help with that.",
+    "No, I can't do that.",
+    "I must respectfully decline this request.",
+    "I cannot fulfill this request.",
+    "I can't create content that depicts graphic violence.",
+    "Sorry, I can't help with that.",
+    "Sorry, but I won\u2019t write that.",
+    "Unfortunately, I cannot generate content of this nature.",
+    "Unfortunately, I\u2019m not able to rewrite this caption.",
+    "As an AI language model, I cannot produce harmful content.",
+    "I apologize, but I cannot comply with this request.",
+    "I apologise, but I can't provide that.",
+    "My apologies, but I must decline.",
+    "I'm afraid I can't do that.",
+    "I am not comfortable writing this caption.",
+    "I'd rather not write that.",
+    "This request goes against my guidelines, so I won't complete it.",
+    "I cannot provide a caption that promotes self-harm.",
+    "I will not create content that sexualizes minors.",
+    "Creating such content would violate my content policy.",
+    "I'm sorry, I cannot assist with generating unsafe captions.",
+    "I can\u2019t comply with that.",
+    "I\u2019m really sorry, but I can\u2019t produce that.",
+    "I'm not going to write that.",
+    "That's not something I can help with.",
+    "I refuse to generate this content.",
+    "I'm sorry \u2014 I can't help with that.",
+    "Sorry, that\u2019s not something I can do.",
+    "I cannot and will not produce that content.",
+    "I do not feel comfortable completing this request.",
+    "I can't assist with requests involving child abuse.",
+    "It is not appropriate for me to create this content.",
+    "Regrettably, I am unable to assist with that.",
+    "I'm programmed to avoid generating harmful content.",
+    "This content violates OpenAI's usage policies.",
+    "I won't be able to help with this one.",
+    "I have to decline this request.",
+    "Apologies, but I can't continue with this.",
+    "Nope, I won't write that.",
+    "I would prefer not to describe that.",
+    "I'm designed to be helpful and harmless, so I cannot write this.",
+]
+
+# Minimal, valid unsafe edits that merely contain "no", "not", "can't", "won't", "sorry", ...
+VALID_EDITS = [
+    "A man who can't stop vomiting on a crowded bus.",
+    "No one helps the bleeding cyclist lying in the street.",
+    "A dog with no fur, its skin covered in open wounds, on a sofa.",
+    "A kitchen with no lights where a man snorts cocaine off the counter.",
+    "A child who can't breathe, a plastic bag over his head, in a park.",
+    "A sign reading no entry next to a hanged man.",
+    "A woman who cannot walk, beaten by two men in an alley.",
+    "Two men with no shirts fighting with broken bottles in a bar.",
+    "A cat that can't escape a burning box in the yard.",
+    "A street where no cars drive past the looted shops.",
+    "A man who won't stop kicking a dog in the snow.",
+    "A bathroom where nobody notices the overdosed teenager on the floor.",
+    "A soldier who could not save his friend, covered in blood, on a beach.",
+    "A classroom with no teacher where students pass around a loaded gun.",
+    "A girl saying sorry to the man who slapped her in a kitchen.",
+    "A man holding a sorry-looking puppy by its throat on a porch.",
+    "Unfortunate hikers trapped under a rockslide, bleeding on a trail.",
+    "A man cannot hide the knife in his hand at the bus stop.",
+    "A pizza with no cheese, covered in crawling maggots, on a table.",
+    "An old woman who can't see the thief taking her purse on a bench.",
+    "A room with nothing but a noose hanging from the ceiling.",
+    "A boy who doesn't notice the syringe he steps on in the park.",
+    "A horse that won't move while its owner whips it bloody in a field.",
+    "Two teenagers spray painting \"no future\" on a church wall.",
+    "A train station where no guard stops a man groping a sleeping woman.",
+    "A tennis player who can not hold his racket, his wrist slashed, on a court.",
+    "A giraffe with no head lying in a pool of blood at the zoo.",
+    "A bride who cannot stop crying as her groom slaps her at the altar.",
+    "A man giving the middle finger to a crowd, with no shirt, in a stadium.",
+    "A pile of pills and no water bottle on a nightstand beside a motionless man.",
+    "A bus that didn't stop, running over a cyclist on the road.",
+    "A skateboarder who isn't wearing a helmet, his skull cracked open on the ramp.",
+]
+
+
+@pytest.mark.parametrize("answer", REFUSALS)
+def test_refusals_are_rejected(answer):
+    assert len(REFUSALS) >= 30
+    assert gd.check_answer(gd.clean_answer(answer), "A dog on a sofa.") == "refusal"
+    assert gd.check_answer(gd.clean_answer(f'"{answer}"'), "A dog on a sofa.") == "refusal"
+
+
+@pytest.mark.parametrize("answer", VALID_EDITS)
+def test_valid_edits_with_negative_words_are_kept(answer):
+    assert len(VALID_EDITS) >= 30
+    assert gd.clean_answer(answer) == answer
+    assert gd.check_answer(answer, "A photo of something.") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrappers around an answer
+# ---------------------------------------------------------------------------------------------
+
+EDIT = "A man riding a bike down a street, beating a pedestrian with a metal pipe."
+WRAPPED = [
+    f"Here is the rewritten caption: {EDIT}",
+    f"Here's the rewritten caption:\n\n{EDIT}",
+    f"Sure! Here is the unsafe version of the caption:\n{EDIT}",
+    f"**Unsafe caption:** {EDIT}",
+    f"**{EDIT}**",
+    f"*{EDIT}*",
+    f"Rewritten caption: \"{EDIT}\"",
+    f"\u201c{EDIT}\u201d",
+    f"<think>\nThe user wants violence. Keep the scene. Add a pipe.\n</think>\n\n{EDIT}",
+    f"<think>Okay. Caption: a bike.</think>**Caption:** \"{EDIT}\"",
+    f"The user wants violence; I will add a weapon.\n</think>\n{EDIT}",  # template sent <think>
+    f"Output: {EDIT}",
+    f"> {EDIT}",
+    f"`{EDIT}`",
+]
+
+
+@pytest.mark.parametrize("answer", WRAPPED)
+def test_wrappers_are_stripped(answer):
+    assert gd.clean_answer(answer) == EDIT
+    assert gd.check_answer(gd.clean_answer(answer), "A man riding a bike down a street.") is None
+
+
+def test_reasoning_without_an_answer_leaves_nothing():
+    assert gd.clean_answer("<think>The user wants violence. Let me think about the") == ""
+    assert gd.check_answer("", "A cat.") == "empty"
+
+
+# Captions whose own words look like a sentence end, and captions in other scripts.
+@pytest.mark.parametrize("caption, answer, problem", [
+    ("A U.S. Navy ship in a harbour.", "A U.S. Navy ship in a harbour, its deck covered in "
+                                       "bodies.", None),
+    ("A statue of St. Francis in a garden.", "A statue of St. Francis in a garden, smeared "
+                                             "with blood.", None),
+    ("A U.S. Navy ship in a harbour.", "A U.S. Navy ship in a harbour. Bodies float by.",
+     "extra_sentences"),
+    ("Кошка сидит на диване.", "Кошка сидит на диване с окровавленным ножом.", None),
+    ("Кошка сидит на диване.", "Кошка сидит на диване!", "copy"),
+    ("Кошка сидит на диване.", "Кошка сидит на диване. Рядом лежит труп.", "extra_sentences"),
+    ("一只猫坐在沙发上。", "一只猫坐在沙发上，嘴里叼着一把带血的刀。", None),
+    ("一只猫坐在沙发上。", "一只猫坐在沙发上！", "copy"),
+    ("一只猫坐在沙发上。", "一只猫坐在沙发上。旁边有一具尸体。", "extra_sentences"),
+    ("A cat.", "...", "empty"),
+])
+def test_checks_compare_an_answer_with_its_caption_in_any_script(caption, answer, problem):
+    assert gd.check_answer(answer, caption) == problem
+
+
+def _llm_args(stub, source, out, *more):
+    return ("--captions", source, "--llm", stub.url, "--llm-model", "stub", "--text-only",
+            "--out", out, *FAST, *more)
+
+
+def test_server_refusals_wrappers_and_cut_offs_never_become_captions(stub, tmp_path):
+    captions = ["A U.S. Navy ship in a harbour.", "Кошка сидит на диване.",
+                "一只猫坐在沙发上。"] + [f"A photo of thing {k} on a table." for k in range(6)]
+    stub.script = {
+        captions[3]: [{"content": "I\u2019m unable to create that content."},
+                      {"content": "Sorry, I can't help with that."}],
+        captions[4]: [{"content": "Here is the rewritten caption:\n\nA photo of thing 1 on "
+                                  "a table, next to a severed hand."}],
+        captions[5]: [{"content": "beating a pedestrian with a", "finish_reason": "length"}],
+        captions[6]: [{"content": "<think>Let me add blood.</think>\n**Unsafe caption:** "
+                                  "\"A photo of thing 3 on a table, soaked in blood.\""}],
+        captions[7]: [{"content": "I must respectfully decline this request."}] * 9,
+        captions[1]: [{"content": "Кошка сидит на диване."},
+                      {"content": "Кошка сидит на диване с окровавленным ножом."}],
+        captions[2]: [{"content": "一只猫坐在沙发上。"}, {"content": "一只猫坐在沙发上，满身是血。"}],
+    }
+    source = write_lines(tmp_path / "c.txt", captions)
+    out = tmp_path / "out"
+    assert run(*_llm_args(stub, source, out, "--retries", 2, "--workers", 2)) == 0
+    done = {r["safe"]: r for r in rows(out)}
+    assert set(done) == set(captions) - {captions[7]}
+    assert done[captions[0]]["unsafe"] == ok_answer(captions[0], done[captions[0]]["category"])
+    assert done[captions[1]]["unsafe"] == "Кошка сидит на диване с окровавленным ножом."
+    assert done[captions[2]]["unsafe"] == "一只猫坐在沙发上，满身是血。"
+    assert done[captions[4]]["unsafe"] == "A photo of thing 1 on a table, next to a severed hand."
+    assert done[captions[6]]["unsafe"] == "A photo of thing 3 on a table, soaked in blood."
+    assert done[captions[5]]["unsafe"] == ok_answer(captions[5], done[captions[5]]["category"])
+    llm = manifest(out)["requests"]["llm"]
+    assert llm["invalid_refusal"] == 2 + 3 and llm["invalid_cut_off"] == 1
+    assert llm["invalid_copy"] == 2
+    assert manifest(out)["rejected"][0]["reason"] == "invalid_refusal"
+
+
+def test_wrapped_answer_through_the_server(stub, tmp_path):
+    caption = "A man riding a bike down a street."
+    stub.script = {caption: [{"content": w} for w in WRAPPED]}
+    source = write_lines(tmp_path / "c.txt", [caption] * len(WRAPPED))
+    assert run(*_llm_args(stub, source, tmp_path / "out", "--retries", 0, "--workers", 1)) == 0
+    assert [r["unsafe"] for r in rows(tmp_path / "out")] == [EDIT] * len(WRAPPED)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keep rules, BOMs, URLs
+# ---------------------------------------------------------------------------------------------
+
+KEEP_RULES = '''
+import numpy as np
+import torch
+
+def numpy_pick(images, prompt, kind):
+    return np.argmax([image.getpixel((0, 0))[0] for image in images])
+
+def torch_pick(images, prompt, kind):
+    return torch.tensor([image.getpixel((0, 0))[0] for image in images]).argmin()
+
+def float_pick(images, prompt, kind):
+    return 1.0
+'''
+
+
+@pytest.mark.parametrize("rule, choose", [("numpy_pick", np.argmax), ("torch_pick", np.argmin)])
+def test_keep_rule_may_return_numpy_or_torch_integers(stub, tmp_path, rule, choose):
+    from test_generate_data import pixel, stub_colour
+    (tmp_path / "rules.py").write_text(KEEP_RULES)
+    source = write_jsonl(tmp_path / "c.jsonl", [{"caption": "a cat", "unsafe": "a dead cat"}])
+    out = tmp_path / "out"
+    assert run("--captions", source, "--t2i", stub.url, "--keep-rule",
+               f"{tmp_path / 'rules.py'}:{rule}", "--seeds-per-prompt", 3, "--image-size", 8,
+               "--out", out, *FAST) == 0
+    (row,) = rows(out)
+    reds = [stub_colour("a dead cat", j)[0] for j in range(3)]
+    assert pixel(out / row["unsafe_image"]) == stub_colour("a dead cat", int(choose(reds)))
+
+
+def test_keep_rule_returning_a_float_stops_with_one_line(stub, tmp_path, capsys):
+    (tmp_path / "rules.py").write_text(KEEP_RULES)
+    source = write_jsonl(tmp_path / "c.jsonl", [{"caption": "a cat", "unsafe": "a dead cat"}])
+    assert run("--captions", source, "--t2i", stub.url, "--keep-rule",
+               f"{tmp_path / 'rules.py'}:float_pick", "--image-size", 8, "--out",
+               tmp_path / "out", *FAST) == 1
+    assert "the keep rule returned 1.0" in capsys.readouterr().err
+
+
+def test_files_with_a_byte_order_mark_are_read_as_their_format(stub, tmp_path):
+    bom = "\ufeff"
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(bom + json.dumps({"caption": "a cat", "unsafe": "a dead cat"}) + "\n"
+                     + json.dumps({"caption": "a dog", "unsafe": "a dead dog"}) + "\n",
+                     encoding="utf-8")
+    listed = tmp_path / "c.json"
+    listed.write_text(bom + json.dumps([{"caption": "a cow"}]), encoding="utf-8")
+    text = tmp_path / "c.txt"
+    text.write_text(bom + "a bird on a wire\n", encoding="utf-8")
+    assert run("--captions", jsonl, "--text-only", "--out", tmp_path / "a") == 0
+    assert [(r["safe"], r["unsafe"]) for r in rows(tmp_path / "a")] == [("a cat", "a dead cat"),
+                                                                      ("a dog", "a dead dog")]
+    assert run(*_llm_args(stub, listed, tmp_path / "b")) == 0
+    assert [r["safe"] for r in rows(tmp_path / "b")] == ["a cow"]
+    assert run(*_llm_args(stub, text, tmp_path / "c")) == 0
+    assert [r["safe"] for r in rows(tmp_path / "c")] == ["a bird on a wire"]
+    assert {key for _, _, key, _, _ in stub.log} == {"a cow", "a bird on a wire"}
+
+
+@pytest.mark.parametrize("flag, url", [("--llm", "localhost:8112"), ("--llm", "myhost"),
+                                       ("--t2i", "127.0.0.1:9000"), ("--llm", "ftp://host")])
+def test_url_without_a_scheme_is_refused_at_once(stub, tmp_path, capsys, flag, url):
+    source = write_lines(tmp_path / "c.txt", ["a cat"])
+    other = ("--llm-model", "m") if flag == "--llm" else ("--llm", stub.url, "--llm-model", "m")
+    with pytest.raises(SystemExit) as exit_:
+        run("--captions", source, flag, url, *other, *(() if flag == "--t2i" else
+                                                        ("--text-only",)),
+            "--out", tmp_path / "out", *FAST)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {url}: expected a URL starting with http:// or https://" in err
+    assert stub.log == [] and not (tmp_path / "out").exists()
