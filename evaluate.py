@@ -312,10 +312,10 @@ def image_digest(path):
         raise EvalError(f"cannot read image {path}: {e.strerror}") from e
 
 
-def load_model(ckpt, device, tokenizer=None):
+def load_model(ckpt, device, tokenizer=None, quick_gelu=None):
     """safeclip.load with the failure turned into a message that names the checkpoint."""
     try:
-        model, preprocess = safeclip.load(ckpt, device=device, tokenizer=tokenizer)
+        model, preprocess = safeclip.load(ckpt, device=device, tokenizer=tokenizer, quick_gelu=quick_gelu)
     except Exception as e:  # whatever the loader trips on, the cause is the user's file
         detail = str(e) if str(ckpt) in str(e) else f"{ckpt}: {type(e).__name__}: {e}"
         raise EvalError(f"cannot load checkpoint {detail}") from e
@@ -331,14 +331,16 @@ class Encoder:
     The model is loaded on the first cache miss only, so a fully cached run never reads it.
     """
 
-    def __init__(self, ckpt, tokenizer=None, device="cpu", batch_size=64, cache_dir=None, name="model"):
+    def __init__(self, ckpt, tokenizer=None, device="cpu", batch_size=64, cache_dir=None, name="model",
+                 quick_gelu=None):
         self.ckpt, self.tokenizer, self.device, self.name = ckpt, tokenizer, device, name
+        self.quick_gelu = quick_gelu
         self.batch_size, self.cache_dir = batch_size, cache_dir
         self._model = self._key = None
 
     def model(self):
         if self._model is None:
-            self._model = load_model(self.ckpt, self.device, self.tokenizer)
+            self._model = load_model(self.ckpt, self.device, self.tokenizer, self.quick_gelu)
         return self._model
 
     def texts(self, texts, desc):
@@ -354,10 +356,12 @@ class Encoder:
 
     def _model_key(self):
         """What the embeddings depend on besides the inputs: weights, tokenizer, our code, and the
-        device type (safeclip encodes in bfloat16 on CUDA, in float32 on the CPU)."""
+        device type (safeclip encodes in bfloat16 on CUDA, in float32 on the CPU), the activation
+        (--quick-gelu, or the sidecar JSON that records it beside a plain state dict)."""
         if self._key is None:
-            h = hashlib.sha256(f"{CACHE_FORMAT} {torch.device(self.device).type}".encode())
-            for path in (self.ckpt, self.tokenizer, safeclip.__file__):
+            h = hashlib.sha256(f"{CACHE_FORMAT} {torch.device(self.device).type} {self.quick_gelu}".encode())
+            sidecar = Path(self.ckpt).with_suffix(".json")
+            for path in (self.ckpt, self.tokenizer, safeclip.__file__, sidecar if sidecar.is_file() else None):
                 h.update(checkpoint_digest(path) if path else b"none")
             self._key = h.hexdigest()
         return self._key
@@ -428,7 +432,7 @@ def evaluate(args):
     cache_dir = None if args.no_cache else args.cache_dir
     models = {}
     for name, ckpt in checkpoints.items():
-        encoder = Encoder(ckpt, args.tokenizer, device, args.batch_size, cache_dir, name)
+        encoder = Encoder(ckpt, args.tokenizer, device, args.batch_size, cache_dir, name, args.quick_gelu)
         models[name] = evaluate_model(encoder, rows, zeroshot_set, templates)
     return {"models": models, "data": args.data, "split": args.split}
 
@@ -548,6 +552,7 @@ def parse_args(argv=None):
                    help="a second model (typically the original CLIP), reported alongside, with the difference")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, bpe_simple_vocab_16e6.txt.gz or a folder "
                    "holding one, for weights that come without one (replaces the checkpoints' own, for both models)")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, help=safeclip.QUICK_GELU_HELP + " (for both models)")
     p.add_argument("--zeroshot", metavar="DIR", help="also classify DIR/CLASS_NAME/*.jpg zero-shot")
     p.add_argument("--templates", metavar="FILE", help="prompt templates for --zeroshot, one per line, {} for the class "
                    f"(default: {len(DEFAULT_TEMPLATES)} built in, like {DEFAULT_TEMPLATES[0]!r})")

@@ -43,7 +43,7 @@ import unicodedata
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -850,7 +850,7 @@ def to_hf_state_dict(sd):
     return hf
 
 
-def infer_config(sd, quick_gelu=None):
+def infer_config(sd):
     """Every size of the model from the shapes in an OpenAI-named state dict (as OpenAI's
     `build_model` does), so a user never has to say which CLIP a file holds."""
     if any(k.startswith("visual.layer1.") or k.startswith("visual.attnpool.") for k in sd):
@@ -872,14 +872,15 @@ def infer_config(sd, quick_gelu=None):
         vision_layers=layers("visual.transformer."),
         vision_width=vision_width,
         vision_patch_size=patch,
-        vision_heads=vision_width // OPENCLIP_HEAD_WIDTH.get(vision_width, 64),
+        # max(1, ...): our own scratch models narrower than 64 have one head (see `scratch_config`).
+        vision_heads=max(1, vision_width // OPENCLIP_HEAD_WIDTH.get(vision_width, 64)),
         context_length=sd["positional_embedding"].shape[0],
         vocab_size=sd["token_embedding.weight"].shape[0],
         text_width=text_width,
-        text_heads=text_width // 64,
+        text_heads=max(1, text_width // 64),
         text_layers=layers("transformer."),
         # No OpenAI model is this wide; OpenCLIP's are, and they were trained with exact GELU.
-        quick_gelu=vision_width < 1280 if quick_gelu is None else quick_gelu,
+        quick_gelu=vision_width < 1280,
     )
 
 
@@ -920,8 +921,9 @@ def load(path, device="cpu", tokenizer=None, quick_gelu=None):
     `model.tokenizer` attached where one can be found; `preprocess` turns a PIL image into the
     model's input tensor. `path` is an OpenAI `.pt` file, a plain state dict (`.pt`, `.pth`,
     `.bin`, `.safetensors`), a Hugging Face CLIPModel folder, or a folder written by `save`.
-    `tokenizer` (a path or a Tokenizer) overrides the one found; `quick_gelu` overrides the guess
-    made for plain state dicts (OpenCLIP's LAION models need False).
+    `tokenizer` (a path or a Tokenizer) overrides the one found; `quick_gelu` overrides the
+    activation, which a plain state dict does not record: without `export_openai`'s sidecar
+    JSON beside it, it is guessed from the width (OpenCLIP's LAION models then need False).
     """
     path = Path(path)
     if not path.exists():
@@ -938,11 +940,7 @@ def load(path, device="cpu", tokenizer=None, quick_gelu=None):
                 found_tokenizer = path / "tokenizer.json"
             if "safeclip" in meta:
                 sd = load_safetensors(str(path / "model.safetensors"))
-                config = CLIPConfig(**meta["safeclip"]["config"])
-                shapes = {**asdict(infer_config(sd)), "vision_heads": config.vision_heads,
-                          "text_heads": config.text_heads, "quick_gelu": config.quick_gelu}
-                if CLIPConfig(**shapes) != config:  # head counts and activation leave no trace in shapes
-                    raise CheckpointError(f"{config_file}: config does not match the tensors' shapes")
+                config = _recorded_config(config_file, meta, sd)
             else:
                 weights = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
                 if not weights:
@@ -951,7 +949,11 @@ def load(path, device="cpu", tokenizer=None, quick_gelu=None):
                 config = CLIPConfig(**{**asdict(infer_config(sd)), **_config_from_hf(config_file, meta)})
         else:
             sd = _read_state_dict(path)
-            config = infer_config(sd, quick_gelu)
+            sidecar = path.with_suffix(".json")  # written by `export_openai`
+            meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+            config = _recorded_config(sidecar, meta, sd) if "safeclip" in meta else infer_config(sd)
+        if quick_gelu is not None:
+            config = replace(config, quick_gelu=quick_gelu)
         model = _build(sd, config, path)
     except CheckpointError as e:
         raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
@@ -967,6 +969,17 @@ def load(path, device="cpu", tokenizer=None, quick_gelu=None):
     else:
         model.tokenizer = _default_tokenizer(path, config)
     return model.to(device).eval(), image_transform(config.image_resolution)
+
+
+def _recorded_config(config_file, meta, sd):
+    """The config `save` or `export_openai` wrote, checked against the tensors it describes.
+    Head counts and the activation leave no trace in the shapes; that is why they are written."""
+    config = CLIPConfig(**meta["safeclip"]["config"])
+    shapes = {**asdict(infer_config(sd)), "vision_heads": config.vision_heads,
+              "text_heads": config.text_heads, "quick_gelu": config.quick_gelu}
+    if CLIPConfig(**shapes) != config:
+        raise CheckpointError(f"{config_file}: config does not match the tensors' shapes")
+    return config
 
 
 def _default_tokenizer(weights_path, config):
@@ -1384,13 +1397,16 @@ def gather_rows(local, n, rank, world):
 
 
 def _fingerprint(model_path, rows, model):
-    """What the cached references depend on: the weight files and the safe half of the data."""
+    """What the cached references depend on: the weight files, the model's sizes and activation,
+    the tokenizer's content (not just its size), this code, and the safe half of the data."""
     h = hashlib.sha256()
     paths = sorted(Path(model_path).rglob("*")) if Path(model_path).is_dir() else [Path(model_path)]
     for p in paths:
         if p.is_file():
             h.update(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
-    h.update(json.dumps([asdict(model.config), model.tokenizer.vocab_size]).encode())
+    h.update(json.dumps(asdict(model.config)).encode())
+    h.update(model.tokenizer._tokenizer.to_str().encode())
+    h.update(Path(__file__).read_bytes())
     for r in rows:
         st = os.stat(r["safe_image"])
         h.update(f"{r['safe']}\0{r['safe_image']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -1433,8 +1449,8 @@ def recall_at_1(queries, gallery):
 
 @torch.no_grad()
 def validate(model, rows, ids, preprocess, refs, args, device):
-    """Validation loss (averaged over batches) and the public code's recall-sum: R@1 both ways
-    for (T, V), (T, V*) and (T*, V)."""
+    """Validation loss (the mean over rows of the per-batch losses) and the public code's
+    recall-sum: R@1 both ways for (T, V), (T, V*) and (T*, V)."""
     was_training = model.training
     model.eval()
     n = len(rows)
@@ -1443,18 +1459,20 @@ def validate(model, rows, ids, preprocess, refs, args, device):
     v_safe = encode_images(model, preprocess, [r["safe_image"] for r in rows], args.batch_size, device, desc=False)
     v_unsafe = encode_images(model, preprocess, [r["unsafe_image"] for r in rows], args.batch_size, device, desc=False)
     model.train(was_training)
-    sums, batches = {}, 0
-    for i in range(0, n - args.batch_size + 1 if n >= args.batch_size else 1, args.batch_size):
+    # Every row counts, the last partial batch too, each batch weighted by its size: best-model
+    # selection and early stopping must not ignore up to batch - 1 rows.
+    sums = {}
+    for i in range(0, n, args.batch_size):
         s = slice(i, i + args.batch_size)
+        weight = len(t_safe[s]) / n
         if args.objective == "safeclip":
             total, terms = safe_clip_loss(t_safe[s], t_unsafe[s], v_safe[s], v_unsafe[s], refs[0][s], refs[1][s], args.lambdas)
         else:
             total = clip_loss(torch.cat([t_safe[s], t_unsafe[s]]), torch.cat([v_safe[s], v_unsafe[s]]), model.logit_scale.cpu())
             terms = {}
         for k, v in {"loss": total, **terms}.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        batches += 1
-    metrics = {k: v / batches for k, v in sums.items()}
+            sums[k] = sums.get(k, 0.0) + weight * float(v)
+    metrics = dict(sums)
     pairs = {"T-V": (t_safe, v_safe), "T-V*": (t_safe, v_unsafe), "T*-V": (t_unsafe, v_safe)}
     metrics["recall_sum"] = sum(recall_at_1(a, b) + recall_at_1(b, a) for a, b in pairs.values())
     return metrics
@@ -1482,17 +1500,38 @@ def parse_lambdas(text):
         raise argparse.ArgumentTypeError(f"--lambdas: {e}") from None
 
 
-def parse_scratch(text, vocab_size):
-    """'width=128,layers=4,...' -> a CLIPConfig for a model trained from scratch."""
+def parse_scratch(text):
+    """--scratch 'width=128,layers=4,...' -> the sizes of a model trained from scratch, checked
+    while parsing the command line, so a bad one stops before any work."""
     spec = dict(embed_dim=128, image_resolution=32, vision_patch_size=4, width=128, layers=4, context_length=32)
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
         if key not in spec:
-            raise argparse.ArgumentTypeError(f"--scratch: unknown key {key!r}; known: {', '.join(spec)}")
+            raise argparse.ArgumentTypeError(f"unknown key {key!r}; known: {', '.join(spec)}")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{key}={value!r}: expected a positive integer")
         spec[key] = int(value)
+    if spec["image_resolution"] % spec["vision_patch_size"]:
+        raise argparse.ArgumentTypeError(
+            f"image_resolution={spec['image_resolution']} is not a multiple of vision_patch_size="
+            f"{spec['vision_patch_size']}: the image must cut into whole patches")
+    if spec["width"] % _scratch_heads(spec["width"]):
+        raise argparse.ArgumentTypeError(f"width={spec['width']} does not split into "
+                                         f"{_scratch_heads(spec['width'])} equal heads (use a multiple of 64)")
+    return spec
+
+
+def _scratch_heads(width):
+    return max(1, width // 64)  # OpenAI's 64-wide heads, and one head for narrower toys
+
+
+def scratch_config(spec, vocab_size, quick_gelu=None):
+    """The CLIPConfig of a model trained from scratch: both towers `width` wide and `layers` deep."""
+    spec = dict(spec)
     w, layers = spec.pop("width"), spec.pop("layers")
-    return CLIPConfig(**spec, vision_width=w, vision_layers=layers, vision_heads=max(1, w // 64), text_width=w,
-                      text_layers=layers, text_heads=max(1, w // 64), vocab_size=vocab_size)
+    return CLIPConfig(**spec, vision_width=w, vision_layers=layers, vision_heads=_scratch_heads(w), text_width=w,
+                      text_layers=layers, text_heads=_scratch_heads(w), vocab_size=vocab_size,
+                      quick_gelu=True if quick_gelu is None else quick_gelu)
 
 
 def lr_at(step, args, total_steps):
@@ -1551,20 +1590,19 @@ def train(args):
 
     # Data: everything is checked before the first step.
     rows = read_pairs(args.data, skip_bad=args.skip_bad)
-    skipped = read_pairs.skipped
+    rows, bad = _check_images([r for r in rows if r["split"] in ("train", "val")], args, main_process)
+    skipped = read_pairs.skipped + bad
     train_rows = [r for r in rows if r["split"] == "train"]
     val_rows = [r for r in rows if r["split"] == "val"]
+    # Counted after the rows --skip-bad dropped: what is left must still make one step.
+    left = f"{len(train_rows)} training rows" + (f" (after skipping {skipped} bad row(s))" if skipped else "")
     if len(train_rows) < args.batch_size:
-        raise DataError(f"{args.data}: {len(train_rows)} training rows, fewer than one batch of {args.batch_size}")
+        raise DataError(f"{args.data}: {left}, fewer than one batch of {args.batch_size}")
     if len(train_rows) < args.batch_size * args.accum:
-        raise DataError(f"{args.data}: {len(train_rows)} training rows, fewer than one step of "
+        raise DataError(f"{args.data}: {left}, fewer than one step of "
                         f"{args.batch_size} x {args.accum} (--batch-size x --accum)")
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
-    train_rows, bad = _check_images(train_rows + val_rows, args, main_process)
-    skipped += bad
-    val_rows = [r for r in train_rows if r["split"] == "val"]
-    train_rows = [r for r in train_rows if r["split"] == "train"]
 
     out.mkdir(parents=True, exist_ok=True)  # only now that the data is known to be good
 
@@ -1575,11 +1613,11 @@ def train(args):
         else:
             captions = [r[k] for r in train_rows for k in ("safe", "unsafe")]
             tokenizer = Tokenizer.train(captions, vocab_size=args.vocab_size)
-        model = CLIP(parse_scratch(args.scratch, tokenizer.vocab_size))
+        model = CLIP(scratch_config(args.scratch, tokenizer.vocab_size, args.quick_gelu))
         model.tokenizer = tokenizer
         preprocess = image_transform(model.config.image_resolution)
     else:
-        model, preprocess = load(args.model, device="cpu", tokenizer=args.tokenizer)
+        model, preprocess = load(args.model, device="cpu", tokenizer=args.tokenizer, quick_gelu=args.quick_gelu)
         require_tokenizer(model)
     model.to(device)
     ctx = model.config.context_length
@@ -1802,9 +1840,13 @@ def export_hf(model, folder):
 
 
 def export_openai(model, path):
-    """An OpenAI-named state dict, as OpenAI's `clip.model.build_model` expects."""
+    """An OpenAI-named state dict, as OpenAI's `clip.model.build_model` expects, and beside it
+    `path` with the suffix .json: the head counts and activation, which the tensors do not show
+    (`load` reads it; without it a model with exact GELU would come back as QuickGELU)."""
+    path = Path(path)
     sd = _plain_state_dict(model)
     _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    _write_json(path.with_suffix(".json"), {"safeclip": {"config": asdict(model.config)}})
 
 
 # -- downloads: OpenAI's weights and vocabulary, resumed when cut, verified before they appear --
@@ -1979,6 +2021,11 @@ def _download_command(args):
 def cmd_train(args):
     if (args.model is None) == (args.scratch is None):
         raise SystemExit("error: give exactly one of --model PATH (fine-tune) and --scratch SPEC (pre-train)")
+    if args.scratch is not None and args.objective != "clip":
+        raise SystemExit(f"error: --scratch needs --objective clip: a new model is pre-trained with CLIP's own "
+                         f"loss; --objective {args.objective} fine-tunes a trained one (--model PATH)")
+    if {"text", "vision"} <= set(args.freeze or ()):
+        raise SystemExit("error: --freeze text vision leaves nothing to train; freeze one tower at most")
     if args.lr is None:
         args.lr = 5e-4 if args.scratch is not None else 1e-5 if args.full else 1e-3
     train(args)
@@ -1987,13 +2034,18 @@ def cmd_train(args):
 def cmd_export(args):
     if not (args.hf or args.openai):
         raise SystemExit("error: nothing to do; give --hf OUT and/or --openai OUT.pt")
-    model, _ = load(args.checkpoint, tokenizer=args.tokenizer)
+    model, _ = load(args.checkpoint, tokenizer=args.tokenizer, quick_gelu=args.quick_gelu)
     if args.hf:
         export_hf(model, args.hf)
         print(f"wrote {args.hf} (transformers.CLIPModel.from_pretrained)")
     if args.openai:
         export_openai(model, args.openai)
         print(f"wrote {args.openai} (OpenAI state dict)")
+
+
+QUICK_GELU_HELP = ("the model's activation: QuickGELU (OpenAI's models) or, with --no-quick-gelu, exact GELU "
+                   "(OpenCLIP's LAION models). Default: what the checkpoint records; a plain state dict records "
+                   "nothing, and is then guessed from its width (QuickGELU below 1280)")
 
 
 def build_parser():
@@ -2010,9 +2062,11 @@ def build_parser():
     g.add_argument("--data", required=True, help="pairs.jsonl (safe, unsafe, safe_image, unsafe_image[, category, split])")
     g.add_argument("--model", help="weights to fine-tune: anything safeclip.load reads")
     g.add_argument("--tokenizer", help="tokenizer for weights that come without one (tokenizer.json or OpenAI's .txt.gz)")
-    g.add_argument("--scratch", metavar="SPEC", help="train a new model instead, e.g. "
+    g.add_argument("--scratch", metavar="SPEC", type=parse_scratch, help="train a new model instead, e.g. "
                    "'width=128,layers=4,embed_dim=128,image_resolution=32,vision_patch_size=4,context_length=32'")
     g.add_argument("--vocab-size", type=int, default=2000, help="BPE vocabulary trained for --scratch without --tokenizer")
+    g.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction,
+                   help=QUICK_GELU_HELP + "; with --scratch, QuickGELU unless --no-quick-gelu")
     g.add_argument("--out", required=True, help="output folder: checkpoints, log.jsonl, the final model")
     g.add_argument("--skip-bad", action="store_true", help="skip malformed rows and unreadable images instead of stopping")
     g = t.add_argument_group("objective")
@@ -2060,6 +2114,7 @@ def build_parser():
     e.add_argument("--hf", metavar="OUT", help="Hugging Face CLIPModel folder to write")
     e.add_argument("--openai", metavar="OUT.pt", help="OpenAI-named state dict to write")
     e.add_argument("--tokenizer", help="tokenizer to attach, for weights without one")
+    e.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, help=QUICK_GELU_HELP)
     e.set_defaults(func=cmd_export)
 
     add_download_command(sub)

@@ -436,3 +436,29 @@ def test_script_exits_non_zero_with_the_message(world, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args_for(world, tmp_path, "--split", "val")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "no rows in split 'val'" in done.stderr
+
+
+def test_cache_is_invalidated_by_tokenizer_content_code_and_activation(world, tmp_path, monkeypatch):
+    """Bugs guarded: a cache key without the tokenizer's content or our code would serve embeddings
+    of another tokenizer or of an older safeclip.py; one without --quick-gelu, those of the other
+    activation."""
+    calls = []
+    real = safeclip.load
+    monkeypatch.setattr(safeclip, "load", lambda *a, **k: calls.append(k.get("quick_gelu")) or real(*a, **k))
+    argv = args_for(world, tmp_path)
+    ev.main(argv)
+    ev.main(argv)
+    assert calls == [None]  # the second run came from the cache
+    tok = safeclip.Tokenizer.from_file(world / "model")
+    merges = list(tok._merges)
+    merges[-2:] = merges[-1], merges[-2]  # the same vocabulary size, another BPE
+    safeclip.Tokenizer(tok._vocab, merges).save(tmp_path / "tok")
+    ev.main(argv + ["--tokenizer", str(tmp_path / "tok")])
+    assert len(calls) == 2
+    changed = tmp_path / "safeclip.py"
+    changed.write_text(Path(safeclip.__file__).read_text() + "\n# a change\n")
+    monkeypatch.setattr(safeclip, "__file__", str(changed))
+    ev.main(argv)
+    assert len(calls) == 3
+    ev.main(argv + ["--no-quick-gelu"])
+    assert calls[3:] == [False]

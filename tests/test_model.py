@@ -295,3 +295,44 @@ def test_openai_vocabulary_next_to_the_weights_is_attached(openai_model, openai_
     (tmp_path / "bpe_simple_vocab_16e6.txt.gz").write_bytes(openai_vocab.read_bytes())
     found, _ = safeclip.load(tmp_path / "w.pt")
     assert found.tokenizer(["a photo of a cat"])[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def scratch_model(spec, **changes):
+    import dataclasses
+    config = safeclip.scratch_config(safeclip.parse_scratch(spec), 300)
+    torch.manual_seed(0)
+    return safeclip.CLIP(dataclasses.replace(config, **changes)).eval()
+
+
+def test_export_openai_keeps_the_activation_and_head_counts(tmp_path):
+    """Bugs: `export --openai` of an exact-GELU model came back as QuickGELU (guessed from the width),
+    and a scratch model narrower than 64 came back with 0 heads (ZeroDivisionError at its first
+    forward); neither is visible in the tensors, so the export records them beside the file."""
+    spec = "width=32,layers=2,embed_dim=16,image_resolution=16,vision_patch_size=8,context_length=20"
+    for model in (scratch_model(spec, quick_gelu=False), scratch_model(spec.replace("32", "128"), vision_heads=4)):
+        safeclip.export_openai(model, tmp_path / "w.pt")
+        loaded, _ = safeclip.load(tmp_path / "w.pt")
+        assert loaded.config == model.config
+        images, ids = torch.randn(3, 3, 16, 16), random_token_ids(3, 20, 300, max_len=10)
+        with torch.no_grad():
+            assert rel_err(loaded.encode_text(ids), model.encode_text(ids)) <= 1e-6
+            assert rel_err(loaded.encode_image(images), model.encode_image(images)) <= 1e-6
+    (tmp_path / "w.json").unlink()  # the tensors alone: the head count is guessed (never 0)
+    assert safeclip.load(tmp_path / "w.pt")[0].config.vision_heads == 2
+    safeclip.export_openai(scratch_model(spec), tmp_path / "w.pt")
+    (tmp_path / "w.json").unlink()
+    assert safeclip.load(tmp_path / "w.pt")[0].config.vision_heads == 1
+
+
+@pytest.mark.parametrize("flag,quick", [([], True), (["--no-quick-gelu"], False), (["--quick-gelu"], True)])
+def test_export_command_takes_the_activation_for_a_plain_state_dict(tmp_path, flag, quick):
+    """Bug: no command had a way to override the activation guessed for a plain state dict, so
+    OpenCLIP's LAION weights given as .pt trained, evaluated and exported with QuickGELU."""
+    tok = safeclip.Tokenizer.train(["a cat", "a dog"], vocab_size=600)
+    tok.save(tmp_path)
+    torch.save(scratch_model("width=64,layers=1,embed_dim=16,image_resolution=16,vision_patch_size=8",
+                             vocab_size=tok.vocab_size).state_dict(), tmp_path / "w.pt")
+    assert safeclip.main(["export", str(tmp_path / "w.pt"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                          "--hf", str(tmp_path / "hf"), *flag]) == 0
+    act = json.loads((tmp_path / "hf" / "config.json").read_text())["text_config"]["hidden_act"]
+    assert act == ("quick_gelu" if quick else "gelu")

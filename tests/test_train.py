@@ -277,3 +277,107 @@ def test_gradient_checkpointing_gives_the_same_gradients(base_model):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(model.parameters())) - 1  # all but logit_scale
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
+
+
+# -- refusals: before any work, one line naming the flag or file, nothing written into --out --------
+
+
+def refused(argv, capsys, *fragments):
+    """Run the command line; it must fail, name every fragment in one line, and leave --out absent."""
+    try:
+        rc = safeclip.main(argv)
+    except SystemExit as e:  # argparse and cmd_train's up-front checks
+        rc = e.code if isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc not in (0, None) and err, err
+    for fragment in fragments:
+        assert fragment in err[-1], err
+    assert not Path(argv[argv.index("--out") + 1]).exists()
+
+
+@pytest.mark.parametrize("steps", [[], ["--steps", "2"]])
+def test_skip_bad_that_leaves_less_than_one_batch_is_refused(tmp_path, base_model, capsys, steps):
+    """Bug: the row count was checked before --skip-bad dropped unreadable images, so 3 good rows
+    at batch 4 gave `done: 0 steps` and an untrained model (or ZeroDivisionError with --steps)."""
+    path = make_pairs(tmp_path, n=6)
+    for i in (1, 2, 4):
+        (tmp_path / "images" / f"{i}_safe.png").write_bytes(b"not a png")
+    argv = ["train", "--data", str(path), "--model", str(base_model), "--out", str(tmp_path / "run"),
+            "--batch-size", "4", "--workers", "0", "--skip-bad", *steps]
+    refused(argv, capsys, "pairs.jsonl", "3 training rows (after skipping 3 bad row(s))", "one batch of 4")
+
+
+SCRATCH = "width=64,layers=1,embed_dim=16,image_resolution=32,vision_patch_size=8,context_length=16"
+
+
+@pytest.mark.parametrize("extra,fragments", [
+    (["--scratch", SCRATCH], ["--scratch needs --objective clip"]),
+    (["--scratch", "image_resolution=30,vision_patch_size=8", "--objective", "clip"],
+     ["--scratch", "image_resolution=30 is not a multiple of vision_patch_size=8"]),
+    (["--scratch", "width=200", "--objective", "clip"], ["--scratch", "width=200 does not split"]),
+    (["--scratch", "layers=two", "--objective", "clip"], ["--scratch", "layers='two'"]),
+    (["--model", "MODEL", "--freeze", "text", "vision"], ["--freeze text vision leaves nothing to train"]),
+])
+def test_meaningless_options_are_refused_before_any_work(data, base_model, tmp_path, capsys, extra, fragments):
+    """Bugs: --scratch with the Safe-CLIP objective died in _fingerprint(None) after training a
+    tokenizer; a resolution that is no multiple of the patch trained every step, then failed to
+    save; --freeze text vision died in the optimizer after computing the references."""
+    extra = [str(base_model) if x == "MODEL" else x for x in extra]
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "8", "--workers", "0",
+            "--steps", "1", *extra]
+    refused(argv, capsys, *fragments)
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+def test_validation_loss_weights_every_row_including_the_last_partial_batch(data, base_model):
+    """Bug: the loss averaged full batches only, so with 7 val rows at batch 4 rows 4-6 were ignored
+    by best-model selection and early stopping."""
+    model, preprocess = safeclip.load(base_model)
+    rows = safeclip.read_pairs(data, split="val")[:7]
+    ids = [model.tokenizer([r[k] for r in rows], context_length=16) for k in ("safe", "unsafe")]
+    g = torch.Generator().manual_seed(torch.seed() % 2**32)
+    refs = [torch.randn(7, 32, generator=g), torch.randn(7, 32, generator=g)]
+    args = safeclip.build_parser().parse_args(["train", "--data", "-", "--out", "-", "--batch-size", "4"])
+    loss = safeclip.validate(model, rows, ids, preprocess, refs, args, "cpu")["loss"]
+    t, t_star = safeclip.encode_token_ids(model, ids[0]), safeclip.encode_token_ids(model, ids[1])
+    v = safeclip.encode_images(model, preprocess, [r["safe_image"] for r in rows])
+    v_star = safeclip.encode_images(model, preprocess, [r["unsafe_image"] for r in rows])
+    by_hand = sum(len(range(7)[s]) / 7 * safeclip.safe_clip_loss(t[s], t_star[s], v[s], v_star[s], refs[0][s], refs[1][s])[0]
+                  for s in (slice(0, 4), slice(4, 7)))
+    assert loss == pytest.approx(float(by_hand), rel=1e-6)
+    refs[0][4:] = torch.randn(3, 32, generator=g)  # the remainder's targets change: so must the loss
+    assert abs(safeclip.validate(model, rows, ids, preprocess, refs, args, "cpu")["loss"] - loss) > 1e-3
+
+
+# -- references: the cache key ---------------------------------------------------------------------
+
+
+def test_reference_cache_key_covers_tokenizer_content_and_code(data, base_model, tmp_path, monkeypatch):
+    """Bug: the key held the tokenizer's vocabulary size, not its content, so another --tokenizer
+    of the same size reused stale references; nor did it cover the code that computes them."""
+    model, _ = safeclip.load(base_model)
+    rows = safeclip.read_pairs(data)
+    key = safeclip._fingerprint(base_model, rows, model)
+    assert safeclip._fingerprint(base_model, rows, model) == key
+    tok = model.tokenizer
+    merges = list(tok._merges)
+    merges[-2:] = merges[-1], merges[-2]  # the same vocabulary, another BPE
+    model.tokenizer = safeclip.Tokenizer(tok._vocab, merges)
+    assert model.tokenizer.vocab_size == tok.vocab_size
+    assert safeclip._fingerprint(base_model, rows, model) != key
+    model.tokenizer = tok
+    changed = tmp_path / "safeclip.py"
+    changed.write_text(Path(safeclip.__file__).read_text() + "\n# a change\n")
+    monkeypatch.setattr(safeclip, "__file__", str(changed))
+    assert safeclip._fingerprint(base_model, rows, model) != key
+
+
+def test_train_takes_the_activation_of_a_plain_state_dict_from_the_command_line(data, base_model, tmp_path):
+    """Bug: `train --model weights.pt` had no way to override the activation guessed from the width."""
+    assert safeclip.main(["export", str(base_model), "--openai", str(tmp_path / "w.pt")]) == 0
+    (tmp_path / "w.json").unlink()  # a plain state dict from elsewhere records no activation
+    out = train(data, tmp_path / "w.pt", tmp_path / "run", "--tokenizer", str(base_model), "--steps", "1",
+                "--no-quick-gelu")
+    assert safeclip.load(out)[0].config.quick_gelu is False
