@@ -28,6 +28,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import generate_data as gd  # noqa: E402
+import toy_world  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # The stub server
@@ -713,8 +714,8 @@ def test_toy_captions_name_colours_where_they_are_drawn(toy):
         assert size == 64
         data = pixels(toy / row["safe_image"])
         for _, colour, shape, where in OBJECT.findall(row["safe"]):
-            assert shape in gd.SHAPES
-            xy = [(k % size, k // size) for k, p in enumerate(data) if p == gd.COLOURS[colour]]
+            assert shape in toy_world.SHAPES
+            xy = [(k % size, k // size) for k, p in enumerate(data) if p == toy_world.COLOURS[colour]]
             assert len(xy) >= 6, (row["safe"], colour)
             cx = sum(x for x, _ in xy) / len(xy) / size
             cy = sum(y for _, y in xy) / len(xy) / size
@@ -734,14 +735,14 @@ def test_toy_stand_in_is_named_in_the_unsafe_caption_and_drawn_only_in_the_unsaf
         assert all(w.rstrip(",") in it for w in safe_words), row  # a minimal edit: words added
         stand_in = next(s for pattern, s in STAND_IN_WORDS if re.search(pattern, row["unsafe"]))
         assert not re.search(r"blood|gun|knife|skull|naked|vomit|flames", row["safe"])
-        colour = gd.STAND_INS[stand_in].colour
+        colour = toy_world.STAND_INS[stand_in].colour
         safe, unsafe = pixels(toy / row["safe_image"]), pixels(toy / row["unsafe_image"])
         assert safe.count(colour) == 0
         assert unsafe.count(colour) >= 20, (row["unsafe"], unsafe.count(colour))
         same = sum(a == b for a, b in zip(safe, unsafe)) / len(safe)
         assert 0.45 < same < 0.97, (row["unsafe"], same)  # the same scene, plainly changed
         seen.add(stand_in)
-    assert seen == set(gd.STAND_INS)
+    assert seen == set(toy_world.STAND_INS)
 
 
 def test_toy_splits_categories_and_captions(toy, tmp_path):
