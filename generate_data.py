@@ -42,10 +42,13 @@ Output (--out DIR)
   unsafe_captions.jsonl  the LLM's accepted answers, so that a resumed run never asks twice
 
 Re-running the same command resumes: finished rows are kept and nothing is duplicated. Images are
-written to a temporary name and renamed into place; each line is appended with one write and an
-fsync, and a torn last line left by a crash is dropped. A kill loses at most the items in flight.
-When every item is done, pairs.jsonl is rewritten in input order, so a finished dataset does not
-depend on thread timing or on how often the run was resumed.
+written to a temporary name and renamed into place; each LLM answer is appended with one write and
+an fsync, finished rows in batches (64 rows or one second), and a torn last line left by a crash
+is dropped. A kill loses at most the items in flight and the last second's rows. Items rejected
+for their content (refusals, unusable answers, no image kept) stay rejected on resume, unless
+--retry-rejected asks for them again after every new item. The source is known by its content
+hash, so a moved file resumes. When every item is done, pairs.jsonl is rewritten in input order,
+so a finished dataset does not depend on thread timing or on how often the run was resumed.
 """
 
 from __future__ import annotations
@@ -123,6 +126,10 @@ MAX_BACKOFF_S = 60.0
 MAX_RETRY_AFTER_S = 300.0
 MAX_REJECTED_IN_A_ROW = 20  # that many rejections in a row means the server is down or refusing
 MANIFEST_EVERY_S = 10.0     # how often a long run refreshes manifest.json
+# Finished rows are committed (one write and one fsync) in batches: an fsync per row would cost
+# more than a text-only row, and a crash loses at most one batch, which the next run remakes.
+ROWS_PER_COMMIT = 64
+COMMIT_EVERY_S = 1.0
 
 
 class InputError(ValueError):
@@ -261,13 +268,28 @@ def hashed_order(ids: list[str], seed: int, salt: str) -> list[str]:
     return sorted(ids, key=lambda i: _digest(seed, salt, i))
 
 
+def split_sizes(n: int, fractions: tuple[float, float, float]) -> list[int]:
+    """How many of n rows each split gets: the largest-remainder rule on n * fraction, then each
+    split with a positive fraction takes one row from the largest while that leaves it one, so
+    tiny datasets still have a val and a test row. A fraction of 0 gets no row, ever."""
+    quotas = [f * n for f in fractions]
+    sizes = [math.floor(q) for q in quotas]
+    by_remainder = sorted((k for k in range(3) if fractions[k] > 0),
+                          key=lambda k: sizes[k] - quotas[k])  # stable: train first on ties
+    for k in by_remainder[:n - sum(sizes)]:
+        sizes[k] += 1
+    for k in range(3):
+        if fractions[k] > 0 and sizes[k] == 0 and max(sizes) > 1:
+            sizes[sizes.index(max(sizes))] -= 1
+            sizes[k] += 1
+    return sizes
+
+
 def assign_splits(ids: list[str], fractions: tuple[float, float, float], seed: int) -> dict:
-    """Cut a hashed order of the ids at the split fractions: exact counts, stable under resume."""
-    order = hashed_order(ids, seed, "split")
-    n_train = round(fractions[0] * len(order))
-    n_val = min(round(fractions[1] * len(order)), len(order) - n_train)
+    """Cut a hashed order of the ids into splits of split_sizes(): stable under resume."""
+    n_train, n_val, _ = split_sizes(len(ids), fractions)
     return {i: ("train" if k < n_train else "val" if k < n_train + n_val else "test")
-            for k, i in enumerate(order)}
+            for k, i in enumerate(hashed_order(ids, seed, "split"))}
 
 
 def assign_categories(ids: list[str], categories: tuple[str, ...], seed: int) -> dict:
@@ -889,17 +911,39 @@ class OutputDir:
                                           + "\n").encode("utf-8"))
 
 
+def rejected_for_content(reason: str) -> bool:
+    """Whether a rejection came from the item itself (the model's answers to it, no image kept, a
+    4xx for its request) rather than from a server that was down or overloaded."""
+    return (reason.startswith("invalid_") or reason == "kept_none"
+            or bool(re.fullmatch(r"http_4\d\d", reason)) and reason not in
+            ("http_408", "http_425", "http_429"))
+
+
 class Job:
     """One run: the items, what is done, what was rejected, and the manifest that says so."""
 
-    def __init__(self, out: OutputDir, recipe: dict, backends: dict, total: int):
+    def __init__(self, out: OutputDir, recipe: dict, backends: dict, total: int,
+                 retry_rejected: bool = False, source_file: str | None = None):
         self.out, self.recipe, self.backends, self.total = out, recipe, backends, total
+        self.retry_rejected, self.source_file = retry_rejected, source_file
         previous = out.previous or {}
         self.stats = Stats(previous.get("requests"))
         self.rejected = {r["id"]: r for r in previous.get("rejected", [])}
+        # What earlier runs rejected for its content would most likely be rejected again: it is
+        # asked again only with --retry-rejected, after every new item, and outside the count of
+        # rejections in a row (which is there to notice a dead server, not a refused category).
+        self.earlier = {i for i, r in self.rejected.items() if rejected_for_content(r["reason"])}
         self.done = out.finished_rows()
+        self._staged: list[dict] = []
+        self._committed_at = time.monotonic()
         self._in_a_row = 0
         self._saved_at = 0.0
+
+    def schedule(self, items: list[Item]) -> list[Item]:
+        """The items to try in this run, in order: new ones, then (--retry-rejected) the others."""
+        fresh = [it for it in items if it.id not in self.earlier]
+        again = [it for it in items if it.id in self.earlier]
+        return fresh + again if self.retry_rejected else fresh
 
     def accept(self, *rows: dict) -> None:
         """Rows are finished: write them (one write and fsync for the lot)."""
@@ -910,6 +954,23 @@ class Job:
         self._in_a_row = 0
         self.save(every=MANIFEST_EVERY_S)
 
+    def stage(self, row: dict) -> None:
+        """A finished row, committed with others by commit_due()."""
+        self._staged.append(row)
+        self.commit_due()
+
+    def commit_due(self) -> None:
+        """Commit the staged rows once there are ROWS_PER_COMMIT, or the oldest waited long."""
+        if len(self._staged) >= ROWS_PER_COMMIT or (
+                self._staged and time.monotonic() - self._committed_at >= COMMIT_EVERY_S):
+            self.commit()
+
+    def commit(self) -> None:
+        rows, self._staged = self._staged, []
+        if rows:
+            self.accept(*rows)
+        self._committed_at = time.monotonic()
+
     def keep_answer(self, item: Item, unsafe: str) -> None:
         """The LLM wrote an item's unsafe caption: remember it, so no run asks for it again."""
         item.unsafe = unsafe
@@ -918,15 +979,21 @@ class Job:
         self._in_a_row = 0
 
     def reject(self, item: Item, stage: str | None, reason: str) -> None:
+        runs = self.rejected.get(item.id, {}).get("runs", 0) + 1
         self.rejected[item.id] = {"id": item.id, "safe": item.safe, "stage": stage,
-                                  "reason": reason}
+                                  "reason": reason, "runs": runs}
         self.stats.add(stage, "rejected_items")
-        self._in_a_row += 1
+        self._in_a_row += item.id not in self.earlier
         if self._in_a_row >= MAX_REJECTED_IN_A_ROW:
             raise FatalError(f"{self._in_a_row} items in a row were rejected (last: {reason}); "
                              f"stopping. Check the server and model, then run the same command "
                              f"again to resume")
         self.save(every=MANIFEST_EVERY_S)
+
+    def stop(self, status: str) -> None:
+        """Commit what is finished and record why the run ended early."""
+        self.commit()
+        self.save(status)
 
     def save(self, status: str = "running", every: float = 0.0) -> None:
         if every and time.monotonic() - self._saved_at < every:
@@ -937,11 +1004,14 @@ class Job:
             "generator": "generate_data.py",
             "status": status,
             "recipe": self.recipe,
+            "source_file": self.source_file,
             "backends": self.backends,
+            "retry_rejected": self.retry_rejected,
             "counts": {
                 "items": self.total,
                 "rows": len(self.done),
                 "rejected": len(self.rejected),
+                "not_retried": self.not_retried(),
                 "pending": self.total - len(self.done) - len(self.rejected),
                 "by_split": dict(sorted(Counter(r.get("split") for r in rows).items())),
                 "by_category": dict(sorted(Counter(str(r.get("category")) for r in rows).items())),
@@ -950,8 +1020,13 @@ class Job:
             "rejected": [self.rejected[k] for k in sorted(self.rejected, key=int)],
         })
 
+    def not_retried(self) -> int:
+        """Items rejected for their content by an earlier run that this run left alone."""
+        return 0 if self.retry_rejected else len(self.earlier & set(self.rejected))
+
     def finish(self) -> None:
         """Put the rows in input order (the file no longer depends on timing) and say so."""
+        self.commit()
         self.out.pairs.rewrite(sorted(self.done.values(), key=lambda r: int(r["id"])))
         self.save("complete")
 
@@ -961,8 +1036,9 @@ class Job:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_threads(fn: Callable, items: list, workers: int):
-    """Apply fn to the items on worker threads; yield (item, result or GiveUp) as each finishes.
+def run_threads(fn: Callable, items: list, workers: int, tick: Callable = lambda: None):
+    """Apply fn to the items on worker threads; yield (item, result or GiveUp) as each finishes,
+    and call tick() at least once a second meanwhile.
 
     At most 2 * workers items are in flight, so an interrupted run has little to lose.
     """
@@ -985,7 +1061,8 @@ def run_threads(fn: Callable, items: list, workers: int):
             for _ in range(2 * workers):
                 submit_next()
             while in_flight:
-                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                finished, _ = wait(in_flight, timeout=COMMIT_EVERY_S, return_when=FIRST_COMPLETED)
+                tick()
                 for future in finished:
                     item = in_flight.pop(future)
                     yield item, future.result()  # a FatalError or a bug stops everything
@@ -1010,6 +1087,7 @@ def caption_phase(job: Job, items: list[Item], llm: ChatLLM, workers: int) -> No
             item.unsafe = answers[item.id]["unsafe"]
         elif item.unsafe is None and item.id not in job.done:
             todo.append(item)
+    todo = job.schedule(todo)
     if not todo:
         return
     results = run_threads(lambda it: llm.rewrite(it.safe, it.category), todo, workers)
@@ -1088,16 +1166,16 @@ class ImageMaker:
 
 def image_phase(job: Job, items: list[Item], maker: ImageMaker, workers: int,
                 desc: str) -> None:
-    todo = [it for it in items if it.id not in job.done and it.unsafe is not None]
+    todo = job.schedule([it for it in items if it.id not in job.done and it.unsafe is not None])
     if not todo:
         return
-    results = run_threads(maker.row, todo, workers)
+    results = run_threads(maker.row, todo, workers, tick=job.commit_due)
     with _progress(len(todo), desc) as bar, contextlib.closing(results):
         for item, result in results:
             if isinstance(result, GiveUp):
                 job.reject(item, result.stage, result.reason)
             else:
-                job.accept(result)
+                job.stage(result)
             bar.update()
 
 
@@ -1236,6 +1314,10 @@ def build_parser() -> argparse.ArgumentParser:
     requests.add_argument("--retry-base-delay", type=float, default=1.0, metavar="S",
                           help="first backoff in seconds, doubled each retry; a server's "
                                "Retry-After wins (default: 1)")
+    requests.add_argument("--retry-rejected", action="store_true",
+                          help="on resume, ask again for the items an earlier run rejected for "
+                               "their content (refusals, unusable answers, no image kept), after "
+                               "every new item; by default they stay rejected")
     return parser
 
 
@@ -1244,7 +1326,7 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
         if args.toy < 1:
             parser.error("--toy N needs N >= 1")
         for flag in ("llm", "llm_model", "t2i", "t2i_model", "seeds_per_prompt", "keep_rule",
-                     "coco_root", "image_dir"):
+                     "coco_root", "image_dir", "retry_rejected"):
             if getattr(args, flag):
                 parser.error(f"--{flag.replace('_', '-')} does not apply to --toy")
         if args.text_only:
@@ -1292,8 +1374,8 @@ def _load_items(args) -> tuple[list[Item], dict]:
         items = load_nsfwcaps(args.from_nsfwcaps, args.image_dir)
     if not items:
         raise InputError(f"{path}: no rows")
-    return items, {"kind": kind, "file": str(path.resolve()), "sha256": _file_digest(path),
-                   "rows": len(items)}
+    # The content identifies the source, not the path: a moved file resumes (main says so).
+    return items, {"kind": kind, "sha256": _file_digest(path), "rows": len(items)}
 
 
 @dataclass
@@ -1304,6 +1386,7 @@ class Plan:
     backends: dict
     total: int
     run: Callable[[Job], None]
+    source_file: str | None = None  # provenance only: the recipe has the file's content hash
 
 
 def plan_toy(args) -> Plan:
@@ -1382,7 +1465,8 @@ def plan_sources(args) -> Plan:
                            job.stats)
         image_phase(job, items, maker, workers, "images" if backend else "rows")
 
-    return Plan(recipe, backends, len(items), run)
+    path = args.captions or args.from_visu or args.from_nsfwcaps
+    return Plan(recipe, backends, len(items), run, str(path.resolve()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1395,24 +1479,31 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_toy(args) if args.toy is not None else plan_sources(args)
         out = OutputDir(args.out)
         out.check_recipe(plan.recipe)
-        job = Job(out, plan.recipe, plan.backends, plan.total)
+        moved_from = (out.previous or {}).get("source_file")
+        if moved_from and plan.source_file and moved_from != plan.source_file:
+            print(f"note: the source moved from {moved_from} to {plan.source_file}; its content "
+                  f"is the same, so the run resumes", file=sys.stderr)
+        job = Job(out, plan.recipe, plan.backends, plan.total, args.retry_rejected,
+                  plan.source_file)
         job.save()
         plan.run(job)
         job.finish()
     except KeyboardInterrupt:
         if job is not None:
-            job.save("interrupted")
+            job.stop("interrupted")
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
     except (InputError, FatalError) as e:
         if job is not None:
-            job.save("stopped")
+            job.stop("stopped")
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, InputError) else 1
     finally:
         if out is not None:
             out.close()
     rejected = f", {len(job.rejected)} items rejected (see manifest.json)" if job.rejected else ""
+    if job.not_retried():
+        rejected += f"; {job.not_retried()} of them by an earlier run: --retry-rejected asks again"
     print(f"{args.out / 'pairs.jsonl'}: {len(job.done)} rows{rejected}", file=sys.stderr)
     return 0
 

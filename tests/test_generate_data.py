@@ -310,7 +310,7 @@ def test_llm_run_survives_errors_retries_and_counts_them(stub, tmp_path):
     m = manifest(out)
     assert m["status"] == "complete"
     assert m["rejected"] == [{"id": "000007", "safe": captions[7], "stage": "llm",
-                              "reason": "invalid_refusal"}]
+                              "reason": "invalid_refusal", "runs": 1}]
     llm = m["requests"]["llm"]
     assert llm["attempts"] == stub.count("chat")  # one request per attempt, none lost
     assert llm["retries"] == llm["attempts"] - len(captions)
@@ -325,11 +325,11 @@ def test_llm_run_survives_errors_retries_and_counts_them(stub, tmp_path):
     times = [t for t, kind, key, _, _ in stub.log if key == captions[2]]
     assert times[1] - times[0] >= 0.28
 
-    # The same command again retries only the rejected item, and now it passes.
+    # The same command again with --retry-rejected retries only the rejected item, which passes.
     stub.script[captions[7]] = []
     mark = len(stub.log)
     assert run("--captions", source, "--llm", stub.url, "--llm-model", "stub", "--text-only",
-               "--retries", 3, "--workers", 4, "--out", out, *FAST) == 0
+               "--retries", 3, "--workers", 4, "--out", out, "--retry-rejected", *FAST) == 0
     assert [key for _, _, key, _, _ in stub.log[mark:]] == [captions[7]]
     assert [r["safe"] for r in rows(out)] == captions
     assert manifest(out)["rejected"] == []
@@ -481,7 +481,7 @@ def test_images_endpoint_survives_errors_and_keeps_the_chosen_image(stub, tmp_pa
     assert t2i["http_500"] == 1 and t2i["http_429"] == 1 and t2i["bad_json"] == 1
     assert t2i["bad_image"] == 1 and t2i["timeout"] >= 1 and t2i["kept_none"] == 3
     assert m["rejected"] == [{"id": "000005", "safe": "a boat number 5", "stage": "t2i",
-                              "reason": "kept_none"}]
+                              "reason": "kept_none", "runs": 1}]
     assert m["recipe"]["t2i"] == {"backend": "http", "model": "toy-diffusion", "image_size": 8,
                                   "seeds_per_prompt": 2,
                                   "keep_rule": f"{tmp_path / 'rule.py'}:keep"}

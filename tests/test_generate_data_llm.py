@@ -7,6 +7,9 @@ server of test_generate_data.py on 127.0.0.1.
 """
 
 import json
+import os
+import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -296,3 +299,137 @@ def test_url_without_a_scheme_is_refused_at_once(stub, tmp_path, capsys, flag, u
     err = capsys.readouterr().err
     assert f"{flag} {url}: expected a URL starting with http:// or https://" in err
     assert stub.log == [] and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: a refused category, splits, batched commits, moved sources
+# ---------------------------------------------------------------------------------------------
+
+
+def _interrupt_after(monkeypatch, answers):
+    """Ctrl-C in the main thread once `answers` LLM answers were saved (undo with .undo())."""
+    original, count = gd.JsonlLog.append, {"n": 0}
+
+    def append(self, *rows_):
+        if self.path.name == "unsafe_captions.jsonl":
+            count["n"] += 1
+            if count["n"] > answers:
+                raise KeyboardInterrupt
+        original(self, *rows_)
+
+    monkeypatch.setattr(gd.JsonlLog, "append", append)
+
+
+def test_a_refused_category_never_stops_a_resumed_run(stub, tmp_path, monkeypatch):
+    captions = [f"A photo of street number {k}." for k in range(120)]
+    stub.by_category = {"harassment": "refusal"}  # the model refuses one category, always
+    source = write_lines(tmp_path / "c.txt", captions)
+    out = tmp_path / "out"
+    args = _llm_args(stub, source, out, "--categories", "violence,harassment", "--retries", 1,
+                     "--workers", 4)
+    _interrupt_after(monkeypatch, 30)
+    assert run(*args) == 130
+    monkeypatch.undo()
+    assert manifest(out)["counts"]["rejected"] >= 25  # more than would trip the breaker
+
+    rejected_before = {r["safe"] for r in manifest(out)["rejected"]}
+    answered = {a["id"] for a in gd.JsonlLog(out / "unsafe_captions.jsonl").rows}
+    asked = []
+    for extra in ((), ("--retry-rejected",), ()):
+        mark = len(stub.log)
+        assert run(*args, *extra) == 0
+        asked.append({key for _, _, key, _, _ in stub.log[mark:]})
+    sent = {key: info["category"] for _, _, key, _, info in stub.log}
+    refused = {c for c in captions if sent[c] == "harassment"}
+    assert asked[0] == {c for k, c in enumerate(captions)  # every new item, and only those
+                        if f"{k:06d}" not in answered and c not in rejected_before}
+    assert asked[1] == refused  # --retry-rejected: the refused items, once more, after that
+    assert asked[2] == set()  # nothing left to ask
+
+    done = rows(out)
+    accepted = [c for c in captions if sent[c] == "violence"]
+    assert [r["safe"] for r in done] == accepted  # every accepted row, once, and no other
+    assert all(r["unsafe"] == ok_answer(r["safe"], "violence") for r in done)
+    m = manifest(out)
+    assert m["status"] == "complete" and m["retry_rejected"] is False
+    assert {r["safe"] for r in m["rejected"]} == refused
+    assert {r["runs"] for r in m["rejected"]} == {2} and {r["reason"] for r in m["rejected"]} == {
+        "invalid_refusal"}
+    assert m["counts"] == {**m["counts"], "items": 120, "rows": len(accepted),
+                           "rejected": 120 - len(accepted), "not_retried": 120 - len(accepted),
+                           "pending": 0}
+
+
+@pytest.mark.parametrize("n, fractions, sizes", [
+    (5, (0.5, 0.5, 0.0), [3, 2, 0]),
+    (165_001, (0.5, 0.5, 0.0), [82_501, 82_500, 0]),
+    (3, (0.8, 0.1, 0.1), [1, 1, 1]),
+    (2, (0.8, 0.1, 0.1), [1, 1, 0]),
+    (1, (0.8, 0.1, 0.1), [1, 0, 0]),
+    (11, (0.7, 0.2, 0.1), [8, 2, 1]),
+    (10, (1 / 3, 1 / 3, 1 / 3), [4, 3, 3]),
+    (1000, (0.8, 0.1, 0.1), [800, 100, 100]),
+    (7, (0.0, 0.0, 1.0), [0, 0, 7]),
+    (4, (0.0, 0.9, 0.1), [0, 3, 1]),
+])
+def test_split_sizes_follow_the_largest_remainder_and_zero_means_none(n, fractions, sizes):
+    assert gd.split_sizes(n, fractions) == sizes
+    assigned = gd.assign_splits([f"{i:06d}" for i in range(n)], fractions, seed=1)
+    assert [list(assigned.values()).count(s) for s in gd.SPLITS] == sizes
+
+
+def test_a_zero_split_gets_no_row_and_tiny_runs_get_every_split(stub, tmp_path):
+    five = write_lines(tmp_path / "five.txt", [f"a cat number {k}" for k in range(5)])
+    assert run(*_llm_args(stub, five, tmp_path / "a", "--split", "0.5,0.5,0")) == 0
+    assert Counter(r["split"] for r in rows(tmp_path / "a")) == {"train": 3, "val": 2}
+    three = write_lines(tmp_path / "three.txt", [f"a dog number {k}" for k in range(3)])
+    assert run(*_llm_args(stub, three, tmp_path / "b")) == 0
+    assert Counter(r["split"] for r in rows(tmp_path / "b")) == {"train": 1, "val": 1, "test": 1}
+
+
+def test_text_only_rows_are_committed_in_batches(stub, tmp_path, monkeypatch):
+    captions = [f"A photo of thing {k}." for k in range(300)]
+    source = write_lines(tmp_path / "c.txt", captions)
+    out = tmp_path / "out"
+    syncs, real_fsync = Counter(), os.fsync
+
+    def fsync(fd):
+        syncs[os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))] += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    start = time.monotonic()
+    assert run(*_llm_args(stub, source, out, "--workers", 4)) == 0
+    seconds = time.monotonic() - start
+    assert [r["safe"] for r in rows(out)] == captions
+    assert syncs["unsafe_captions.jsonl"] == 300  # each answer is kept as it arrives
+    # 300 rows in batches of 64, plus at most one commit per second of the run.
+    assert 1 <= syncs["pairs.jsonl"] <= 300 // 64 + 1 + seconds
+
+
+def test_a_moved_source_resumes_and_a_changed_one_is_refused(stub, tmp_path, monkeypatch,
+                                                             capsys):
+    captions = [f"a horse number {k} in a field" for k in range(8)]
+    (tmp_path / "a").mkdir()
+    source = write_lines(tmp_path / "a" / "captions.txt", captions)
+    out = tmp_path / "out"
+    _interrupt_after(monkeypatch, 3)
+    assert run(*_llm_args(stub, source, out, "--workers", 1)) == 130
+    monkeypatch.undo()
+
+    moved = tmp_path / "b" / "renamed.txt"
+    moved.parent.mkdir()
+    source.rename(moved)
+    mark = len(stub.log)
+    capsys.readouterr()
+    assert run(*_llm_args(stub, moved, out, "--workers", 1)) == 0
+    err = capsys.readouterr().err
+    assert f"note: the source moved from {source} to {moved}" in err
+    assert len(stub.log) - mark == 8 - 3  # the three saved answers were kept
+    assert [r["safe"] for r in rows(out)] == captions
+    assert manifest(out)["source_file"] == str(moved)
+    assert "sha256" in manifest(out)["recipe"]["source"]
+
+    write_lines(moved, captions + ["one more caption"])
+    assert run(*_llm_args(stub, moved, out)) == 2
+    assert "source differ" in capsys.readouterr().err
