@@ -57,6 +57,8 @@ import argparse
 import base64
 import contextlib
 import email.utils
+import errno
+import functools
 import hashlib
 import http.client
 import importlib
@@ -126,6 +128,7 @@ MAX_BACKOFF_S = 60.0
 MAX_RETRY_AFTER_S = 300.0
 MAX_REJECTED_IN_A_ROW = 20  # that many rejections in a row means the server is down or refusing
 MANIFEST_EVERY_S = 10.0     # how often a long run refreshes manifest.json
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # Finished rows are committed (one write and one fsync) in batches: an fsync per row would cost
 # more than a text-only row, and a crash loses at most one batch, which the next run remakes.
 ROWS_PER_COMMIT = 64
@@ -175,8 +178,12 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write a file so that readers see either nothing or all of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = _temp_name(path)
-    temp.write_bytes(data)
-    os.replace(temp, path)
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    except BaseException:  # a full disk, say: leave no half-written temp file behind
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def save_png(image: Image.Image, path: Path) -> None:
@@ -504,7 +511,7 @@ class Stats:
 class RetryPolicy:
     retries: int        # attempts after the first, for any failure (HTTP error or bad answer)
     base_delay: float   # seconds before the first retry; doubles with each retry
-    timeout: float      # seconds per HTTP request
+    timeout: float      # seconds a whole HTTP request may take
 
     def backoff(self, attempt: int) -> float:
         delay = min(self.base_delay * 2 ** attempt, MAX_BACKOFF_S)
@@ -549,13 +556,104 @@ def _retry_after(headers) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
+# The socket timeout of urllib bounds each read, so a server that trickles a byte at a time can
+# hold a request for ever. A watchdog per request shuts its socket down when --timeout has passed
+# since the request began, or at once when the run stops (Ctrl-C need not wait for the server).
+_REQUESTS: set = set()  # the watchdogs of the requests in flight
+_REQUESTS_LOCK = threading.Lock()
+
+
+class _Watchdog:
+    def __init__(self, timeout: float):
+        self.expired = False
+        self._sock = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(timeout, self.expire)
+        self._timer.daemon = True
+
+    def __enter__(self):
+        with _REQUESTS_LOCK:
+            _REQUESTS.add(self)
+        self._timer.start()
+        if _STOP.is_set():
+            self.expire()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        with _REQUESTS_LOCK:
+            _REQUESTS.discard(self)
+
+    def attach(self, sock) -> None:
+        with self._lock:
+            self._sock = sock
+        if self.expired:
+            self.expire()
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired, sock = True, self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)  # a blocked read returns at once
+
+
+def stop_requests() -> None:
+    """Stop the run's requests: those in flight end now, waiting retries give up."""
+    _STOP.set()
+    with _REQUESTS_LOCK:
+        watchdogs = list(_REQUESTS)
+    for watchdog in watchdogs:
+        watchdog.expire()
+
+
+class _Watched:
+    """An HTTP(S) connection that hands its socket to the request's watchdog once connected."""
+
+    def __init__(self, *args, watchdog: _Watchdog, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.watchdog = watchdog
+
+    def connect(self):
+        super().connect()
+        self.watchdog.attach(self.sock)
+
+
+class _WatchedHTTP(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_Watched, http.client.HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, watchdog: _Watchdog):
+        super().__init__()
+        self.watchdog = watchdog
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_WatchedHTTP, watchdog=self.watchdog), req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, watchdog: _Watchdog):
+        super().__init__()
+        self.watchdog = watchdog
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(_WatchedHTTPS, watchdog=self.watchdog), req,
+                            context=self._context)
+
+
 def http_request(url: str, payload: dict | None = None, timeout: float = 60.0,
                  api_key: str | None = None, fatal_codes=(401, 403, 404, 405)) -> bytes:
     """One request: POST JSON when there is a payload, else GET; returns the body.
 
-    Raises Retry for what may pass (timeouts, dropped connections, 408, 429 and 5xx, honouring
-    Retry-After), FatalError for answers that say the setup is wrong (every item would fail the
-    same way), GiveUp for other client errors.
+    `timeout` bounds the whole request, from connecting to the last byte. Raises Retry for what
+    may pass (timeouts, dropped connections, 408, 429 and 5xx, honouring Retry-After), FatalError
+    for answers that say the setup is wrong (every item would fail the same way), GiveUp for
+    other client errors.
     """
     headers = {"User-Agent": "safeclip-generate-data"}
     data = None
@@ -565,9 +663,12 @@ def http_request(url: str, payload: dict | None = None, timeout: float = 60.0,
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, data=data, headers=headers)
+    watchdog = _Watchdog(timeout)
+    opener = urllib.request.build_opener(_WatchedHTTPHandler(watchdog),
+                                         _WatchedHTTPSHandler(watchdog))
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
+        with watchdog, opener.open(request, timeout=timeout) as response:
+            body = response.read()
     except urllib.error.HTTPError as e:
         e.close()
         if e.code in fatal_codes:
@@ -576,14 +677,13 @@ def http_request(url: str, payload: dict | None = None, timeout: float = 60.0,
         if e.code in (408, 425, 429) or e.code >= 500:
             raise Retry(f"http_{e.code}", _retry_after(e.headers)) from None
         raise GiveUp(f"http_{e.code}") from None
-    except (TimeoutError, socket.timeout):
-        raise Retry("timeout") from None
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, (TimeoutError, socket.timeout)):
-            raise Retry("timeout") from None
-        raise Retry("connection_error") from None
-    except (ConnectionError, http.client.HTTPException):
-        raise Retry("connection_error") from None
+    except (OSError, http.client.HTTPException) as e:  # URLError, resets, socket timeouts
+        timed_out = watchdog.expired or isinstance(e, TimeoutError) or isinstance(
+            getattr(e, "reason", None), TimeoutError)
+        raise Retry("timeout" if timed_out else "connection_error") from None
+    if watchdog.expired:  # cut short by the watchdog: the body may be incomplete
+        raise Retry("timeout")
+    return body
 
 
 def endpoint(url: str, path: str) -> str:
@@ -1036,11 +1136,14 @@ class Job:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_threads(fn: Callable, items: list, workers: int, tick: Callable = lambda: None):
-    """Apply fn to the items on worker threads; yield (item, result or GiveUp) as each finishes,
-    and call tick() at least once a second meanwhile.
+def run_threads(fn: Callable, items: list, workers: int, handle: Callable,
+                tick: Callable = lambda: None) -> None:
+    """Apply fn to the items on worker threads and pass each (item, result or GiveUp) to handle()
+    on this thread as it finishes; call tick() at least once a second meanwhile.
 
-    At most 2 * workers items are in flight, so an interrupted run has little to lose.
+    At most 2 * workers items are in flight, so an interrupted run has little to lose. On Ctrl-C
+    the requests in flight are abandoned at once, and results that had already arrived are
+    handed over first, so that they are saved.
     """
     def call(item):
         try:
@@ -1049,29 +1152,36 @@ def run_threads(fn: Callable, items: list, workers: int, tick: Callable = lambda
             return e
 
     pending = iter(items)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        in_flight = {}
+    in_flight = {}
+    pool = ThreadPoolExecutor(max_workers=workers)
 
-        def submit_next():
-            for item in pending:
-                in_flight[pool.submit(call, item)] = item
-                return
+    def submit_next():
+        for item in pending:
+            in_flight[pool.submit(call, item)] = item
+            return
 
-        try:
-            for _ in range(2 * workers):
+    try:
+        for _ in range(2 * workers):
+            submit_next()
+        while in_flight:
+            finished, _ = wait(in_flight, timeout=COMMIT_EVERY_S, return_when=FIRST_COMPLETED)
+            tick()
+            for future in finished:
+                item = in_flight.pop(future)
+                handle(item, future.result())  # a FatalError or a bug stops everything
                 submit_next()
-            while in_flight:
-                finished, _ = wait(in_flight, timeout=COMMIT_EVERY_S, return_when=FIRST_COMPLETED)
-                tick()
-                for future in finished:
-                    item = in_flight.pop(future)
-                    yield item, future.result()  # a FatalError or a bug stops everything
-                    submit_next()
-        except BaseException:
-            _STOP.set()  # waiting retries give up; requests in flight end within --timeout
-            for future in in_flight:
-                future.cancel()
-            raise
+    except KeyboardInterrupt:
+        stop_requests()
+        for future, item in list(in_flight.items()):
+            if future.done() and not future.cancelled() and future.exception() is None \
+                    and not isinstance(future.result(), GiveUp):
+                handle(item, future.result())
+        raise
+    except BaseException:
+        stop_requests()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # quick: the requests were stopped
 
 
 def _progress(total: int, desc: str):
@@ -1090,15 +1200,15 @@ def caption_phase(job: Job, items: list[Item], llm: ChatLLM, workers: int) -> No
     todo = job.schedule(todo)
     if not todo:
         return
-    results = run_threads(lambda it: llm.rewrite(it.safe, it.category), todo, workers)
-    # closing(): on an error or Ctrl-C the worker threads are stopped here, not at some later GC.
-    with _progress(len(todo), "unsafe captions (LLM)") as bar, contextlib.closing(results):
-        for item, result in results:
+    with _progress(len(todo), "unsafe captions (LLM)") as bar:
+        def handle(item, result):
             if isinstance(result, GiveUp):
                 job.reject(item, result.stage, result.reason)
             else:
                 job.keep_answer(item, result)
             bar.update()
+
+        run_threads(lambda it: llm.rewrite(it.safe, it.category), todo, workers, handle)
 
 
 @dataclass
@@ -1169,14 +1279,15 @@ def image_phase(job: Job, items: list[Item], maker: ImageMaker, workers: int,
     todo = job.schedule([it for it in items if it.id not in job.done and it.unsafe is not None])
     if not todo:
         return
-    results = run_threads(maker.row, todo, workers, tick=job.commit_due)
-    with _progress(len(todo), desc) as bar, contextlib.closing(results):
-        for item, result in results:
+    with _progress(len(todo), desc) as bar:
+        def handle(item, result):
             if isinstance(result, GiveUp):
                 job.reject(item, result.stage, result.reason)
             else:
                 job.stage(result)
             bar.update()
+
+        run_threads(maker.row, todo, workers, handle, tick=job.commit_due)
 
 
 def toy_phase(job: Job, ids: list[str], seed: int, categories: dict, splits: dict, size: int,
@@ -1307,7 +1418,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="concurrent requests (default: 8), or drawing processes with "
                                "--toy (default: 1)")
     requests.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                          help="seconds per HTTP request (default: 120)")
+                          help="seconds a whole HTTP request may take, from connecting to "
+                               "the last byte (default: 120)")
     requests.add_argument("--retries", type=int, default=4, metavar="N",
                           help="retries per item after an error or an unusable answer "
                                "(default: 4)")
@@ -1498,6 +1610,18 @@ def main(argv: list[str] | None = None) -> int:
             job.stop("stopped")
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, InputError) else 1
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        note = ""
+        try:  # a few bytes may still fit: say in the manifest that the run did not finish
+            if job is not None:
+                job.save("interrupted")
+        except OSError:
+            note = " (manifest.json still says running)"
+        print(f"error: {e.filename or args.out}: no space left on device{note}; free some space, "
+              f"then run the same command again to resume", file=sys.stderr)
+        return 1
     finally:
         if out is not None:
             out.close()

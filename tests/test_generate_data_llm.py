@@ -6,16 +6,22 @@ trickling servers, Ctrl-C, a full disk, moved sources. Every test talks to the s
 server of test_generate_data.py on 127.0.0.1.
 """
 
+import errno
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import generate_data as gd
-from test_generate_data import FAST, manifest, ok_answer, rows, run, stub, write_jsonl, write_lines
+from test_generate_data import (FAST, ROOT, manifest, ok_answer, rows, run, stub, write_jsonl,
+                                write_lines)
 
 __all__ = ["stub"]  # the fixture, imported for the tests below
 
@@ -433,3 +439,133 @@ def test_a_moved_source_resumes_and_a_changed_one_is_refused(stub, tmp_path, mon
     write_lines(moved, captions + ["one more caption"])
     assert run(*_llm_args(stub, moved, out)) == 2
     assert "source differ" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow servers, Ctrl-C, a full disk
+# ---------------------------------------------------------------------------------------------
+
+
+def test_timeout_bounds_the_whole_request_not_each_read(stub, tmp_path):
+    stub.script = {"a slow cat": ["trickle"]}  # ~110 bytes at one per 0.1 s: 11 s in all
+    source = write_lines(tmp_path / "c.txt", ["a slow cat", "a quick dog"])
+    out = tmp_path / "out"
+    start = time.monotonic()
+    assert run("--captions", source, "--llm", stub.url, "--llm-model", "stub", "--text-only",
+               "--timeout", 1, "--retries", 0, "--out", out) == 0
+    assert time.monotonic() - start < 4
+    assert [r["safe"] for r in rows(out)] == ["a quick dog"]
+    assert [(r["safe"], r["reason"]) for r in manifest(out)["rejected"]] == [("a slow cat",
+                                                                              "timeout")]
+
+
+def test_ctrl_c_stops_waiting_for_requests_in_flight(stub, tmp_path):
+    captions = [f"a quick cat number {k}" for k in range(6)] + ["a stuck dog", "a stuck cow"]
+    stub.script = {c: ["hang"] for c in captions[6:]}  # the server never answers these
+    source = write_lines(tmp_path / "c.txt", captions)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "generate_data.py"), "--captions", str(source), "--llm",
+         stub.url, "--llm-model", "stub", "--text-only", "--workers", "8", "--timeout", "60",
+         "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        answers = out / "unsafe_captions.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+                stub.count("chat") == 8 and answers.exists()
+                and answers.read_bytes().count(b"\n") == 6):
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        _, err = process.communicate(timeout=20)
+        assert time.monotonic() - start < 5, "Ctrl-C waited for the requests in flight"
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, err
+    assert "run the same command again to resume" in err
+    assert sorted(a["id"] for a in gd.JsonlLog(answers).rows) == [f"{k:06d}" for k in range(6)]
+    assert manifest(out)["status"] == "interrupted"
+
+
+def test_answers_that_arrived_before_a_ctrl_c_are_saved(stub, tmp_path, monkeypatch):
+    captions = [f"a sleepy cat number {k}" for k in range(4)]
+    source = write_lines(tmp_path / "c.txt", captions)
+    out = tmp_path / "out"
+    original, kept = gd.Job.keep_answer, []
+
+    def keep_answer(self, item, unsafe):  # Ctrl-C while the first answer is being saved
+        original(self, item, unsafe)
+        kept.append(item.id)
+        if len(kept) == 1:
+            time.sleep(1.0)  # meanwhile the three other answers arrive
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(gd.Job, "keep_answer", keep_answer)
+    assert run(*_llm_args(stub, source, out, "--workers", 4)) == 130
+    assert stub.count("chat") == 4
+    saved = gd.JsonlLog(out / "unsafe_captions.jsonl").rows
+    assert sorted(a["id"] for a in saved) == ["000000", "000001", "000002", "000003"]
+    monkeypatch.undo()
+    mark = len(stub.log)
+    assert run(*_llm_args(stub, source, out, "--workers", 4)) == 0
+    assert len(stub.log) == mark  # nothing asked twice
+    assert [r["safe"] for r in rows(out)] == captions
+
+
+@pytest.mark.parametrize("where", ["image", "pairs.jsonl", "manifest"])
+def test_a_full_disk_stops_with_one_line_and_resumes_once_freed(stub, tmp_path, monkeypatch,
+                                                               capsys, where):
+    records = [{"caption": f"a boat number {k}", "unsafe": f"a burning boat number {k}"}
+               for k in range(6)]
+    source = write_jsonl(tmp_path / "c.jsonl", records)
+    out = tmp_path / "out"
+    args = ("--captions", source, "--t2i", stub.url, "--image-size", 8, "--workers", 2,
+            "--out", out, *FAST)
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() raises it: no file
+
+    if where == "image":
+        original_png, saved = gd.save_png, []
+
+        def save_png(image, path):
+            saved.append(path)
+            if len(saved) > 5:
+                raise full
+            original_png(image, path)
+
+        monkeypatch.setattr(gd, "save_png", save_png)
+    elif where == "pairs.jsonl":
+        original_append = gd.JsonlLog.append
+
+        def append(self, *rows_):
+            if self.path.name == "pairs.jsonl":
+                raise full
+            original_append(self, *rows_)
+
+        monkeypatch.setattr(gd.JsonlLog, "append", append)
+    else:  # the disk fills up completely: not even the manifest can be written
+        original_write, writes = Path.write_bytes, []
+
+        def write_bytes(self, data):
+            writes.append(self)
+            if len(writes) > 4:
+                original_write(self, data[:3])  # the first bytes fit
+                raise full
+            return original_write(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    assert run(*args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert line == f"error: {out}: no space left on device" + (
+        " (manifest.json still says running)" if where == "manifest" else "") + (
+        "; free some space, then run the same command again to resume")
+    assert manifest(out)["status"] == ("running" if where == "manifest" else "interrupted")
+    assert not list(out.rglob("*.tmp-*"))  # no half-written file is left behind
+
+    monkeypatch.undo()
+    assert run(*args) == 0
+    assert [r["safe"] for r in rows(out)] == [r["caption"] for r in records]
+    assert manifest(out)["status"] == "complete"
