@@ -65,6 +65,7 @@ import importlib
 import importlib.util
 import io
 import json
+import math
 import multiprocessing
 import operator
 import os
