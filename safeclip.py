@@ -36,6 +36,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -1294,10 +1295,17 @@ def encode_images(model, preprocess, paths, batch_size=64, device=None, desc=Non
     return torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
 
 
-def autocast(device, dtype=torch.bfloat16):
-    """bf16 autocast on CUDA; float32 elsewhere (CPU autocast is slower than it saves here)."""
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device, precision=None):
+    """Autocast to `precision` ("bf16" or "fp16"; "fp32" turns it off) on any device, so a CPU runs
+    the same mixed-precision code as a GPU. Matmuls and attention run in the low precision; the
+    weights, LayerNorm's statistics (see LayerNorm), the loss and the optimizer stay float32.
+    Default: bf16 on CUDA; float32 on the CPU, where bf16 pays only with native bf16 instructions."""
     device = torch.device(device)
-    return torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    dtype = PRECISIONS[precision or ("bf16" if device.type == "cuda" else "fp32")]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1577,12 +1585,16 @@ def choose_trainable(model, args):
 
 def train(args):
     rank, world, local_rank = dist_info()
-    if world > 1:
+    distributed = "WORLD_SIZE" in os.environ  # torchrun, even with one process: the multi-GPU code path
+    if distributed:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+        raise TrainingError("--compile on the CPU needs a C++ compiler for torch.compile's generated kernels: "
+                            "install g++ (Debian/Ubuntu: apt-get install g++) or set CXX to one, or drop --compile")
     main_process = rank == 0
     torch.manual_seed(args.seed)  # adapters' initialisation and dropout; data order has its own generator
     out = Path(args.out)
@@ -1641,11 +1653,12 @@ def train(args):
     optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     towers_module = Towers(model)
-    if world > 1:
+    if distributed:
         towers_module = nn.parallel.DistributedDataParallel(towers_module, device_ids=[device] if device.type == "cuda" else None)
     step_fn = torch.compile(towers_module) if args.compile else towers_module
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
+    # fp16's narrow range needs the loss scaled up before backward; a step whose gradients
+    # overflow anyway is skipped and the scale halved. bf16 has float32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
     # Schedule: an epoch is a seeded permutation of the training rows, cut into global batches.
     micro = args.batch_size
@@ -1662,7 +1675,8 @@ def train(args):
             for name, value in ckpt["trainable"].items():
                 trainable[name].copy_(value)
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when the run so far was not fp16: the scale starts afresh
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         if device.type == "cuda" and len(ckpt["cuda_rng"]):
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
@@ -1704,7 +1718,7 @@ def train(args):
     eval_every = args.eval_every or per_epoch
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train ({args.objective})", disable=not main_process,
                dynamic_ncols=True)
-    stop, samples, tick = False, 0, time.time()
+    stop, samples, tick, skipped_in_a_row = False, 0, time.time(), 0
     towers_module.train()
     while state["step"] < total_steps and not stop:
         epoch, done = divmod(state["step"], per_epoch)
@@ -1723,7 +1737,7 @@ def train(args):
                 safe_pix, unsafe_pix, idx = next(it)
                 sync = k == args.accum - 1 or world == 1
                 with (towers_module.no_sync() if not sync else contextlib.nullcontext()):
-                    with autocast(device, dtype or torch.bfloat16) if dtype else contextlib.nullcontext():
+                    with autocast(device, args.precision):
                         t_ids = torch.cat([ids["train"][0][idx], ids["train"][1][idx]]).to(device)
                         pixels = torch.cat([safe_pix, unsafe_pix]).to(device, non_blocking=True)
                         text, image = step_fn(t_ids, pixels)
@@ -1737,7 +1751,7 @@ def train(args):
                     else:
                         loss, terms = clip_loss(torch.cat([t_safe, t_unsafe]), torch.cat([v_safe, v_unsafe]),
                                                 model.logit_scale), {}
-                    if not torch.isfinite(loss):
+                    if not torch.isfinite(loss) and not scaler.is_enabled():
                         raise TrainingError(
                             f"non-finite loss ({loss.item()}) at step {state['step']}; terms: "
                             + ", ".join(f"{n}={v.item():.4g}" for n, v in terms.items())
@@ -1749,8 +1763,14 @@ def train(args):
             if args.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.grad_clip)
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
+            skipped_in_a_row = skipped_in_a_row + 1 if scaler.get_scale() < scale else 0
+            if skipped_in_a_row == 20:  # each skip halved the scale: no scale makes these finite
+                raise TrainingError(
+                    f"fp16: 20 steps in a row with non-finite gradients or loss, up to step {state['step'] + 1} "
+                    f"(loss scale now {scaler.get_scale():.3g}); try --precision bf16 or fp32, or a lower --lr.")
             optimizer.zero_grad(set_to_none=True)
             if args.objective == "clip":
                 with torch.no_grad():
@@ -1759,8 +1779,9 @@ def train(args):
             samples += micro * args.accum
             speed = samples / (time.time() - tick)
             if main_process:
+                amp = dict(loss_scale=scale, skipped=skipped_in_a_row > 0) if scaler.is_enabled() else {}
                 _append_log(log_path, {"step": state["step"], "epoch": epoch, "lr": lr, **record,
-                                       "samples_per_s": round(speed, 2)})
+                                       "samples_per_s": round(speed, 2), "precision": args.precision, **amp})
                 bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{speed:.1f}")
                 bar.update()
             epoch_end = state["step"] % per_epoch == 0
@@ -1786,7 +1807,7 @@ def train(args):
                  if best else "")
               + (f"; skipped {skipped} bad row(s)" if skipped else "")
               + f"\nmodel: {out} (safeclip.load('{out}')), log: {log_path}, resume state: {ckpt_path}", file=sys.stderr)
-    if world > 1:
+    if distributed:
         torch.distributed.destroy_process_group()
     return model
 
@@ -2100,7 +2121,12 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     g = t.add_argument_group("hardware")
     g.add_argument("--device", help="default: cuda when present, else cpu")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="autocast of the training step, on any device; the weights, LayerNorm's statistics, the "
+                   "loss and the optimizer stay float32, and fp16 adds a loss scaler. Default: bf16 on CUDA; fp32 "
+                   "on the CPU, since bf16 is faster only on CPUs with native bf16 matmuls (AVX-512 BF16 or AMX: "
+                   "Intel Xeon from Cooper Lake and Sapphire Rapids on, AMD from Zen 4 on) and several times "
+                   "slower on others (see the README's Speed section); fp16 is slow on every CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory (large towers)")
     g.add_argument("--workers", type=int, help="image loading processes (default: 0 on CPU, where they would compete "

@@ -73,14 +73,14 @@ RECIPE = dict(rank=16, alpha=1.0, dropout=0.1, lr=1e-3,
 # How many items each mode measures. Flags override single values.
 MODES = {
     "full": dict(text_captions=256, text_batch=128, images=64, image_batch=32, tok_captions=10_000, rounds=2,
-                 pairs=64, batch_size=16, epochs=2, gc_steps=2),
+                 pairs=64, batch_size=16, epochs=2, gc_steps=2, bf16_steps=2),
     "quick": dict(text_captions=64, text_batch=64, images=16, image_batch=16, tok_captions=2_000, rounds=1,
-                  pairs=32, batch_size=16, epochs=2, gc_steps=1),
+                  pairs=32, batch_size=16, epochs=2, gc_steps=1, bf16_steps=1),
     "tiny": dict(text_captions=32, text_batch=16, images=16, image_batch=8, tok_captions=300, rounds=1,
-                 pairs=16, batch_size=8, epochs=2, gc_steps=1),
+                 pairs=16, batch_size=8, epochs=2, gc_steps=1, bf16_steps=1),
     # The default on a GPU: enough work per round to fill it. Training keeps the recipe's batch of 16.
     "gpu": dict(text_captions=8192, text_batch=512, images=2048, image_batch=256, tok_captions=10_000, rounds=3,
-                pairs=1024, batch_size=16, epochs=2, gc_steps=8),
+                pairs=1024, batch_size=16, epochs=2, gc_steps=8, bf16_steps=8),
 }
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by GPU name, for model FLOP utilisation when
@@ -538,7 +538,7 @@ def child_main(spec_path):
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     memory = PeakMemory(device)
-    if spec["side"] == "recipe":
+    if spec["side"] != "ours":
         import peft, transformers  # noqa: F401  (imported before the clock starts, as safeclip is)
         transformers.logging.set_verbosity_error()
     run = run_ours if spec["side"] == "ours" else run_recipe
@@ -635,6 +635,9 @@ def run_recipe(spec, device, memory):
         return dict(input_ids=ids, attention_mask=attention_mask(ids))
 
     parameters = list(itertools.chain(text_ft.parameters(), vision_ft.parameters()))
+    # Published in float32; `--dtype bf16` also times it with bf16 autocast added around the six
+    # encoder passes (the loss in float32, as ours), so the comparison is not only about precision.
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["side"] == "recipe-bf16")
     losses, samples, activations, loop_start, loop_end = [], 0, None, time.perf_counter(), None
     bar = tqdm(total=spec["epochs"] * (len(rows) // spec["batch_size"]), desc="train (public recipe)", leave=False)
     for epoch in range(spec["epochs"]):
@@ -645,7 +648,7 @@ def run_recipe(spec, device, memory):
             safe_ids, unsafe_ids = tokenize(safe_caption), tokenize(unsafe_caption)
             safe_image, unsafe_image = safe_image.to(device), unsafe_image.to(device)
             saved = SavedActivations(parameters) if activations is None else contextlib.nullcontext()
-            with saved:  # the first step only, as on our side
+            with saved, amp:  # saved: the first step only, as on our side
                 t_safe = text_ft(**safe_ids).text_embeds
                 t_unsafe = text_ft(**unsafe_ids).text_embeds
                 with torch.no_grad():
@@ -657,7 +660,8 @@ def run_recipe(spec, device, memory):
                 activations = saved.bytes
             # Its eight terms are the ones safeclip.safe_clip_loss computes (same names, weights
             # and fixed scale of 100); it divides once more by their count.
-            loss = safeclip.safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref)[0] / 8
+            embeddings = (e.float() for e in (t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref))
+            loss = safeclip.safe_clip_loss(*embeddings)[0] / 8
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -696,8 +700,8 @@ def bench_train(args, s, work, weights, vocab, device):
     base = dict(weights=str(weights), vocab=str(vocab), pairs=str(pairs), epochs=args.epochs, batch_size=args.batch_size,
                 device=args.device, dtype=args.dtype, threads=args.threads, workers=args.workers, seed=args.seed,
                 resolution=s["image_resolution"])
-    runs = {"ours": [], "recipe": []}
-    order = ["ours", "recipe"]
+    order = ["ours", "recipe"] + (["recipe-bf16"] if args.dtype == "bf16" else [])
+    runs = {side: [] for side in order}
     for r in range(args.train_repeats):  # ours, recipe, recipe, ours, ...
         for side in order if r % 2 == 0 else order[::-1]:
             name = f"{side}-{r}"
@@ -713,10 +717,20 @@ def bench_train(args, s, work, weights, vocab, device):
             (gc_out / cache.name).write_bytes(cache.read_bytes())
         result["grad_checkpointing"] = run_child(dict(base, side="ours", name="ours-gc", out=str(gc_out),
                                                       steps=args.gc_steps, grad_checkpointing=True), work)
+    if args.bf16_steps and args.dtype == "fp32":
+        # Ours with bf16 autocast for a few steps: on a CPU, whether bf16 pays depends on its
+        # instructions (torch.backends.cpu.get_cpu_capability()), and this figure decides the default.
+        bf16_out = work / "ours-bf16"
+        bf16_out.mkdir()
+        cache = work / "ours-0" / "reference.safetensors"
+        if cache.exists():
+            (bf16_out / cache.name).write_bytes(cache.read_bytes())
+        result["bf16"] = run_child(dict(base, side="ours", name="ours-bf16", out=str(bf16_out), dtype="bf16",
+                                        steps=args.bf16_steps), work)
     trainable = {side: runs[side][0]["trainable"] for side in runs}
-    if trainable["ours"] != trainable["recipe"]:
-        raise SystemExit(f"error: the two sides train different adapters ({trainable['ours']} vs "
-                         f"{trainable['recipe']} LoRA parameters); the comparison would be unequal")
+    if len(set(trainable.values())) > 1:
+        raise SystemExit(f"error: the sides train different adapters ({trainable} LoRA parameters); the "
+                         "comparison would be unequal")
     result["trainable"] = trainable["ours"]
     return result
 
@@ -771,16 +785,35 @@ def summarize(results, args):
         f = t["flops"]
         samples = {side: statistics.median(run["samples"] / run["seconds"] for run in t["runs"][side]) for side in t["runs"]}
         loop = {side: statistics.median(run["loop_samples_per_s"] for run in t["runs"][side]) for side in t["runs"]}
+        # On a GPU, ours in bf16 against the recipe in float32 as published: 3x, the issue's target.
+        target = 3.0 if args.device.startswith("cuda") and args.dtype == "bf16" else 1.8
         t.update(ours=samples["ours"], baseline=samples["recipe"], ratio=samples["ours"] / samples["recipe"],
-                 loop_ratio=loop["ours"] / loop["recipe"], target=1.8)
+                 loop_ratio=loop["ours"] / loop["recipe"], target=target)
         steady = f["ours"] - f["ours_parts"]["reference"]
         rows.append((f"Safe-CLIP training, quadruplets/s ({args.epochs} epochs of {t['pairs']}, batch {args.batch_size}, "
-                     "whole run)", f"{samples['ours']:.2f}", f"{samples['recipe']:.2f} (public recipe)",
-                     f"**{samples['ours'] / samples['recipe']:.2f}x**", ">= 1.8x",
-                     f"{gflop(f['ours'])} / {gflop(f['recipe'])}", f"{f['recipe'] / f['ours']:.2f}x"))
+                     f"whole run{', ours in bf16' if args.dtype == 'bf16' else ''})", f"{samples['ours']:.2f}",
+                     f"{samples['recipe']:.2f} (public recipe, fp32)", f"**{samples['ours'] / samples['recipe']:.2f}x**",
+                     f">= {target}x", f"{gflop(f['ours'])} / {gflop(f['recipe'])}", f"{f['recipe'] / f['ours']:.2f}x"))
         rows.append(("... training loop only (after loading and references)", f"{loop['ours']:.2f}",
                      f"{loop['recipe']:.2f}", f"{loop['ours'] / loop['recipe']:.2f}x", "",
                      f"{gflop(steady)} / {gflop(f['recipe'])}", f"{f['recipe'] / steady:.2f}x"))
+        if "recipe-bf16" in samples:
+            t.update(baseline_bf16=samples["recipe-bf16"], ratio_bf16=samples["ours"] / samples["recipe-bf16"],
+                     target_bf16=1.5)
+            rows.append(("... against the recipe with bf16 autocast added (whole run)", f"{samples['ours']:.2f}",
+                         f"{samples['recipe-bf16']:.2f} (public recipe, bf16)",
+                         f"**{samples['ours'] / samples['recipe-bf16']:.2f}x**", ">= 1.5x",
+                         f"{gflop(f['ours'])} / {gflop(f['recipe'])}", f"{f['recipe'] / f['ours']:.2f}x"))
+        if "bf16" in t:
+            b = t["bf16"]
+            t.update(bf16_ratio=b["loop_samples_per_s"] / loop["ours"])
+            rows.append((f"bf16 autocast (ours), training loop, quadruplets/s ({b['steps']} step(s))",
+                         f"{b['loop_samples_per_s']:.2f}", f"{loop['ours']:.2f} (ours, fp32)",
+                         f"**{t['bf16_ratio']:.2f}x**", "", "", ""))
+            notes.append(f"bf16 autocast: measured on a CPU with torch's '{torch.backends.cpu.get_cpu_capability()}' "
+                         "kernels; bf16 matmuls are native only with AVX-512 BF16 or AMX, so this ratio decides "
+                         "`safeclip.py train`'s CPU default (fp32 unless it is above 1). Loss first/last step: "
+                         f"{b['first_loss']:.3f} -> {b['last_loss']:.3f}.")
         def median(side, get):
             values = [get(run) for run in t["runs"][side]]
             return None if None in values else statistics.median(values)
@@ -858,8 +891,8 @@ def machine(device):
         cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(1)
     except (OSError, AttributeError):
         pass
-    info = dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
-                platform=platform.platform())
+    info = dict(cpu=cpu, cores=os.cpu_count(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                python=platform.python_version(), torch=torch.__version__, platform=platform.platform())
     for package in ("transformers", "peft"):
         try:
             info[package] = importlib.metadata.version(package)
@@ -871,7 +904,7 @@ def machine(device):
 
 
 def render(rows, notes, util, info, args, load):
-    device = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores)"
+    device = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores, {info['cpu_capability']})"
     head = [f"Machine: {device}; torch {info['torch']}, transformers {info.get('transformers', '?')}, "
             f"peft {info.get('peft', '?')}; {args.threads} threads; {args.device}, {args.dtype}; model {args.model} "
             f"sizes, random weights; {time.strftime('%Y-%m-%d')}.",
@@ -933,8 +966,8 @@ def build_parser():
     p.add_argument("--model", choices=list(MODELS), help="model sizes (default: B/32; tiny with --tiny)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="both sides' encoders in this dtype; in training ours autocasts to it on CUDA, the "
-                        "public recipe stays float32 as published (default: fp32)")
+                   help="both sides' encoders in this dtype; in training ours autocasts to it, and the public "
+                        "recipe runs twice: in float32 as published and with bf16 autocast added (default: fp32)")
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     p.add_argument("--threads", type=int, default=threads,
                    help=f"torch threads, the same for both sides (default: {threads}, the usable cores)")
@@ -960,6 +993,8 @@ def build_parser():
     g.add_argument("--epochs", type=int, help="training epochs, each side")
     g.add_argument("--train-repeats", type=int, default=1, help="training runs per side, alternating (default: 1)")
     g.add_argument("--gc-steps", type=int, help="steps of the --grad-checkpointing run of ours (0: skip it)")
+    g.add_argument("--bf16-steps", type=int, help="with --dtype fp32: steps of a run of ours with bf16 autocast, "
+                   "to compare with fp32 (0: skip it)")
     g.add_argument("--workers", type=int, help="data loading processes, both sides (default: 0 on CPU, 8 on CUDA)")
     return p
 
@@ -980,8 +1015,8 @@ def main(argv=None):
     if args.workers is None:
         args.workers = 8 if device.type == "cuda" else 0
     for name in ("rounds", "text_captions", "text_batch", "images", "image_batch", "tok_captions", "pairs",
-                 "batch_size", "epochs", "train_repeats", "threads", "gc_steps", "workers"):
-        least = 0 if name in ("gc_steps", "workers") else 1
+                 "batch_size", "epochs", "train_repeats", "threads", "gc_steps", "bf16_steps", "workers"):
+        least = 0 if name in ("gc_steps", "bf16_steps", "workers") else 1
         if getattr(args, name) < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if args.pairs < args.batch_size:

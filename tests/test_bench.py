@@ -44,7 +44,7 @@ def test_tiny_run_writes_the_table_between_markers_and_both_sides_agree(tmp_path
     assert "old table" not in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     for label in ("encode_text", "encode_image", "Safe-CLIP training", "peak memory", "activations autograd keeps",
-                  "--grad-checkpointing", "tokenization"):
+                  "--grad-checkpointing", "bf16 autocast (ours)", "tokenization"):
         assert any(label in row.split("|")[1] for row in rows), label
     assert proc.stdout.count("| measure |") == 1  # the same table goes to stdout
 
@@ -62,6 +62,7 @@ def test_tiny_run_writes_the_table_between_markers_and_both_sides_agree(tmp_path
     # bytes, not a timing, so it holds on any machine.
     assert ours["activation_bytes"] < recipe["activation_bytes"]
     assert train["grad_checkpointing"]["steps"] == 1
+    assert train["bf16"]["steps"] == 1 and math.isfinite(train["bf16"]["first_loss"])
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft vs transformers 5
