@@ -7,7 +7,9 @@
   3. Safe-CLIP training, whole runs in fresh processes: `safeclip.py train` (one fused text pass and
      one fused vision pass per step, the frozen reference computed once) vs the public recipe
      (transformers + peft LoRA, six encoder passes per step, text padded to 77, float32, Adam);
-     throughput, peak memory, and what --grad-checkpointing saves on our side;
+     throughput, peak memory, and what --grad-checkpointing saves on our side. With --dtype bf16
+     the recipe also runs with bf16 autocast added; with fp32, a short run of ours in bf16 shows
+     whether bf16 pays on this CPU;
   4. tokenization vs OpenAI's SimpleTokenizer with clip.tokenize's packing.
 
 Next to each measured ratio stands the ratio the arithmetic alone allows (matmul FLOPs per item of
