@@ -20,6 +20,7 @@ tests/test_precision.py, which compiles on the CPU.
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -32,7 +33,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -165,7 +165,7 @@ def check_training(checks, args, work):
         skipped = sum(bool(r.get("skipped")) for r in log)
         rate = steady_rate(log, args.batch_size)
         results[name] = dict(losses=[r["loss"] for r in log], rate=rate)
-        ok = len(log) == args.steps and all(map(lambda x: x == x and abs(x) != float("inf"), losses)) \
+        ok = len(log) == args.steps and all(map(math.isfinite, losses)) \
             and last < first and skipped <= max(2, args.steps // 20)
         checks.add(f"train {name}, {args.steps} steps", f"loss {first:.3f} -> {last:.3f}, {rate:,.1f} quadruplets/s"
                    + (f", {skipped} skipped" if precision == "fp16" else ""), "finite, falling", ok, seconds)
