@@ -28,7 +28,8 @@ def load_bench():
 
 
 def run_bench(*args):
-    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=900)  # generous: CI machines are shared
+    # A generous timeout: a shared CI machine can be several times slower than a quiet one.
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=900)
 
 
 def test_tiny_run_writes_the_table_between_markers_and_both_sides_agree(tmp_path):
