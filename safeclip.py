@@ -2126,8 +2126,9 @@ def build_parser():
                    "loss and the optimizer stay float32, and fp16 adds a loss scaler. Default: bf16 on CUDA; fp32 "
                    "on the CPU, since bf16 is faster only on CPUs with native bf16 matmuls (AVX-512 BF16 or AMX: "
                    "Intel Xeon from Cooper Lake and Sapphire Rapids on, AMD from Zen 4 on) and several times "
-                   "slower on others (see the README's Speed section); fp16 is slow on every CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+                   "slower on others (see the README's Speed section); fp16 is slow on most CPUs")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (on the CPU it needs a C++ "
+                   "compiler, g++)")
     g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory (large towers)")
     g.add_argument("--workers", type=int, help="image loading processes (default: 0 on CPU, where they would compete "
                    "with the model's threads; up to 8 with CUDA)")
