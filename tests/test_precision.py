@@ -28,8 +28,8 @@ def model(tmp_path_factory, data):
     torch.manual_seed(0)
     rows = safeclip.read_pairs(data)
     tokenizer = safeclip.Tokenizer.train([r[k] for r in rows for k in ("safe", "unsafe")], vocab_size=600)
-    config = safeclip.parse_scratch("width=64,layers=2,embed_dim=32,image_resolution=32,vision_patch_size=8,"
-                                    "context_length=16", tokenizer.vocab_size)
+    config = safeclip.scratch_config(safeclip.parse_scratch(
+        "width=64,layers=2,embed_dim=32,image_resolution=32,vision_patch_size=8,context_length=16"), tokenizer.vocab_size)
     folder = tmp_path_factory.mktemp("model")
     safeclip.save(safeclip.CLIP(config), folder, tokenizer=tokenizer)
     return folder
