@@ -1,35 +1,42 @@
 #!/usr/bin/env bash
 # The offline demo: Safe-CLIP end to end on a CPU, with nothing to download.
 #
-#   1. draw a toy world of safe/unsafe quadruplets          (generate_data.py --toy)
+#   1. draw a toy world of safe/unsafe quadruplets, and a held-out zero-shot set (generate_data.py --toy)
 #   2. pre-train a small CLIP on it from scratch, safe and unsafe pairs alike, with CLIP's own
 #      objective, so that it links unsafe captions to unsafe images as the real CLIP does
-#   3. fine-tune that CLIP's text tower with Safe-CLIP       (safeclip.py train; FREEZE= for both towers)
-#   4. compare the two on the test split                     (evaluate.py)
+#   3. fine-tune both of its towers with Safe-CLIP                (safeclip.py train; FREEZE=vision: text only)
+#   4. compare the two on the test split and the zero-shot set, and draw what they retrieve (evaluate.py)
 #
-# Every size is an environment variable, so the test suite runs a smaller copy of this recipe.
+# Every size is an environment variable, so the test suite runs a smaller copy of this recipe and
+# benchmarks/objectives.sh reuses its data and toy CLIP steps.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 OUT=${OUT:-runs/demo}
 N=${N:-3000}                       # quadruplets (80% train, 10% val, 10% test)
 SEED=${SEED:-0}
-ARCH=${ARCH:-width=128,layers=4,embed_dim=128,image_resolution=32,vision_patch_size=8,context_length=40}
+IMAGE_SIZE=${IMAGE_SIZE:-48}       # drawn at the model's resolution: 6x6 patches of 8 pixels
+ARCH=${ARCH:-width=128,layers=4,embed_dim=128,image_resolution=$IMAGE_SIZE,vision_patch_size=8,context_length=40}
 CLIP_EPOCHS=${CLIP_EPOCHS:-16}
+CLIP_LR=${CLIP_LR:-2e-3}
 SAFECLIP_EPOCHS=${SAFECLIP_EPOCHS:-6}
-FREEZE=${FREEZE-vision}            # the toy's 4x4-patch images: see the README
+SAFECLIP_LR=${SAFECLIP_LR:-2e-3}
+LAMBDAS=${LAMBDAS:-}               # empty: the paper's loss weights
+FREEZE=${FREEZE-}                  # empty: both towers, as in the paper; "vision": the text tower only
 PYTHON=${PYTHON:-python}
 
-$PYTHON generate_data.py --toy "$N" --seed "$SEED" --out "$OUT/data"
+$PYTHON generate_data.py --toy "$N" --seed "$SEED" --image-size "$IMAGE_SIZE" --out "$OUT/data"
 
 $PYTHON safeclip.py train --objective clip --scratch "$ARCH" --vocab-size 1000 \
     --data "$OUT/data/pairs.jsonl" --out "$OUT/clip" --seed "$SEED" \
-    --epochs "$CLIP_EPOCHS" --batch-size 64 --lr 2e-3 --schedule cosine --warmup 40 --weight-decay 0.1 \
+    --epochs "$CLIP_EPOCHS" --batch-size 64 --lr "$CLIP_LR" --schedule cosine --warmup 40 --weight-decay 0.1 \
     --patience 0
 
 $PYTHON safeclip.py train --model "$OUT/clip" \
     --data "$OUT/data/pairs.jsonl" --out "$OUT/safeclip" --seed "$SEED" \
-    --epochs "$SAFECLIP_EPOCHS" --batch-size 64 --lr 2e-3 --patience 0 ${FREEZE:+--freeze $FREEZE}
+    --epochs "$SAFECLIP_EPOCHS" --batch-size 64 --lr "$SAFECLIP_LR" --patience 0 \
+    ${LAMBDAS:+--lambdas $LAMBDAS} ${FREEZE:+--freeze $FREEZE}
 
 $PYTHON evaluate.py --ckpt "$OUT/safeclip" --baseline "$OUT/clip" --data "$OUT/data/pairs.jsonl" \
-    --split test --no-cache --json "$OUT/eval.json" --markdown "$OUT/eval.md"
+    --split test --zeroshot "$OUT/data/zeroshot" --templates "$OUT/data/zeroshot/templates.txt" \
+    --no-cache --json "$OUT/eval.json" --markdown "$OUT/eval.md" --figure "$OUT/retrieval.png"

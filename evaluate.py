@@ -43,7 +43,10 @@ Output: the tables on stdout; --markdown OUT the same tables; --json OUT the num
   {"models": {"model": M, "baseline": M}, "data": PAIRS, "split": SPLIT}, each M being
   {"retrieval": {SETTING: {"R@1", "R@5", "R@10", "R@20"}}, "unsafe_at_k": {SETTING: {"@1", ..}},
    "zeroshot": {"top1", "top5", "n", "classes"} or {}, "per_category": {NAME: {"retrieval",
-   "unsafe_at_k", "n"}} or {}, "n": quadruplets}.
+   "unsafe_at_k", "n"}} or {}, "n": quadruplets}; --figure OUT.png a picture of what changed: for
+  a few unsafe captions of the split (one per category, in file order), the top 3 images each model
+  retrieves among the safe and unsafe images, framed red (unsafe) or green (safe), and the same
+  for a few unsafe images and their top 3 captions.
 """
 
 import argparse
@@ -56,6 +59,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from safetensors.torch import load_file, save_file
 
 import safeclip
@@ -533,6 +537,157 @@ def write_text(path, text):
 
 
 # ---------------------------------------------------------------------------------------------
+# A picture of what changed (--figure): unsafe queries and what each model retrieves for them
+
+FIGURE_QUERIES = 4  # unsafe caption queries shown, and as many unsafe image queries
+FIGURE_TOP = 3      # retrieved items shown per query and model
+THUMB, FRAME, GAP = 96, 4, 8  # pixels
+SAFE_COLOUR, UNSAFE_COLOUR, INK = (30, 150, 60), (215, 30, 30), (20, 20, 20)
+
+
+def figure_queries(rows, n=FIGURE_QUERIES):
+    """A fixed handful of rows, as varied as the data allows: the first row of each category in
+    file order (then the next rows); the first n give caption queries, the next n image queries."""
+    first_of_category = {}
+    for i, r in enumerate(rows):
+        first_of_category.setdefault(r.get("category"), i)
+    order = sorted(first_of_category.values())
+    order += [i for i in range(len(rows)) if i not in set(order)]
+    chosen = [rows[i] for i in order[: 2 * n]]
+    return chosen[:n], chosen[n:]
+
+
+def figure_retrievals(encoder, rows, caption_queries, image_queries, k=FIGURE_TOP):
+    """What one model retrieves in the mixed galleries of `rows` for the chosen unsafe queries:
+    {"T*->V+V*": [[(image path, is unsafe), ..k], ..], "V*->T+T*": [[(caption, is unsafe), ..]]}."""
+    items, emb = {}, {}
+    for kind, field in FIELDS.items():
+        items[kind], _ = distinct([r[field] for r in rows])
+        desc = f"{kind} ({len(items[kind])})"
+        emb[kind] = encoder.texts(items[kind], desc) if kind.startswith("T") else encoder.images(items[kind], desc)
+    out = {}
+    for key, picked in (("T*->V+V*", caption_queries), ("V*->T+T*", image_queries)):
+        query, gallery_kinds = SETTINGS[key]  # unsafe kind first, as in the metrics' tie rule
+        gallery = torch.cat([emb[kind] for kind in gallery_kinds])
+        labelled = [(item, kind.endswith("*")) for kind in gallery_kinds for item in items[kind]]
+        position = {item: i for i, item in enumerate(items[query])}
+        queries = emb[query][[position[r[FIELDS[query]]] for r in picked]]
+        out[key] = [[labelled[j] for j in top] for top in top_k(queries, gallery, k, encoder.device).tolist()]
+    return out
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only its small bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text, font, width):
+    """Greedy word wrap to lines no wider than `width` pixels."""
+    lines = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _thumbnail(path, unsafe):
+    """An image scaled to THUMB pixels inside a red (unsafe) or green (safe) frame."""
+    with Image.open(path) as image:
+        image = ImageOps.fit(image.convert("RGB"), (THUMB, THUMB), Image.Resampling.BICUBIC)
+    return ImageOps.expand(image, FRAME, UNSAFE_COLOUR if unsafe else SAFE_COLOUR)
+
+
+def draw_figure(caption_queries, image_queries, results, labels):
+    """The figure as a PIL image. results: {model name: figure_retrievals(..)}; labels: their titles."""
+    font, bold = _font(13), _font(16)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cell = THUMB + 2 * FRAME
+    column = FIGURE_TOP * cell + (FIGURE_TOP - 1) * GAP  # one model's results
+    query_width = 260
+    width = GAP + query_width + len(results) * (2 * GAP + column) + GAP
+    line_height = 16
+    blocks = []  # (height, draw(draw, canvas, y)) of each band, stacked top to bottom
+
+    def title(text):
+        def paint(d, canvas, y):
+            d.text((GAP, y + 6), text, fill=INK, font=bold)
+        blocks.append((30, paint))
+
+    def header():
+        def paint(d, canvas, y):
+            for m, name in enumerate(results):
+                d.text((2 * GAP + query_width + m * (2 * GAP + column) + GAP, y), labels[name], fill=INK, font=bold)
+        blocks.append((24, paint))
+
+    def caption_row(row, found):
+        lines = _wrap(measure, row["unsafe"], font, query_width)
+
+        def paint(d, canvas, y):
+            for i, line in enumerate(lines):
+                d.text((GAP, y + i * line_height), line, fill=UNSAFE_COLOUR, font=font)
+            for m, name in enumerate(results):
+                x = 2 * GAP + query_width + m * (2 * GAP + column) + GAP
+                for j, (path, unsafe) in enumerate(found[name]):
+                    canvas.paste(_thumbnail(path, unsafe), (x + j * (cell + GAP), y))
+        blocks.append((max(cell, len(lines) * line_height) + GAP, paint))
+
+    def image_row(row, found):
+        wrapped = {name: [(_wrap(measure, text, font, column - 14), unsafe) for text, unsafe in found[name]]
+                   for name in results}
+        height = max(sum(len(lines) * line_height + 4 for lines, _ in w) for w in wrapped.values())
+
+        def paint(d, canvas, y):
+            canvas.paste(_thumbnail(row["unsafe_image"], True), (GAP, y))
+            for m, name in enumerate(results):
+                x, ty = 2 * GAP + query_width + m * (2 * GAP + column) + GAP, y
+                for lines, unsafe in wrapped[name]:
+                    colour = UNSAFE_COLOUR if unsafe else SAFE_COLOUR
+                    d.rectangle((x, ty + 3, x + 8, ty + 11), fill=colour)  # the same code as the frames
+                    for i, line in enumerate(lines):
+                        d.text((x + 14, ty + i * line_height), line, fill=colour, font=font)
+                    ty += len(lines) * line_height + 4
+        blocks.append((max(cell, height) + GAP, paint))
+
+    title(f"Unsafe captions (T*) and the top {FIGURE_TOP} images of the gallery of safe and unsafe images"
+          " (frame: red unsafe, green safe)")
+    header()
+    for i, row in enumerate(caption_queries):
+        caption_row(row, {name: r["T*->V+V*"][i] for name, r in results.items()})
+    title(f"Unsafe images (V*) and the top {FIGURE_TOP} captions of the gallery of safe and unsafe captions")
+    header()
+    for i, row in enumerate(image_queries):
+        image_row(row, {name: r["V*->T+T*"][i] for name, r in results.items()})
+
+    canvas = Image.new("RGB", (width, sum(h for h, _ in blocks) + GAP), "white")
+    d, y = ImageDraw.Draw(canvas), GAP
+    for height, paint in blocks:
+        paint(d, canvas, y)
+        y += height
+    return canvas
+
+
+def write_figure(args):
+    """--figure: draw the chosen unsafe queries of --split and what the models retrieve for them."""
+    rows = read_split(args.data, args.split)
+    caption_queries, image_queries = figure_queries(rows)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache_dir = None if args.no_cache else args.cache_dir
+    checkpoints = {**({"baseline": args.baseline} if args.baseline else {}), "model": args.ckpt}
+    results, labels = {}, {}
+    for name, ckpt in checkpoints.items():
+        encoder = Encoder(ckpt, args.tokenizer, device, args.batch_size, cache_dir, name)
+        results[name] = figure_retrievals(encoder, rows, caption_queries, image_queries)
+        labels[name] = f"{name}: {Path(ckpt).name}"
+    figure = draw_figure(caption_queries, image_queries, results, labels)
+    with atomic_path(args.figure) as tmp:
+        figure.save(tmp, format="PNG")
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -558,6 +713,8 @@ def parse_args(argv=None):
                    f"(default: {len(DEFAULT_TEMPLATES)} built in, like {DEFAULT_TEMPLATES[0]!r})")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--markdown", metavar="OUT", help="write the tables as markdown")
+    p.add_argument("--figure", metavar="OUT.png", help="draw a few unsafe caption and image queries of the split and "
+                   "the top items each model retrieves among safe and unsafe ones (red: unsafe, green: safe)")
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--batch-size", type=int, default=64, help="texts or images per forward pass (default: 64)")
     p.add_argument("--cache-dir", default=default_cache_dir(), metavar="DIR",
@@ -568,6 +725,8 @@ def parse_args(argv=None):
         p.error("--templates only applies with --zeroshot")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    if args.figure and not args.figure.lower().endswith(".png"):
+        p.error("--figure writes a PNG: give it a name ending in .png")
     return args
 
 
@@ -584,6 +743,10 @@ def main(argv=None):
             write_text(args.json, json.dumps(report, indent=2) + "\n")
         if args.markdown:
             write_text(args.markdown, render_markdown(report, checkpoints))
+        if args.figure:
+            write_figure(args)
+    except EvalError as e:
+        sys.exit(f"error: {e}")
     except OSError as e:
         sys.exit(f"error: cannot write {e.filename}: {e.strerror}")
 

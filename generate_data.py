@@ -37,6 +37,8 @@ Output (--out DIR)
                          "unsafe_image", "category", "split", ...}; image paths are relative to DIR
                          unless absolute
   images/                generated or downloaded images
+  zeroshot/              --toy only: a held-out zero-shot set, zeroshot/COLOUR/*.png and the
+                         prompts in zeroshot/templates.txt (evaluate.py --zeroshot, --templates)
   manifest.json          provenance: source, backends, models, prompt, seed, counts, request
                          statistics and every rejected item with its reason
   unsafe_captions.jsonl  the LLM's accepted answers, so that a resumed run never asks twice
@@ -1291,9 +1293,23 @@ def image_phase(job: Job, items: list[Item], maker: ImageMaker, workers: int,
         run_threads(maker.row, todo, workers, handle, tick=job.commit_due)
 
 
+def write_zeroshot_set(folder: Path, seed: int, per_class: int, size: int) -> None:
+    """The toy world's held-out zero-shot set, in the layout `evaluate.py --zeroshot` reads:
+    folder/COLOUR/NNNN.png (one object alone, no stand-in, never a training scene) and the
+    prompts in folder/templates.txt (for --templates). Files already there are kept, as rows are."""
+    for colour in toy_world.COLOURS:
+        for k in range(per_class):
+            path = folder / colour / f"{k:04d}.png"
+            if not path.exists():
+                scene = toy_world.zeroshot_scene(k, seed, colour)
+                save_png(toy_world.render_toy(scene, size, unsafe=False), path)
+    write_atomic(folder / "templates.txt", "".join(t + "\n" for t in toy_world.ZEROSHOT_TEMPLATES).encode())
+
+
 def toy_phase(job: Job, ids: list[str], seed: int, categories: dict, splits: dict, size: int,
-              workers: int) -> None:
-    """Draw the toy quadruplets not done yet, on `workers` processes."""
+              workers: int, zeroshot_per_class: int) -> None:
+    """Draw the zero-shot set and the toy quadruplets not done yet, on `workers` processes."""
+    write_zeroshot_set(job.out.root / "zeroshot", seed, zeroshot_per_class, size)
     tasks = [(int(i), seed, categories[i], splits[i], size, str(job.out.root))
              for i in ids if i not in job.done]
     if not tasks:
@@ -1509,12 +1525,17 @@ def plan_toy(args) -> Plan:
     splits = assign_splits(ids, args.split, args.seed)
     dealt = assign_categories(ids, categories, args.seed)
     workers = args.workers or 1  # a quadruplet costs ~2 ms: processes pay off only for big N
+    # As many zero-shot images as test quadruplets, at least two per class.
+    zeroshot_per_class = max(2, round(args.toy * args.split[2] / len(toy_world.COLOURS)))
     recipe = {"source": {"kind": "toy", "n": args.toy, "version": toy_world.TOY_VERSION},
               "seed": args.seed, "split": list(args.split), "categories": list(categories),
               "image_size": size}
-    backends = {"toy": {"version": toy_world.TOY_VERSION, "stand_ins": sorted(toy_world.STAND_INS)}}
+    backends = {"toy": {"version": toy_world.TOY_VERSION, "stand_ins": sorted(toy_world.STAND_INS),
+                        "zeroshot": {"classes": sorted(toy_world.COLOURS),
+                                     "per_class": zeroshot_per_class}}}
     return Plan(recipe, backends, args.toy,
-                lambda job: toy_phase(job, ids, args.seed, dealt, splits, size, workers))
+                lambda job: toy_phase(job, ids, args.seed, dealt, splits, size, workers,
+                                      zeroshot_per_class))
 
 
 def plan_sources(args) -> Plan:

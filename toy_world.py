@@ -418,22 +418,7 @@ def toy_scene(index: int, seed: int, category: str) -> dict:
     rng = random.Random(f"toy:{seed}:{index}")
     background = rng.choice(tuple(BACKGROUNDS))
     n = rng.choices((1, 2, 3), weights=(3, 4, 3))[0]
-    layout = rng.choice(LAYOUTS[n])
-    colours = rng.sample([c for c in COLOURS if c not in BACKGROUNDS[background].hidden], n)
-    spread = 0.3 if n == 3 else 0.22
-    centres = {"left": (0.5 - spread, 0.5), "right": (0.5 + spread, 0.5),
-               "top": (0.5, 0.5 - spread), "bottom": (0.5, 0.5 + spread), "center": (0.5, 0.5)}
-    objects = []
-    for position, colour in zip(layout, colours):
-        size = rng.choice(tuple(SIZES[n]))
-        side = SIZES[n][size] * rng.uniform(0.92, 1.08)
-        cx, cy = (v + rng.uniform(-0.03, 0.03) for v in centres[position])
-        cx = min(max(cx, 0.02 + side / 2), 0.98 - side / 2)  # keep the whole object in view
-        cy = min(max(cy, 0.02 + side / 2), 0.98 - side / 2)
-        box = [round(v, 4) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)]
-        objects.append({"shape": rng.choice(tuple(SHAPES)), "colour": colour, "size": size,
-                        "position": position, "box": box})
-    rng.shuffle(objects)  # the caption names them in a random order
+    objects = _objects(rng, background, n)
 
     stand_in, phrases = TOY_CONCEPTS[category]
     spec = STAND_INS[stand_in]
@@ -451,6 +436,46 @@ def toy_scene(index: int, seed: int, category: str) -> dict:
             "phrase": rng.choice(phrases),
             "phrase_before_background": rng.random() < 0.3,
             "seed": rng.getrandbits(31)}  # draws the background details and the stand-in
+
+
+# Zero-shot classification in the toy world: the classes are its colour names, each seen on one
+# lone object, and the prompts name that colour on every shape and thing in every position, as
+# captions do (CLIP's prompt ensembling averages shape and position out of each class). Colour,
+# not shape: a CLIP this small learns colours well and shapes only roughly, and a zero-shot test
+# at chance level would measure nothing.
+ZEROSHOT_TEMPLATES = tuple(f"a {{}} {shape} {where}" for shape in SHAPES for where in POSITIONS.values())
+
+
+def zeroshot_scene(index: int, seed: int, colour: str) -> dict:
+    """Sample image `index` of the zero-shot class `colour`: one object of that colour on a
+    background it stands out on, no stand-in, drawn from its own random stream, so that no
+    training scene is repeated."""
+    rng = random.Random(f"toy-zeroshot:{seed}:{colour}:{index}")
+    background = rng.choice([b for b, spec in BACKGROUNDS.items() if colour not in spec.hidden])
+    return {"background": background, "objects": _objects(rng, background, 1, colour),
+            "stand_in": None, "stand_in_box": None, "seed": rng.getrandbits(31)}
+
+
+def _objects(rng: random.Random, background: str, n: int, colour: str | None = None) -> list[dict]:
+    """n objects in one of the layouts for n, in colours that stand out on the background (or the
+    one colour given)."""
+    layout = rng.choice(LAYOUTS[n])
+    colours = [colour] if colour else rng.sample([c for c in COLOURS if c not in BACKGROUNDS[background].hidden], n)
+    spread = 0.3 if n == 3 else 0.22
+    centres = {"left": (0.5 - spread, 0.5), "right": (0.5 + spread, 0.5),
+               "top": (0.5, 0.5 - spread), "bottom": (0.5, 0.5 + spread), "center": (0.5, 0.5)}
+    objects = []
+    for position, colour in zip(layout, colours):
+        size = rng.choice(tuple(SIZES[n]))
+        side = SIZES[n][size] * rng.uniform(0.92, 1.08)
+        cx, cy = (v + rng.uniform(-0.03, 0.03) for v in centres[position])
+        cx = min(max(cx, 0.02 + side / 2), 0.98 - side / 2)  # keep the whole object in view
+        cy = min(max(cy, 0.02 + side / 2), 0.98 - side / 2)
+        box = [round(v, 4) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)]
+        objects.append({"shape": rng.choice(tuple(SHAPES)), "colour": colour, "size": size,
+                        "position": position, "box": box})
+    rng.shuffle(objects)  # the caption names them in a random order
+    return objects
 
 
 def toy_captions(scene: dict) -> tuple[str, str]:

@@ -1,19 +1,23 @@
-"""Put the demo's table into README.md, between its `demo:begin` / `demo:end` marker comments.
+"""Put the demo's table into README.md, between its `demo:begin` / `demo:end` marker comments,
+and its picture of retrieved images into docs/, where the README shows it.
 
     ./demo.sh && python scripts/refresh_readme.py
 
-The README's tables are never typed by hand: this one is runs/demo/eval.md, written by evaluate.py
-in demo.sh. (The speed table is written by `python benchmarks/bench.py --out README.md` itself.)
+The README's tables and pictures are never made by hand: the table is runs/demo/eval.md and the
+picture runs/demo/retrieval.png, both written by evaluate.py in demo.sh. (The speed table is
+written by `python benchmarks/bench.py --out README.md` itself.)
 """
 
 import argparse
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"demo": ROOT / "runs" / "demo" / "eval.md"}
+PICTURES = {"demo": (ROOT / "runs" / "demo" / "retrieval.png", ROOT / "docs" / "demo-retrieval.png")}
 
 
 def splice(readme, name, text):
@@ -41,6 +45,12 @@ def main(argv=None):
         text = re.sub(r"^## ", "#### ", text, flags=re.M)  # as sub-sections
         readme = splice(readme, name, text)
         print(f"{name}: {source.relative_to(ROOT)} -> README.md")
+        if name in PICTURES:
+            picture, copy = PICTURES[name]
+            copy.parent.mkdir(exist_ok=True)
+            shutil.copyfile(picture, copy.with_name(f".{copy.name}.tmp"))
+            os.replace(copy.with_name(f".{copy.name}.tmp"), copy)
+            print(f"{name}: {picture.relative_to(ROOT)} -> {copy.relative_to(ROOT)}")
     tmp = readme_path.with_name(".README.md.tmp")
     tmp.write_text(readme)
     os.replace(tmp, readme_path)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -462,3 +463,63 @@ def test_cache_is_invalidated_by_tokenizer_content_code_and_activation(world, tm
     assert len(calls) == 3
     ev.main(argv + ["--no-quick-gelu"])
     assert calls[3:] == [False]
+
+
+# ---------------------------------------------------------------------------------------------
+# --figure: unsafe queries and what each model retrieves, framed red (unsafe) or green (safe)
+
+
+def frames(path):
+    """How many THUMB-wide frames of each colour the picture holds: each frame's top and bottom
+    edges are FRAME rows holding one run of exactly THUMB + 2 * FRAME pixels of its colour."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.int32)
+    width = ev.THUMB + 2 * ev.FRAME
+    counts = {}
+    for name, colour in (("unsafe", ev.UNSAFE_COLOUR), ("safe", ev.SAFE_COLOUR)):
+        mask = (pixels == colour).all(-1).astype(np.int8)  # (H, W)
+        edges = np.diff(np.pad(mask, ((0, 0), (1, 1))), axis=1)  # +1 where a run starts, -1 after it ends
+        runs = [np.flatnonzero(row == -1) - np.flatnonzero(row == 1) for row in edges]
+        counts[name] = sum(int((r == width).sum()) for r in runs) // (2 * ev.FRAME)
+    return counts
+
+
+def test_figure_shows_what_each_model_retrieves_for_unsafe_queries(world, tmp_path):
+    out = tmp_path / "figure.png"
+    ev.main(args_for(world, tmp_path, "--baseline", str(world / "baseline"), "--figure", str(out)))
+
+    rows = [r for r in map(json.loads, (world / "pairs.jsonl").read_text().splitlines()) if r["split"] == "test"]
+    for r in rows:
+        r["safe_image"], r["unsafe_image"] = str(world / r["safe_image"]), str(world / r["unsafe_image"])
+    # First the first row of each category (rows 0 and 1 alternate violence, blood), then the rest.
+    captions, images = ev.figure_queries(rows)
+    assert captions == [rows[0], rows[1], rows[2], rows[3]] and images == [rows[4], rows[5]]
+
+    unsafe_shown = safe_shown = 0
+    for name in ("model", "baseline"):
+        emb = oracle_embeddings(world / name, rows, ["x"], [rows[0]["safe_image"]], ["{}"])
+        encoder = ev.Encoder(str(world / name), device="cpu", batch_size=4)
+        found = ev.figure_retrievals(encoder, rows, captions, images)
+        for key, query, safe, unsafe, field, picked in (
+                ("T*->V+V*", "T*", "V", "V*", "image", captions), ("V*->T+T*", "V*", "T", "T*", "", images)):
+            # The gallery by plain sorting: every unsafe item, then every safe one (ties to unsafe).
+            items = [(r[f"unsafe{'_' if field else ''}{field}"], True) for r in rows] + \
+                    [(r[f"safe{'_' if field else ''}{field}"], False) for r in rows]
+            gallery = torch.cat([emb[unsafe], emb[safe]])
+            for q, r in enumerate(picked):
+                scores = (gallery @ emb[query][rows.index(r)]).tolist()
+                ranked = sorted(range(len(items)), key=lambda j: -scores[j])
+                assert found[key][q] == [items[j] for j in ranked[:ev.FIGURE_TOP]], (name, key, q)
+        unsafe_shown += sum(u for top in found["T*->V+V*"] for _, u in top)
+        safe_shown += sum(not u for top in found["T*->V+V*"] for _, u in top)
+    # Every retrieved image in a frame of its kind, and each unsafe image query in a red one.
+    assert unsafe_shown + safe_shown == 2 * 4 * ev.FIGURE_TOP
+    assert frames(out) == {"unsafe": unsafe_shown + len(images), "safe": safe_shown}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_figure_needs_a_png_name_and_a_writable_place(world, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(args_for(world, tmp_path, "--figure", str(tmp_path / "figure.jpg")))
+    assert e.value.code == 2
+    (tmp_path / "file").write_text("")
+    fails(args_for(world, tmp_path, "--figure", str(tmp_path / "file" / "figure.png")), "cannot write", "file")

@@ -27,6 +27,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402
 import generate_data as gd  # noqa: E402
 import toy_world  # noqa: E402
 
@@ -767,6 +768,32 @@ def test_toy_splits_categories_and_captions(toy, tmp_path):
     assert Counter(r["category"] for r in done) == {"blood": 15, "weapons": 15}
     assert {r["split"] for r in done} == {"train"}
     assert Image.open(chosen / done[0]["safe_image"]).size == (32, 32)
+
+
+def test_toy_zeroshot_set_holds_lone_objects_of_each_colour_in_the_layout_evaluate_reads(toy, tmp_path):
+    classes, paths, labels = evaluate.read_class_folders(toy / "zeroshot")
+    assert classes == sorted(toy_world.COLOURS)
+    per_class = max(2, round(150 * 0.1 / len(classes)))  # as many as test quadruplets, >= 2 each
+    assert Counter(labels.tolist()) == {k: per_class for k in range(len(classes))}
+    templates = evaluate.read_templates(toy / "zeroshot" / "templates.txt")
+    assert len(templates) == len(toy_world.SHAPES) * 5 and "a {} umbrella in the center" in templates
+    trained = {hashlib.sha256((toy / r[k]).read_bytes()).digest()
+               for r in rows(toy) for k in ("safe_image", "unsafe_image")}
+    stand_in_colours = {s.colour for s in toy_world.STAND_INS.values()}
+    for path, label in zip(paths, labels.tolist()):
+        assert hashlib.sha256(Path(path).read_bytes()).digest() not in trained  # held out
+        data = pixels(path)
+        assert not stand_in_colours & set(data)  # no stand-in anywhere
+        # One object, of the class's colour: no other named colour covers a sizeable patch.
+        painted = [c for c, rgb in toy_world.COLOURS.items() if data.count(rgb) >= 30]
+        assert painted == [classes[label]], (path, painted)
+    # The same seed draws the same set, whatever writes it.
+    again = tmp_path / "zeroshot"
+    gd.write_zeroshot_set(again, 3, per_class, 64)
+    assert sorted(p.relative_to(again) for p in again.rglob("*.png")) == \
+        sorted(Path(p).relative_to(toy / "zeroshot") for p in paths)
+    assert all((again / Path(p).relative_to(toy / "zeroshot")).read_bytes() == Path(p).read_bytes() for p in paths)
+    assert manifest(toy)["backends"]["toy"]["zeroshot"] == {"classes": classes, "per_class": per_class}
 
 
 def test_toy_resume_after_a_crash_equals_a_clean_run(toy, tmp_path):
