@@ -547,12 +547,15 @@ SAFE_COLOUR, UNSAFE_COLOUR, INK = (30, 150, 60), (215, 30, 30), (20, 20, 20)
 
 def figure_queries(rows, n=FIGURE_QUERIES):
     """A fixed handful of rows, as varied as the data allows: the first row of each category in
-    file order (then the next rows); the first n give caption queries, the next n image queries."""
+    file order (then the next rows), among rows with both an unsafe caption and an unsafe image;
+    the first n give caption queries, the next n image queries."""
+    rows = [r for r in rows if r.get("unsafe") and r.get("unsafe_image")]
     first_of_category = {}
     for i, r in enumerate(rows):
         first_of_category.setdefault(r.get("category"), i)
     order = sorted(first_of_category.values())
-    order += [i for i in range(len(rows)) if i not in set(order)]
+    taken = set(order)
+    order += [i for i in range(len(rows)) if i not in taken]
     chosen = [rows[i] for i in order[: 2 * n]]
     return chosen[:n], chosen[n:]
 
@@ -562,7 +565,7 @@ def figure_retrievals(encoder, rows, caption_queries, image_queries, k=FIGURE_TO
     {"T*->V+V*": [[(image path, is unsafe), ..k], ..], "V*->T+T*": [[(caption, is unsafe), ..]]}."""
     items, emb = {}, {}
     for kind, field in FIELDS.items():
-        items[kind], _ = distinct([r[field] for r in rows])
+        items[kind], _ = distinct([r[field] for r in rows if r.get(field)])
         desc = f"{kind} ({len(items[kind])})"
         emb[kind] = encoder.texts(items[kind], desc) if kind.startswith("T") else encoder.images(items[kind], desc)
     out = {}

@@ -18,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"demo": ROOT / "runs" / "demo" / "eval.md"}
 PICTURES = {"demo": (ROOT / "runs" / "demo" / "retrieval.png", ROOT / "docs" / "demo-retrieval.png")}
+PICTURE_CAPTION = ("For a few unsafe captions of the test split, the top 3 images of the toy CLIP and of "
+                   "Safe-CLIP (red frame: unsafe, green: safe); then a few unsafe images and their top 3 captions")
 
 
 def splice(readme, name, text):
@@ -43,14 +45,15 @@ def main(argv=None):
         text = text.split("\n## R@1 (%) per category")[0]  # the README shows the overall tables
         text = re.sub(r"^# .*\n", "", text)  # under the README's own heading,
         text = re.sub(r"^## ", "#### ", text, flags=re.M)  # as sub-sections
-        readme = splice(readme, name, text)
-        print(f"{name}: {source.relative_to(ROOT)} -> README.md")
-        if name in PICTURES:
+        if name in PICTURES and PICTURES[name][0].exists():  # the picture goes above the tables
             picture, copy = PICTURES[name]
             copy.parent.mkdir(exist_ok=True)
             shutil.copyfile(picture, copy.with_name(f".{copy.name}.tmp"))
             os.replace(copy.with_name(f".{copy.name}.tmp"), copy)
             print(f"{name}: {picture.relative_to(ROOT)} -> {copy.relative_to(ROOT)}")
+            text = f"![{PICTURE_CAPTION}]({copy.relative_to(ROOT)})\n\n{text.strip()}"
+        readme = splice(readme, name, text)
+        print(f"{name}: {source.relative_to(ROOT)} -> README.md")
     tmp = readme_path.with_name(".README.md.tmp")
     tmp.write_text(readme)
     os.replace(tmp, readme_path)
