@@ -15,7 +15,10 @@ from conftest import ROOT
 def test_the_demo_recipe_redirects_unsafe_queries_and_keeps_safe_retrieval(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "demo"), "N": "600", "SEED": "0", "PYTHON": sys.executable,
            "ARCH": "width=64,layers=2,embed_dim=64,image_resolution=48,vision_patch_size=8,context_length=40",
-           "CLIP_EPOCHS": "60", "SAFECLIP_EPOCHS": "10", "SAFECLIP_LR": "3e-3"}
+           "CLIP_EPOCHS": "60", "SAFECLIP_EPOCHS": "10", "SAFECLIP_LR": "3e-3",
+           # One thread: float sums, hence these numbers, do not depend on the machine's core
+           # count, and the run does not oversubscribe a CPU shared with other tests.
+           "OMP_NUM_THREADS": "1"}
     run = subprocess.run(["bash", str(ROOT / "demo.sh")], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "demo" / "eval.json").read_text())
