@@ -1263,25 +1263,26 @@ class ImageFolder(torch.utils.data.Dataset):
         return self.preprocess(open_image(self.paths[i]))
 
 
-def encode_texts(model, texts, batch_size=256, device=None, desc=None):
+def encode_texts(model, texts, batch_size=256, device=None, desc=None, precision=None):
     """Embeddings (N, E) of `texts`, batched, float32 on the CPU, not normalised."""
     ids = require_tokenizer(model)(list(texts), context_length=model.config.context_length)
-    return encode_token_ids(model, ids, batch_size, device, desc)
+    return encode_token_ids(model, ids, batch_size, device, desc, precision)
 
 
-def encode_token_ids(model, ids, batch_size=256, device=None, desc=None):
-    """Embeddings (N, E) of already tokenized texts (N, L); `desc=False` hides the progress bar."""
+def encode_token_ids(model, ids, batch_size=256, device=None, desc=None, precision=None):
+    """Embeddings (N, E) of already tokenized texts (N, L); `desc=False` hides the progress bar;
+    `precision` as for `autocast` (default: bf16 on CUDA, float32 on the CPU)."""
     device = device or model.logit_scale.device
     out = []
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, precision):
         for i in tqdm(range(0, len(ids), batch_size), desc=desc or "text", disable=desc is False, leave=False):
             out.append(model.encode_text(ids[i:i + batch_size].to(device)).float().cpu())
     return torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
 
 
-def encode_images(model, preprocess, paths, batch_size=64, device=None, desc=None, workers=0):
+def encode_images(model, preprocess, paths, batch_size=64, device=None, desc=None, workers=0, precision=None):
     """Embeddings (N, E) of the images at `paths`, batched, float32 on the CPU, not normalised.
-    An unreadable image raises a DataError naming it."""
+    An unreadable image raises a DataError naming it. `precision` as for `encode_token_ids`."""
     device = device or model.logit_scale.device
     # A generator of its own: a DataLoader otherwise draws a seed from the global RNG, and an
     # evaluation would then change the dropout masks of the training steps after it.
@@ -1290,7 +1291,7 @@ def encode_images(model, preprocess, paths, batch_size=64, device=None, desc=Non
     out = []
     with torch.inference_mode():
         for pixels in tqdm(loader, desc=desc or "images", disable=desc is False, leave=False):
-            with autocast(device):
+            with autocast(device, precision):
                 out.append(model.encode_image(pixels.to(device)).float().cpu())
     return torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
 
@@ -1389,16 +1390,18 @@ def gather(x):
     return _AllGather.apply(x)
 
 
-def gather_rows(local, n, rank, world):
-    """Rows computed rank-strided (rank r holds rows r, r + world, ...) -> all n rows, in order."""
+def gather_rows(local, n, rank, world, device):
+    """Rows computed rank-strided (rank r holds rows r, r + world, ...) -> all n rows, in order, on
+    the CPU. The all-gather itself runs on `device`, the one the process group is bound to (NCCL
+    takes only CUDA tensors)."""
     if world == 1:
         return local
     size = -(-n // world)
-    padded = torch.zeros(size, *local.shape[1:], dtype=local.dtype)
-    padded[: len(local)] = local
+    padded = torch.zeros(size, *local.shape[1:], dtype=local.dtype, device=device)
+    padded[: len(local)] = local.to(device)
     parts = [torch.zeros_like(padded) for _ in range(world)]
     torch.distributed.all_gather(parts, padded)
-    return torch.stack(parts, dim=1).flatten(0, 1)[:n]  # interleave back to row order
+    return torch.stack(parts, dim=1).flatten(0, 1)[:n].cpu()  # interleave back to row order
 
 
 # -- references, computed once ------------------------------------------------------------------
@@ -1435,11 +1438,14 @@ def reference_embeddings(model, preprocess, rows, cache, fingerprint, device, ba
     mine = rows[rank::world]
     was_training = model.training
     model.eval()
-    t_ref = encode_texts(model, [r["safe"] for r in mine], batch_size, device, desc=rank == 0 and "reference T0(T)")
+    # In float32 whatever --precision says: every term pulls toward these targets, and they are
+    # computed only once.
+    t_ref = encode_texts(model, [r["safe"] for r in mine], batch_size, device, desc=rank == 0 and "reference T0(T)",
+                         precision="fp32")
     v_ref = encode_images(model, preprocess, [r["safe_image"] for r in mine], batch_size, device,
-                          desc=rank == 0 and "reference V0(V)", workers=workers)
+                          desc=rank == 0 and "reference V0(V)", workers=workers, precision="fp32")
     model.train(was_training)
-    t_ref, v_ref = gather_rows(t_ref, len(rows), rank, world), gather_rows(v_ref, len(rows), rank, world)
+    t_ref, v_ref = (gather_rows(r, len(rows), rank, world, device) for r in (t_ref, v_ref))
     if rank == 0:
         _atomic_write(cache, lambda tmp: save_safetensors({"t_ref": t_ref, "v_ref": v_ref}, tmp,
                                                           metadata={"fingerprint": fingerprint}))
@@ -1583,12 +1589,25 @@ def choose_trainable(model, args):
         (model.transformer if t == "text" else model.visual.transformer).grad_checkpointing = args.grad_checkpointing
 
 
+def _rng_state(device):
+    """The generators dropout draws from, to replay the same masks (`--accum`'s recomputation)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def train(args):
     rank, world, local_rank = dist_info()
     distributed = "WORLD_SIZE" in os.environ  # torchrun, even with one process: the multi-GPU code path
-    if distributed:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if distributed:
+        # The backend is bound to the training device ("cuda:nccl" takes only CUDA tensors, as NCCL
+        # does; "cpu:gloo" only CPU ones): every collective here runs on that device's tensors.
+        torch.distributed.init_process_group(f"{device.type}:{'nccl' if device.type == 'cuda' else 'gloo'}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -1714,6 +1733,57 @@ def train(args):
                        + (" (best)" if improved else ""))
         return args.patience and state["bad_evals"] >= args.patience
 
+    def embed(batch):
+        """A micro-batch -> the embeddings [T, T*, V, V*] of its rows on all ranks (gathered, with
+        gradients, so InfoNCE sees the global batch's negatives) and those rows' indices."""
+        safe_pix, unsafe_pix, idx = batch
+        with autocast(device, args.precision):
+            t_ids = torch.cat([ids["train"][0][idx], ids["train"][1][idx]]).to(device)
+            pixels = torch.cat([safe_pix, unsafe_pix]).to(device, non_blocking=True)
+            text, image = step_fn(t_ids, pixels)
+        return [gather(e) for e in (*text.float().chunk(2), *image.float().chunk(2))], gather(idx.to(device)).cpu()
+
+    def objective(emb, gidx):
+        """The loss of a batch from its embeddings [T, T*, V, V*] and row indices: (total, terms)."""
+        t_safe, t_unsafe, v_safe, v_unsafe = emb
+        if args.objective == "safeclip":
+            return safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, refs["train"][0][gidx].to(device),
+                                  refs["train"][1][gidx].to(device), args.lambdas)
+        return clip_loss(torch.cat([t_safe, t_unsafe]), torch.cat([v_safe, v_unsafe]), model.logit_scale), {}
+
+    def check_finite(loss, terms):
+        if not torch.isfinite(loss) and not scaler.is_enabled():  # fp16: the scaler skips the step
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at step {state['step']}; terms: "
+                + ", ".join(f"{n}={v.item():.4g}" for n, v in terms.items())
+                + f". The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'not written yet'}; "
+                "try a lower --lr, --precision fp32 or --grad-clip.")
+
+    def accumulate(micro_batches):
+        """--accum N as one batch N times larger, as open_clip's --accum-freq does it: embed every
+        micro-batch without a graph, compute the whole batch's loss on those embeddings, then
+        recompute each micro-batch with its graph against the others' cached embeddings and
+        backpropagate. The gradients add up to the whole batch's, InfoNCE negatives included, for
+        one more forward pass per micro-batch and the memory of one micro-batch's graph."""
+        rng, cached, gidx = [], [], []
+        with torch.no_grad():
+            for batch in micro_batches:
+                rng.append(_rng_state(device))  # the recomputation replays these dropout masks
+                emb, g = embed(batch)
+                cached.append(emb)
+                gidx.append(g)
+            gidx = torch.cat(gidx)
+            loss, terms = objective([torch.cat(e) for e in zip(*cached)], gidx)
+        check_finite(loss, terms)
+        for j, batch in enumerate(micro_batches):
+            _set_rng_state(rng[j], device)
+            last = j == len(micro_batches) - 1
+            with towers_module.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                emb = list(cached)
+                emb[j] = embed(batch)[0]
+                scaler.scale(objective([torch.cat(e) for e in zip(*emb)], gidx)[0]).backward()
+        return loss, terms
+
     dataset = Quadruplets(train_rows, preprocess)
     eval_every = args.eval_every or per_epoch
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train ({args.objective})", disable=not main_process,
@@ -1732,34 +1802,15 @@ def train(args):
             lr = lr_at(state["step"], args, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            record = {}
-            for k in range(args.accum):
-                safe_pix, unsafe_pix, idx = next(it)
-                sync = k == args.accum - 1 or world == 1
-                with (towers_module.no_sync() if not sync else contextlib.nullcontext()):
-                    with autocast(device, args.precision):
-                        t_ids = torch.cat([ids["train"][0][idx], ids["train"][1][idx]]).to(device)
-                        pixels = torch.cat([safe_pix, unsafe_pix]).to(device, non_blocking=True)
-                        text, image = step_fn(t_ids, pixels)
-                    t_safe, t_unsafe = (gather(t) for t in text.float().chunk(2))
-                    v_safe, v_unsafe = (gather(v) for v in image.float().chunk(2))
-                    if args.objective == "safeclip":
-                        gidx = gather(idx.to(device)).cpu()
-                        loss, terms = safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe,
-                                                     refs["train"][0][gidx].to(device), refs["train"][1][gidx].to(device),
-                                                     args.lambdas)
-                    else:
-                        loss, terms = clip_loss(torch.cat([t_safe, t_unsafe]), torch.cat([v_safe, v_unsafe]),
-                                                model.logit_scale), {}
-                    if not torch.isfinite(loss) and not scaler.is_enabled():
-                        raise TrainingError(
-                            f"non-finite loss ({loss.item()}) at step {state['step']}; terms: "
-                            + ", ".join(f"{n}={v.item():.4g}" for n, v in terms.items())
-                            + f". The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'not written yet'}; "
-                            "try a lower --lr, --precision fp32 or --grad-clip.")
-                    scaler.scale(loss / args.accum).backward()
-                for n, v in {"loss": loss, **terms}.items():
-                    record[n] = record.get(n, 0.0) + v.item() / args.accum
+            micro_batches = [next(it) for _ in range(args.accum)]
+            if args.accum == 1:
+                emb, gidx = embed(micro_batches[0])
+                loss, terms = objective(emb, gidx)
+                check_finite(loss, terms)
+                scaler.scale(loss).backward()
+            else:
+                loss, terms = accumulate(micro_batches)
+            record = {n: v.item() for n, v in {"loss": loss, **terms}.items()}
             if args.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.grad_clip)
@@ -2108,7 +2159,8 @@ def build_parser():
     g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--batch-size", type=int, default=16, help="quadruplets per micro-batch, over all processes")
-    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step: the same loss and gradients "
+                   "as one batch N times larger (one more forward pass per micro-batch)")
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
     g.add_argument("--seed", type=int, default=0)

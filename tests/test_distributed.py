@@ -1,34 +1,35 @@
-"""torchrun: two CPU processes (gloo) with the global batch split between them train to the same
-loss and weights as one process with the whole batch, because the InfoNCE negatives and the
-distance terms are gathered from all ranks before the loss."""
+"""torchrun: two CPU processes with the global batch split between them train to the same loss and
+weights as one process with the whole batch, because the InfoNCE negatives and the distance terms
+are gathered from all ranks before the loss; with --accum, as one process with a batch that many
+times larger. The process group is bound to the training device ("cpu:gloo" here, "cuda:nccl" on
+GPUs), so every collective must use that device's tensors."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT
 from test_train import base_model, data  # noqa: F401  (fixtures)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_one_process_with_the_same_global_batch(data, base_model, tmp_path):  # noqa: F811
-    args = ["train", "--data", str(data), "--model", str(base_model), "--batch-size", "8", "--workers", "0",
+@pytest.mark.parametrize("one_batch,two_batch", [(["--batch-size", "8"], ["--batch-size", "8"]),
+                                                 (["--batch-size", "16"], ["--batch-size", "8", "--accum", "2"])])
+def test_two_processes_match_one_process_with_the_same_global_batch(data, base_model, tmp_path, one_batch, two_batch):  # noqa: F811
+    """Bugs: negatives from the local half-batch only; the references gathered as CPU tensors, which
+    NCCL (or any backend bound to another device) refuses; --accum not equal to a bigger batch."""
+    args = ["train", "--data", str(data), "--model", str(base_model), "--workers", "0",
             "--steps", "4", "--lr", "1e-2", "--lora-dropout", "0", "--eval-every", "2", "--seed", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, str(ROOT / "safeclip.py"), *args, "--out", str(tmp_path / "one")],
+    single = subprocess.run([sys.executable, str(ROOT / "safeclip.py"), *args, *one_batch, "--out", str(tmp_path / "one")],
                             env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "safeclip.py"),
-                             *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    # --standalone: torchrun's rendezvous binds a free port itself and keeps it (no free-port race).
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "safeclip.py"), *args, *two_batch, "--out", str(tmp_path / "two")],
+                            env=env, capture_output=True, text=True)
     assert double.returncode == 0, double.stderr
 
     def losses(run):

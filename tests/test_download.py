@@ -187,13 +187,13 @@ def test_404_names_the_url_and_what_to_do(openai, tmp_path):
 
 
 def test_refused_connection_names_the_url(openai, tmp_path, monkeypatch):
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+    with socket.socket() as sock:  # bound but not listening, and kept: no one else can take the port
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/clip/models/{sha256(MODEL)}/ViT-B-32.pt"
-    monkeypatch.setitem(safeclip.OPENAI_MODELS, "ViT-B/32", url)
-    with pytest.raises(safeclip.DownloadError, match=f"cannot reach {re.escape(url)}.*network"):
-        safeclip.download("ViT-B/32", tmp_path, progress=False)
+        url = f"http://127.0.0.1:{port}/clip/models/{sha256(MODEL)}/ViT-B-32.pt"
+        monkeypatch.setitem(safeclip.OPENAI_MODELS, "ViT-B/32", url)
+        with pytest.raises(safeclip.DownloadError, match=f"cannot reach {re.escape(url)}.*network"):
+            safeclip.download("ViT-B/32", tmp_path, progress=False)
 
 
 def test_stalled_server_times_out_and_keeps_the_part_file(openai, tmp_path, monkeypatch):

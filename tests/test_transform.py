@@ -252,3 +252,7 @@ def test_transformers_differs_where_it_converts_to_rgb_before_resizing(mode):
     # of 16-bit and float values) and drops alpha after. Same image sizes as the test above.
     image = make_image(mode, 64, 48)
     assert (safeclip.image_transform(32)(image) - hugging_face_preprocess(image, 32)).abs().max() > 0.1
+    # That order is the whole difference: given transformers' own RGB conversion first, we agree.
+    from transformers.image_transforms import convert_to_rgb
+    rgb = Image.fromarray(convert_to_rgb(image, return_numpy=True))
+    assert (safeclip.image_transform(32)(rgb) - hugging_face_preprocess(image, 32)).abs().max() <= 1e-6
