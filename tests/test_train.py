@@ -569,3 +569,13 @@ def test_the_paper_defaults_are_pinned(data, base_model, tmp_path):
                                 "nce_text_safe": 0.25, "nce_text_unsafe": 0.25, "nce_image_safe": 0.25,
                                 "nce_image_unsafe": 0.50}
     assert all(v.shape[0] == 16 for k, v in trainable_state(out).items() if k.endswith(".A"))  # rank 16 in use
+
+
+def test_accum_recomputes_exactly_the_embeddings_it_cached(data, base_model, tmp_path, monkeypatch):
+    """Bug guarded: the recomputation of a micro-batch drawing new dropout masks, so the gradient
+    would not be that of the loss computed (and logged) on the cached embeddings."""
+    real, totals = safeclip.safe_clip_loss, []
+    monkeypatch.setattr(safeclip, "safe_clip_loss", lambda *a, **k: totals.append(real(*a, **k)[0].item()) or real(*a, **k))
+    train(data, base_model, tmp_path / "run", "--batch-size", "4", "--accum", "2", "--steps", "1", "--eval-every", "99")
+    cached, *recomputed = totals[:3]  # the whole batch's loss, then once per recomputed micro-batch
+    assert recomputed == [cached, cached]
