@@ -576,6 +576,9 @@ def test_accum_recomputes_exactly_the_embeddings_it_cached(data, base_model, tmp
     would not be that of the loss computed (and logged) on the cached embeddings."""
     real, totals = safeclip.safe_clip_loss, []
     monkeypatch.setattr(safeclip, "safe_clip_loss", lambda *a, **k: totals.append(real(*a, **k)[0].item()) or real(*a, **k))
-    train(data, base_model, tmp_path / "run", "--batch-size", "4", "--accum", "2", "--steps", "1", "--eval-every", "99")
-    cached, *recomputed = totals[:3]  # the whole batch's loss, then once per recomputed micro-batch
-    assert recomputed == [cached, cached]
+    train(data, base_model, tmp_path / "run", "--batch-size", "4", "--accum", "2", "--steps", "2", "--eval-every", "99")
+    # Per step: the whole batch's loss, then once per recomputed micro-batch. Step 1 alone would
+    # not do: LoRA's B starts at zero, so its dropout changes nothing until the first update.
+    for step in range(2):
+        cached, *recomputed = totals[3 * step:3 * step + 3]
+        assert recomputed == [cached, cached], step
