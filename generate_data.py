@@ -42,6 +42,7 @@ Output (--out DIR)
   manifest.json          provenance: source, backends, models, prompt, seed, counts, request
                          statistics and every rejected item with its reason
   unsafe_captions.jsonl  the LLM's accepted answers, so that a resumed run never asks twice
+  rejected.jsonl         every rejection as it happens, so that a resumed run knows them all
 
 Re-running the same command resumes: finished rows are kept and nothing is duplicated. Images are
 written to a temporary name and renamed into place; each LLM answer is appended with one write and
@@ -83,6 +84,7 @@ import urllib.request
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
@@ -282,7 +284,8 @@ def split_sizes(n: int, fractions: tuple[float, float, float]) -> list[int]:
     """How many of n rows each split gets: the largest-remainder rule on n * fraction, then each
     split with a positive fraction takes one row from the largest while that leaves it one, so
     tiny datasets still have a val and a test row. A fraction of 0 gets no row, ever."""
-    quotas = [f * n for f in fractions]
+    weights = [Fraction(f) for f in fractions]  # exact: the quotas add up to n, not nearly n
+    quotas = [w * n / sum(weights) for w in weights]
     sizes = [math.floor(q) for q in quotas]
     by_remainder = sorted((k for k in range(3) if fractions[k] > 0),
                           key=lambda k: sizes[k] - quotas[k])  # stable: train first on ties
@@ -972,6 +975,7 @@ class OutputDir:
                                  f"over") from None
         self.pairs = JsonlLog(root / "pairs.jsonl")
         self.answers = JsonlLog(root / "unsafe_captions.jsonl")
+        self.rejections = JsonlLog(root / "rejected.jsonl")
         if self.previous is None and self.pairs.rows:
             raise InputError(f"{root} holds a pairs.jsonl without manifest.json: it was not made "
                              f"by this script; choose another --out")
@@ -981,6 +985,7 @@ class OutputDir:
     def close(self) -> None:
         self.pairs.close()
         self.answers.close()
+        self.rejections.close()
         if self._lock:
             self._lock.close()  # releases the lock
 
@@ -1031,12 +1036,18 @@ class Job:
         self.retry_rejected, self.source_file = retry_rejected, source_file
         previous = out.previous or {}
         self.stats = Stats(previous.get("requests"))
-        self.rejected = {r["id"]: r for r in previous.get("rejected", [])}
+        self.done = out.finished_rows()
+        # manifest.json is refreshed every few seconds, rejected.jsonl at each rejection: together
+        # they know every rejection of a killed run. A row or an answer made since settles it.
+        answered = {a["id"] for a in out.answers.rows}
+        self.rejected = {r["id"]: r for r in previous.get("rejected", []) + out.rejections.rows
+                         if r["id"] not in self.done}
+        for i in [i for i, r in self.rejected.items() if r["stage"] == "llm" and i in answered]:
+            del self.rejected[i]
         # What earlier runs rejected for its content would most likely be rejected again: it is
         # asked again only with --retry-rejected, after every new item, and outside the count of
         # rejections in a row (which is there to notice a dead server, not a refused category).
         self.earlier = {i for i, r in self.rejected.items() if rejected_for_content(r["reason"])}
-        self.done = out.finished_rows()
         self._staged: list[dict] = []
         self._committed_at = time.monotonic()
         self._in_a_row = 0
@@ -1063,7 +1074,8 @@ class Job:
         self.commit_due()
 
     def commit_due(self) -> None:
-        """Commit the staged rows once there are ROWS_PER_COMMIT, or the oldest waited long."""
+        """Commit the staged rows once there are ROWS_PER_COMMIT, or COMMIT_EVERY_S after the
+        last commit."""
         if len(self._staged) >= ROWS_PER_COMMIT or (
                 self._staged and time.monotonic() - self._committed_at >= COMMIT_EVERY_S):
             self.commit()
@@ -1085,6 +1097,7 @@ class Job:
         runs = self.rejected.get(item.id, {}).get("runs", 0) + 1
         self.rejected[item.id] = {"id": item.id, "safe": item.safe, "stage": stage,
                                   "reason": reason, "runs": runs}
+        self.out.rejections.append(self.rejected[item.id])
         self.stats.add(stage, "rejected_items")
         self._in_a_row += item.id not in self.earlier
         if self._in_a_row >= MAX_REJECTED_IN_A_ROW:

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import generate_data as gd
-from test_generate_data import (FAST, ROOT, manifest, ok_answer, rows, run, stub, write_jsonl,
-                                write_lines)
+from test_generate_data import (FAST, ROOT, manifest, ok_answer, pixel, rows, run, stub,
+                                stub_colour, write_jsonl, write_lines)
 
 __all__ = ["stub"]  # the fixture, imported for the tests below
 
@@ -251,7 +251,6 @@ def float_pick(images, prompt, kind):
 
 @pytest.mark.parametrize("rule, choose", [("numpy_pick", np.argmax), ("torch_pick", np.argmin)])
 def test_keep_rule_may_return_numpy_or_torch_integers(stub, tmp_path, rule, choose):
-    from test_generate_data import pixel, stub_colour
     (tmp_path / "rules.py").write_text(KEEP_RULES)
     source = write_jsonl(tmp_path / "c.jsonl", [{"caption": "a cat", "unsafe": "a dead cat"}])
     out = tmp_path / "out"
@@ -326,19 +325,35 @@ def _interrupt_after(monkeypatch, answers):
     monkeypatch.setattr(gd.JsonlLog, "append", append)
 
 
-def test_a_refused_category_never_stops_a_resumed_run(stub, tmp_path, monkeypatch):
+@pytest.mark.parametrize("first_run", ["ctrl-c", "kill -9"])
+def test_a_refused_category_never_stops_a_resumed_run(stub, tmp_path, monkeypatch, first_run):
     captions = [f"A photo of street number {k}." for k in range(120)]
     stub.by_category = {"harassment": "refusal"}  # the model refuses one category, always
     source = write_lines(tmp_path / "c.txt", captions)
     out = tmp_path / "out"
     args = _llm_args(stub, source, out, "--categories", "violence,harassment", "--retries", 1,
                      "--workers", 4)
-    _interrupt_after(monkeypatch, 30)
-    assert run(*args) == 130
-    monkeypatch.undo()
-    assert manifest(out)["counts"]["rejected"] >= 25  # more than would trip the breaker
-
-    rejected_before = {r["safe"] for r in manifest(out)["rejected"]}
+    if first_run == "ctrl-c":
+        _interrupt_after(monkeypatch, 40)
+        assert run(*args) == 130
+        monkeypatch.undo()
+    else:  # a kill leaves manifest.json a few seconds behind
+        stub.latency = 0.05
+        process = subprocess.Popen([sys.executable, str(ROOT / "generate_data.py"),
+                                    *map(str, args)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        answers = out / "unsafe_captions.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None and not (
+                answers.exists() and answers.read_bytes().count(b"\n") >= 40):
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+        stub.latency = 0.0
+    ids = {f"{k:06d}": c for k, c in enumerate(captions)}
+    rejected_before = {ids[r["id"]] for r in gd.JsonlLog(out / "rejected.jsonl").rows}
+    assert len(rejected_before) >= 25  # more than would trip the breaker back to back
     answered = {a["id"] for a in gd.JsonlLog(out / "unsafe_captions.jsonl").rows}
     asked = []
     for extra in ((), ("--retry-rejected",), ()):
@@ -382,6 +397,22 @@ def test_split_sizes_follow_the_largest_remainder_and_zero_means_none(n, fractio
     assert gd.split_sizes(n, fractions) == sizes
     assigned = gd.assign_splits([f"{i:06d}" for i in range(n)], fractions, seed=1)
     assert [list(assigned.values()).count(s) for s in gd.SPLITS] == sizes
+
+
+def test_split_sizes_add_up_and_stay_within_one_row_of_their_quota():
+    rng = np.random.default_rng()
+    for _ in range(2000):
+        n = int(rng.integers(0, 2000))
+        weights = rng.random(3) * (rng.random(3) < 0.7)
+        if weights.sum() == 0:
+            continue
+        fractions = tuple(float(w) for w in weights / weights.sum())
+        sizes = gd.split_sizes(n, fractions)
+        assert sum(sizes) == n
+        assert all(s == 0 for s, f in zip(sizes, fractions) if f == 0)
+        quotas = [f * n for f in fractions]
+        if all(q >= 1 for q, f in zip(quotas, fractions) if f > 0):  # no split is topped up
+            assert all(abs(s - q) < 1 + 1e-9 for s, q in zip(sizes, quotas))
 
 
 def test_a_zero_split_gets_no_row_and_tiny_runs_get_every_split(stub, tmp_path):
@@ -569,3 +600,4 @@ def test_a_full_disk_stops_with_one_line_and_resumes_once_freed(stub, tmp_path, 
     assert run(*args) == 0
     assert [r["safe"] for r in rows(out)] == [r["caption"] for r in records]
     assert manifest(out)["status"] == "complete"
+
