@@ -93,8 +93,7 @@ DEFAULT_TEMPLATES = (
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CACHE_FORMAT = "safeclip-eval-embeddings-v1"  # bump when the meaning of a cached file changes
 # What safeclip.load reads from a checkpoint folder (ours or Hugging Face's).
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json",
-                    "bpe_simple_vocab_16e6.txt.gz")
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", *safeclip.TOKENIZER_FILES, "vocab.json")
 
 
 class EvalError(Exception):

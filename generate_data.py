@@ -874,7 +874,7 @@ class HttpImages:
 class DiffusersImages:
     """A local diffusers pipeline (optional dependency; float16 on a GPU)."""
 
-    def __init__(self, model_id: str, size: int):
+    def __init__(self, model_id: str, size: int, steps: int | None = None):
         try:
             import torch
             from diffusers import AutoPipelineForText2Image
@@ -889,13 +889,14 @@ class DiffusersImages:
         self.pipe = self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.size = size
+        self.options = {"num_inference_steps": steps} if steps else {}  # else the pipeline's default
         self.lock = threading.Lock()  # one pipeline on one device: worker threads take turns
 
     def generate(self, prompt: str, seeds: list[int]) -> list[Image.Image]:
         generators = [self.torch.Generator(self.device).manual_seed(s) for s in seeds]
         with self.lock:
             result = self.pipe(prompt, num_images_per_prompt=len(seeds), generator=generators,
-                               height=self.size, width=self.size)
+                               height=self.size, width=self.size, **self.options)
         return [image.convert("RGB") for image in result.images]
 
 
@@ -1423,6 +1424,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="diffusers:MODEL_ID (local pipeline, needs requirements-extras.txt) "
                              "or the URL of an OpenAI-compatible images server")
     images.add_argument("--t2i-model", metavar="NAME", help="model name sent to an images server")
+    images.add_argument("--t2i-steps", type=int, metavar="N",
+                        help="denoising steps of a diffusers:MODEL_ID pipeline (default: the "
+                             "pipeline's own, e.g. 50 for Stable Diffusion; distilled 'turbo' "
+                             "models want 1 to 4)")
     images.add_argument("--seeds-per-prompt", type=int, metavar="K",
                         help="candidate images per unsafe prompt, one kept by --keep-rule "
                              "(default: 3 with a keep rule, else 1)")
@@ -1467,7 +1472,7 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
     if args.toy is not None:
         if args.toy < 1:
             parser.error("--toy N needs N >= 1")
-        for flag in ("llm", "llm_model", "t2i", "t2i_model", "seeds_per_prompt", "keep_rule",
+        for flag in ("llm", "llm_model", "t2i", "t2i_model", "t2i_steps", "seeds_per_prompt", "keep_rule",
                      "coco_root", "image_dir", "retry_rejected"):
             if getattr(args, flag):
                 parser.error(f"--{flag.replace('_', '-')} does not apply to --toy")
@@ -1491,7 +1496,9 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
         if url and not url.startswith("diffusers:") and not re.match(r"https?://[^/?#]+", url):
             parser.error(f"{flag} {url}: expected a URL starting with http:// or https://, such "
                          f"as http://{url.split('://')[-1]}")
-    for flag in ("workers", "seeds_per_prompt", "image_size"):
+    if args.t2i_steps is not None and not (args.t2i or "").startswith("diffusers:"):
+        parser.error("--t2i-steps goes with --t2i diffusers:MODEL_ID")
+    for flag in ("workers", "seeds_per_prompt", "image_size", "t2i_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.retries < 0 or args.timeout <= 0 or args.retry_base_delay < 0:
@@ -1593,11 +1600,13 @@ def plan_sources(args) -> Plan:
         recipe["t2i"] = {"backend": "diffusers" if model_id else "http",
                          "model": model_id or args.t2i_model, "image_size": size,
                          "seeds_per_prompt": candidates, "keep_rule": args.keep_rule}
+        if args.t2i_steps:
+            recipe["t2i"]["steps"] = args.t2i_steps
         backends["t2i"] = dict(recipe["t2i"])
         # Build the backend now, so that a missing package or a bad hook fails before any work.
         keep_rule = load_keep_rule(args.keep_rule) if args.keep_rule else None
         if model_id:
-            backend = DiffusersImages(model_id, size)
+            backend = DiffusersImages(model_id, size, args.t2i_steps)
         else:
             backends["t2i"]["url"] = endpoint(args.t2i, "/v1/images/generations")
             backend = HttpImages(backends["t2i"]["url"], args.t2i_model, size, args.timeout,

@@ -312,6 +312,9 @@ EOW = "</w>"  # end-of-word suffix: "cat</w>" is the whole word, "cat" the start
 # (Oniguruma's (?i) would do the same but halves the speed of the whole tokenizer).
 CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'[sſ]|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 OPENAI_MERGES = 49152 - 256 - 2  # simple_tokenizer reads lines 1..48894 of the merges file
+# What a folder may hold, in the order `Tokenizer.from_file` prefers: Hugging Face's full
+# description, its plain merges file (vocab.json beside it), OpenAI's own file.
+TOKENIZER_FILES = ("tokenizer.json", "merges.txt", "bpe_simple_vocab_16e6.txt.gz")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -438,13 +441,16 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
         """Read OpenAI's bpe_simple_vocab_16e6.txt.gz (or the plain .txt), a Hugging Face CLIP
-        tokenizer.json, or a folder holding one of them (tokenizer.json preferred)."""
+        tokenizer.json, a merges.txt, or a folder holding any of them. In a folder, tokenizer.json
+        comes first, then merges.txt (with vocab.json beside it, if any), then OpenAI's file."""
         path = Path(path)
+        vocab_json = None
         if path.is_dir():
-            found = [path / name for name in ("tokenizer.json", "bpe_simple_vocab_16e6.txt.gz")
-                     if (path / name).is_file()]
+            found = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
             if not found:
-                raise FileNotFoundError(f"{path}: no tokenizer.json or bpe_simple_vocab_16e6.txt.gz in this folder")
+                raise FileNotFoundError(f"{path}: no {', '.join(TOKENIZER_FILES)} in this folder")
+            if found[0].name == "merges.txt" and (path / "vocab.json").is_file():
+                vocab_json = path / "vocab.json"
             path = found[0]
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such tokenizer file (expected OpenAI's bpe_simple_vocab_16e6.txt.gz, "
@@ -460,14 +466,17 @@ class Tokenizer:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(f"not a tokenizer file (not UTF-8 text: {e})") from None
-            return cls._from_tokenizer_json(text) if text.lstrip().startswith("{") else cls._from_openai_merges(text)
+            if text.lstrip().startswith("{"):
+                return cls._from_tokenizer_json(text)
+            merges = cls._read_merges(text)
+            return cls(_clip_vocab(merges) if vocab_json is None else _read_vocab_json(vocab_json), merges)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
-    @classmethod
-    def _from_openai_merges(cls, text: str) -> "Tokenizer":
-        # Line 0 is a version header; the vocabulary is the 256 byte characters, the same with "</w>",
-        # one token per merge, then SOT and EOT: exactly simple_tokenizer's construction.
+    @staticmethod
+    def _read_merges(text: str) -> list[tuple[str, str]]:
+        # Line 0 is a version header; then one merge per line. OpenAI's code reads 48,894 of them,
+        # and builds the vocabulary as _clip_vocab does, so a merges file alone is a tokenizer.
         lines = text.split("\n")[1:OPENAI_MERGES + 1]
         while lines and not lines[-1].strip():  # a short file's final newline
             lines.pop()
@@ -479,7 +488,7 @@ class Tokenizer:
             merges.append(pair)
         if not merges:
             raise ValueError("no BPE merges found (expected OpenAI's bpe_simple_vocab_16e6.txt.gz)")
-        return cls(_clip_vocab(merges), merges)
+        return merges
 
     @classmethod
     def _from_tokenizer_json(cls, text: str) -> "Tokenizer":
@@ -522,9 +531,19 @@ class Tokenizer:
             merges.append((a, b))
         return cls(_clip_vocab(merges), merges)
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write folder/tokenizer.json (atomically): Hugging Face's layout for CLIP, readable by
-        `Tokenizer.from_file`, `tokenizers.Tokenizer.from_file` and transformers' CLIPTokenizer."""
+    def save(self, folder: str | os.PathLike, context_length: int = 77) -> Path:
+        """Write the Hugging Face tokenizer files of OpenAI's CLIP folders into `folder`, each
+        atomically, and return the path of tokenizer.json:
+
+        tokenizer.json                the whole tokenizer (what `Tokenizer.from_file` reads first)
+        vocab.json, merges.txt        the same BPE as plain files, for readers that want those
+        tokenizer_config.json         model_max_length = `context_length` (the model's), CLIP's
+        special_tokens_map.json       special tokens: SOT begins, EOT ends, pads and stands in
+                                      for unknown words
+
+        Without model_max_length, transformers' CLIPTokenizer reports 10^30 and Stable Diffusion
+        pads every prompt to that length. Note that transformers pads with EOT where we pad with
+        0; the causal mask makes the outputs up to EOT the same either way."""
         hf = tokenizers.Tokenizer.from_str(self._tokenizer.to_str())
         # For other readers only: from_file takes just the vocabulary and merges from this file.
         hf.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(tokenizers.Regex(r"\s+"), " "),
@@ -534,10 +553,17 @@ class Tokenizer:
         # Decoding: "</w>" -> the byte-level space "Ġ" -> bytes -> text, minus the trailing space.
         hf.decoder = decoders.Sequence([decoders.Replace(EOW, BYTE_TO_CHAR[ord(" ")]), decoders.ByteLevel(),
                                         decoders.Strip(" ", 0, 1)])
-        path = Path(folder) / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(hf.to_str(pretty=True), encoding="utf-8"))
-        return path
+        folder = Path(folder)
+        special = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": context_length, **special,
+                  "do_lower_case": True, "add_prefix_space": False, "errors": "replace"}
+        merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges)
+        files = {"tokenizer.json": hf.to_str(pretty=True), "vocab.json": json.dumps(self._vocab, ensure_ascii=False),
+                 "merges.txt": merges, "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+                 "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
+        for name, text in files.items():
+            _atomic_write(folder / name, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return folder / "tokenizer.json"
 
     # -- use -------------------------------------------------------------------------------------
 
@@ -592,6 +618,16 @@ def _clip_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 def _merge_pairs(merges: list) -> list[tuple[str, str]]:
     # tokenizer.json stores a merge as "left right" (older files) or as ["left", "right"].
     return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
+
+def _read_vocab_json(path: Path) -> dict[str, int]:
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path.name} beside it is not valid JSON ({e})") from None
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise ValueError(f"{path.name} beside it is not a {{token: id}} object")
+    return vocab
 
 
 def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
@@ -937,8 +973,8 @@ def load(path, device="cpu", tokenizer=None, quick_gelu=None):
                 raise CheckpointError(f"{path}: a folder without config.json; expected a Hugging Face "
                                       "CLIPModel folder or a folder written by safeclip.save")
             meta = json.loads(config_file.read_text())
-            if (path / "tokenizer.json").exists():
-                found_tokenizer = path / "tokenizer.json"
+            if any((path / name).is_file() for name in TOKENIZER_FILES):
+                found_tokenizer = path
             if "safeclip" in meta:
                 sd = load_safetensors(str(path / "model.safetensors"))
                 config = _recorded_config(config_file, meta, sd)
@@ -1039,14 +1075,15 @@ def _plain_state_dict(model):
 
 
 def save(model, folder, tokenizer=None):
-    """Write `folder/model.safetensors`, `folder/tokenizer.json` and `folder/config.json`, each
-    atomically; config.json goes last, so a folder with one is complete. LoRA is merged."""
+    """Write `folder/model.safetensors`, the tokenizer's files (see `Tokenizer.save`) and
+    `folder/config.json`, each atomically; config.json goes last, so a folder with one is
+    complete. LoRA is merged."""
     folder = Path(folder)
     tokenizer = tokenizer or model.tokenizer
     sd = _plain_state_dict(model)
     _atomic_write(folder / "model.safetensors", lambda tmp: save_safetensors(sd, tmp))
     if tokenizer is not None:
-        tokenizer.save(folder)
+        tokenizer.save(folder, model.config.context_length)
     _write_json(folder / "config.json", {"safeclip": {"config": asdict(model.config)}})
 
 
@@ -1885,8 +1922,10 @@ def _check_images(rows, args, verbose):
 
 
 def export_hf(model, folder):
-    """A Hugging Face CLIPModel folder: `transformers.CLIPModel.from_pretrained(folder)` loads it,
-    its text tower can serve as Stable Diffusion's `text_encoder`, its vision tower as LLaVA's."""
+    """A Hugging Face CLIPModel folder laid out like openai/clip-vit-large-patch14's:
+    `transformers.CLIPModel.from_pretrained(folder)` loads it, `CLIPProcessor.from_pretrained`
+    finds the tokenizer and image preprocessing, its text tower serves as Stable Diffusion's
+    `text_encoder` (with its `tokenizer`), its vision tower as LLaVA's."""
     c, folder = model.config, Path(folder)
     act = "quick_gelu" if c.quick_gelu else "gelu"
     eot = model.tokenizer.eot_id if model.tokenizer is not None else c.vocab_size - 1
@@ -1897,7 +1936,7 @@ def export_hf(model, folder):
                         "intermediate_size": 4 * c.text_width, "num_attention_heads": c.text_heads,
                         "num_hidden_layers": c.text_layers, "max_position_embeddings": c.context_length,
                         "vocab_size": c.vocab_size, "hidden_act": act, "projection_dim": c.embed_dim,
-                        "bos_token_id": eot - 1, "eos_token_id": eot, "pad_token_id": 0, "layer_norm_eps": 1e-5},
+                        "bos_token_id": eot - 1, "eos_token_id": eot, "pad_token_id": eot, "layer_norm_eps": 1e-5},
         "vision_config": {"model_type": "clip_vision_model", "hidden_size": c.vision_width,
                           "intermediate_size": 4 * c.vision_width, "num_attention_heads": c.vision_heads,
                           "num_hidden_layers": c.vision_layers, "image_size": c.image_resolution,
@@ -1907,7 +1946,15 @@ def export_hf(model, folder):
     sd = to_hf_state_dict(_plain_state_dict(model))
     _atomic_write(folder / "model.safetensors", lambda tmp: save_safetensors(sd, tmp, metadata={"format": "pt"}))
     if model.tokenizer is not None:
-        model.tokenizer.save(folder)
+        model.tokenizer.save(folder, c.context_length)
+    # CLIPImageProcessor's version of image_transform: the same steps, up to a pixel (section 4).
+    R = c.image_resolution
+    _write_json(folder / "preprocessor_config.json", {
+        "image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
+        "do_resize": True, "size": {"shortest_edge": R}, "resample": 3,  # PIL's bicubic
+        "do_center_crop": True, "crop_size": {"height": R, "width": R},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True})
     _write_json(folder / "config.json", config)
 
 

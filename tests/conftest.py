@@ -100,3 +100,42 @@ def make_pairs(folder, n=48, splits=("train",), seed=0, aliases=False):
         lines.append(json.dumps(row))
     (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "pairs.jsonl"
+
+
+def tiny_openai_vocab_clip(context_length=32, seed=0):
+    """A small random CLIP with OpenAI's vocabulary and tokenizer (so ids are OpenAI's), every
+    weight drawn at random, layer norms included, so that no wrong mapping can hide behind ones
+    and zeros."""
+    import safeclip
+    torch.manual_seed(seed)
+    config = safeclip.CLIPConfig(embed_dim=24, image_resolution=32, vision_layers=3, vision_width=64,
+                                 vision_patch_size=8, vision_heads=2, context_length=context_length,
+                                 text_width=32, text_heads=2, text_layers=2)
+    model = safeclip.CLIP(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.tokenizer = safeclip.Tokenizer.from_file(clip_package_dir() / "bpe_simple_vocab_16e6.txt.gz")
+    return model.eval()
+
+
+def tiny_stable_diffusion(text_encoder, tokenizer):
+    """A Stable Diffusion pipeline built from configs, as diffusers' own fast tests build theirs: a
+    two-block UNet whose cross-attention width is the text encoder's, a two-block VAE (32 x 32
+    images, 16 x 16 latents), DDIM, no safety checker. Random weights; nothing is downloaded."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -494,49 +494,35 @@ def test_images_endpoint_survives_errors_and_keeps_the_chosen_image(stub, tmp_pa
                                   "keep_rule": f"{tmp_path / 'rule.py'}:keep"}
 
 
-FAKE_DIFFUSERS = '''
-from PIL import Image
+def test_diffusers_backend_draws_with_derived_seeds_and_keeps_the_chosen_one(tmp_path):
+    """A tiny Stable Diffusion (random weights, our export as its text encoder and tokenizer),
+    saved with save_pretrained and named as --t2i diffusers:DIR, exactly as a user names a model."""
+    import numpy as np
+    import torch
+    from conftest import tiny_openai_vocab_clip, tiny_stable_diffusion
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-class _Result:
-    def __init__(self, images):
-        self.images = images
-
-class _Pipeline:
-    def to(self, device):
-        return self
-    def set_progress_bar_config(self, **options):
-        pass
-    def __call__(self, prompt, num_images_per_prompt, generator, height, width):
-        assert len(generator) == num_images_per_prompt
-        seeds = [g.initial_seed() for g in generator]
-        return _Result([Image.new("RGB", (width, height), (s % 256, s // 256 % 256, 7))
-                        for s in seeds])
-
-class AutoPipelineForText2Image:
-    loaded = []
-    @classmethod
-    def from_pretrained(cls, model_id, torch_dtype=None):
-        cls.loaded.append(model_id)
-        return _Pipeline()
-'''
-
-
-def test_diffusers_backend_draws_with_derived_seeds_and_keeps_the_chosen_one(tmp_path,
-                                                                             monkeypatch):
-    (tmp_path / "diffusers.py").write_text(FAKE_DIFFUSERS)
-    spec = importlib.util.spec_from_file_location("diffusers", tmp_path / "diffusers.py")
-    fake = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fake)
-    monkeypatch.setitem(sys.modules, "diffusers", fake)
+    import safeclip
+    safeclip.export_hf(tiny_openai_vocab_clip(), tmp_path / "clip")
+    pipe = tiny_stable_diffusion(CLIPTextModel.from_pretrained(tmp_path / "clip"),
+                                 CLIPTokenizer.from_pretrained(tmp_path / "clip"))
+    pipe.save_pretrained(tmp_path / "sd")
     (tmp_path / "rule.py").write_text(KEEP_RULE)
     source = write_jsonl(tmp_path / "c.jsonl", [{"caption": "a cat", "unsafe": "a dead cat"}])
     for out in (tmp_path / "a", tmp_path / "b"):
-        assert run("--captions", source, "--t2i", "diffusers:org/model", "--keep-rule",
-                   f"{tmp_path / 'rule.py'}:keep", "--image-size", 8, "--out", out) == 0
-    assert fake.AutoPipelineForText2Image.loaded == ["org/model"] * 2
+        assert run("--captions", source, "--t2i", f"diffusers:{tmp_path / 'sd'}", "--keep-rule",
+                   f"{tmp_path / 'rule.py'}:keep", "--image-size", 32, "--t2i-steps", 2, "--out", out) == 0
     (row,) = rows(tmp_path / "a")
-    seed = gd.derive_seed(0, "000000", "unsafe", 0, 2)  # third of the default three candidates
-    assert pixel(tmp_path / "a" / row["unsafe_image"]) == (seed % 256, seed // 256 % 256, 7)
+    assert manifest(tmp_path / "a")["recipe"]["t2i"] == {
+        "backend": "diffusers", "model": str(tmp_path / "sd"), "image_size": 32, "seeds_per_prompt": 3,
+        "keep_rule": f"{tmp_path / 'rule.py'}:keep", "steps": 2}
+    # The kept unsafe image is the pipeline's third candidate, drawn with the derived seed.
+    seeds = [gd.derive_seed(0, "000000", "unsafe", 0, j) for j in range(3)]
+    expected = pipe("a dead cat", num_images_per_prompt=3, height=32, width=32, num_inference_steps=2,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images[2]
+    kept = Image.open(tmp_path / "a" / row["unsafe_image"])
+    assert kept.size == (32, 32)
+    assert np.abs(np.asarray(kept, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
     for key in ("safe_image", "unsafe_image"):
         assert (tmp_path / "a" / row[key]).read_bytes() == (tmp_path / "b" / row[key]).read_bytes()
 
@@ -828,6 +814,8 @@ def test_rerun_with_other_options_is_refused(tmp_path, capsys):
     (["--toy", "5", "--t2i", "http://x"], "--t2i does not apply to --toy"),
     (["--captions", "c.txt", "--llm", "http://x"], "--llm needs --llm-model"),
     (["--captions", "c.txt", "--t2i", "http://x", "--text-only"], "exclude each other"),
+    (["--captions", "c.txt", "--t2i", "http://x", "--t2i-steps", "2"], "--t2i-steps goes with --t2i diffusers:"),
+    (["--captions", "c.txt", "--t2i", "diffusers:m", "--t2i-steps", "0"], "--t2i-steps must be at least 1"),
 ])
 def test_bad_option_combinations_are_refused(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
@@ -842,7 +830,7 @@ def test_help_documents_every_source_and_backend(capsys):
     text = capsys.readouterr().out
     for flag in ("--toy", "--captions", "--from-visu", "--coco-root", "--from-nsfwcaps",
                  "--image-dir", "--llm", "--llm-model", "--categories", "--t2i", "--t2i-model",
-                 "--seeds-per-prompt", "--keep-rule", "--image-size", "--text-only", "--out",
+                 "--t2i-steps", "--seeds-per-prompt", "--keep-rule", "--image-size", "--text-only", "--out",
                  "--split", "--seed", "--workers", "--timeout", "--retries",
                  "--retry-base-delay"):
         assert flag in text

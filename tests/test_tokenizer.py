@@ -321,15 +321,70 @@ def test_training_rejects_a_vocabulary_smaller_than_its_alphabet():
         safeclip.Tokenizer.train(TOY_CAPTIONS, vocab_size=300)
 
 
+HF_TOKENIZER_FILES = ["merges.txt", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+
+
 def test_train_save_from_file_round_trip(tmp_path):
     trained = safeclip.Tokenizer.train(TOY_CAPTIONS, vocab_size=600)
     path = trained.save(tmp_path / "new_folder")
-    assert sorted(p.name for p in path.parent.iterdir()) == ["tokenizer.json"]  # no temp file left
+    assert sorted(p.name for p in path.parent.iterdir()) == HF_TOKENIZER_FILES  # no temp file left
     loaded = safeclip.Tokenizer.from_file(tmp_path / "new_folder")
     assert loaded.vocab_size == trained.vocab_size
     assert torch.equal(loaded(TOY_CAPTIONS), trained(TOY_CAPTIONS))
     trained.save(tmp_path / "new_folder")  # overwriting works too
-    assert sorted(p.name for p in path.parent.iterdir()) == ["tokenizer.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == HF_TOKENIZER_FILES
+
+
+def test_saved_folder_has_openais_tokenizer_files_with_the_context_length(tok, tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok.save(tmp_path, context_length=24)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    special = json.loads((tmp_path / "special_tokens_map.json").read_text())
+    expected = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>"}  # as in openai/clip-vit-large-patch14
+    assert special == expected and {k: config[k] for k in expected} == expected
+    assert config["model_max_length"] == 24
+    hf = CLIPTokenizer.from_pretrained(tmp_path)
+    assert hf.model_max_length == 24 and hf.pad_token_id == hf.eos_token_id == tok.eot_id
+    assert hf.bos_token_id == tok.sot_id
+    assert json.loads((tmp_path / "vocab.json").read_text()) == hf.get_vocab()
+    texts = ["A photo of a cat, sitting on the mat!", "Zürich 🎉 " * 20]
+    padded = hf(texts, padding="max_length", truncation=True)["input_ids"]  # EOT-padded to 24
+    ours = tok(texts, context_length=24)
+    for row, hf_row in zip(ours, padded):
+        eot = row.tolist().index(tok.eot_id)
+        assert hf_row[:eot + 1] == row[:eot + 1].tolist() and set(hf_row[eot:]) == {tok.eot_id}
+
+
+@pytest.fixture(scope="module")
+def saved_openai(tok, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved_openai")
+    tok.save(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kept", [["vocab.json", "merges.txt"], ["merges.txt"], ["tokenizer.json"],
+                                  ["merges.txt", "vocab.json", "tokenizer_config.json", "special_tokens_map.json"]])
+def test_folders_with_some_of_the_files_are_read(tok, saved_openai, tmp_path, kept):
+    from transformers import CLIPTokenizer
+
+    (tmp_path / "some").mkdir()
+    for name in kept:
+        (tmp_path / "some" / name).write_bytes((saved_openai / name).read_bytes())
+    texts = varied_texts(50, seed=4)
+    assert torch.equal(safeclip.Tokenizer.from_file(tmp_path / "some")(texts), tok(texts))
+    if "vocab.json" in kept:  # transformers reads the plain files alone too, to the same ids
+        hf = CLIPTokenizer.from_pretrained(tmp_path / "some")
+        row = tok(texts[:1])[0]
+        assert hf(texts[0])["input_ids"] == row[row != 0].tolist()
+
+
+def test_a_broken_vocab_json_beside_merges_is_named(saved_openai, tmp_path):
+    (tmp_path / "merges.txt").write_bytes((saved_openai / "merges.txt").read_bytes())
+    (tmp_path / "vocab.json").write_text('["not", "a", "vocabulary"]')
+    with pytest.raises(ValueError, match="merges.txt: vocab.json beside it is not a {token: id} object"):
+        safeclip.Tokenizer.from_file(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +398,8 @@ def test_missing_file_error_names_the_path(tmp_path):
 
 
 def test_folder_without_a_tokenizer_is_rejected(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json or bpe_simple_vocab_16e6.txt.gz"):
+    (tmp_path / "tokenizer_config.json").write_text("{}")  # settings alone are no tokenizer
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json, merges.txt, bpe_simple_vocab_16e6.txt.gz"):
         safeclip.Tokenizer.from_file(tmp_path)
 
 
