@@ -415,6 +415,7 @@ class Tokenizer:
         self.sot_id, self.eot_id = vocab[SOT], vocab[EOT]
         self.vocab_size = vocab[EOT] + 1
         self._vocab, self._merges = vocab, merges
+        self._saved = {}  # context_length -> the files `save` writes (training saves a model often)
 
         self._tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, end_of_word_suffix=EOW))
         self._tokenizer.pre_tokenizer = _clip_pre_tokenizer()
@@ -544,6 +545,15 @@ class Tokenizer:
         Without model_max_length, transformers' CLIPTokenizer reports 10^30 and Stable Diffusion
         pads every prompt to that length. Note that transformers pads with EOT where we pad with
         0; the causal mask makes the outputs up to EOT the same either way."""
+        if context_length not in self._saved:
+            self._saved[context_length] = self._hf_files(context_length)
+        folder = Path(folder)
+        for name, text in self._saved[context_length].items():
+            _atomic_write(folder / name, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return folder / "tokenizer.json"
+
+    def _hf_files(self, context_length: int) -> dict[str, str]:
+        """File name -> text, for `save`."""
         hf = tokenizers.Tokenizer.from_str(self._tokenizer.to_str())
         # For other readers only: from_file takes just the vocabulary and merges from this file.
         hf.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(tokenizers.Regex(r"\s+"), " "),
@@ -553,17 +563,13 @@ class Tokenizer:
         # Decoding: "</w>" -> the byte-level space "Ġ" -> bytes -> text, minus the trailing space.
         hf.decoder = decoders.Sequence([decoders.Replace(EOW, BYTE_TO_CHAR[ord(" ")]), decoders.ByteLevel(),
                                         decoders.Strip(" ", 0, 1)])
-        folder = Path(folder)
         special = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
         config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": context_length, **special,
                   "do_lower_case": True, "add_prefix_space": False, "errors": "replace"}
         merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges)
-        files = {"tokenizer.json": hf.to_str(pretty=True), "vocab.json": json.dumps(self._vocab, ensure_ascii=False),
-                 "merges.txt": merges, "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
-                 "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
-        for name, text in files.items():
-            _atomic_write(folder / name, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        return folder / "tokenizer.json"
+        return {"tokenizer.json": hf.to_str(pretty=True), "vocab.json": json.dumps(self._vocab, ensure_ascii=False),
+                "merges.txt": merges, "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+                "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
 
     # -- use -------------------------------------------------------------------------------------
 
