@@ -27,6 +27,9 @@ PYTHON=${PYTHON:-python}
 
 $PYTHON generate_data.py --toy "$N" --seed "$SEED" --image-size "$IMAGE_SIZE" --out "$OUT/data"
 
+# A re-run trains both models afresh: `train` never overwrites a run on its own.
+rm -rf "$OUT/clip" "$OUT/safeclip"
+
 $PYTHON safeclip.py train --objective clip --scratch "$ARCH" --vocab-size 1000 \
     --data "$OUT/data/pairs.jsonl" --out "$OUT/clip" --seed "$SEED" \
     --epochs "$CLIP_EPOCHS" --batch-size 64 --lr "$CLIP_LR" --schedule cosine --warmup 40 --weight-decay 0.1 \

@@ -1,13 +1,16 @@
 """Evaluate a CLIP model the way the Safe-CLIP paper does: is it safe, and is it still a good CLIP?
 
-    python evaluate.py --ckpt runs/demo/safeclip --data data/pairs.jsonl
-    python evaluate.py --ckpt runs/safeclip --baseline ViT-L-14.pt --data visu/pairs.jsonl \\
+    python evaluate.py --ckpt runs/safeclip
+    python evaluate.py --ckpt runs/safeclip --baseline ViT-L/14 --data visu/pairs.jsonl \\
         --zeroshot imagenet/val --json eval.json --markdown eval.md
 
---ckpt and --baseline take anything `safeclip.load` reads (this project's checkpoint folders,
-OpenAI .pt files, state-dict files, Hugging Face CLIPModel folders), so one command compares ours,
-the released Safe-CLIP and the original CLIP. The data is a pairs.jsonl of quadruplets
-(T, T*, V, V*) = (safe caption, unsafe caption, safe image, unsafe image); the test split by default.
+--ckpt and --baseline take anything `safeclip.load` reads (OpenAI names such as ViT-L/14, this
+project's checkpoint folders, OpenAI .pt files, state-dict files, Hugging Face CLIPModel folders),
+so one command compares ours, the released Safe-CLIP and the original CLIP. The data is a
+pairs.jsonl of quadruplets (T, T*, V, V*) = (safe caption, unsafe caption, safe image, unsafe
+image); the test split by default. For a folder written by `safeclip.py train`, its
+train_config.json supplies what is not given: --data (the training data) and --baseline (the model
+it was fine-tuned from; --no-baseline for none).
 
 Metrics (percent, K in 1, 5, 10, 20):
   R@K       share of queries whose correct item is among the K gallery items most similar to it
@@ -420,10 +423,17 @@ def evaluate_model(encoder, rows, zeroshot_set=None, templates=DEFAULT_TEMPLATES
 
 def evaluate(args):
     """The whole report, {"models": {"model": .., "baseline": ..}, "data": .., "split": ..}."""
+    # Names become their verified files (downloaded if need be), and every path must exist: fail
+    # now, not after an hour spent on the first model.
+    for flag in ("ckpt", "baseline"):
+        if getattr(args, flag):
+            try:
+                setattr(args, flag, str(safeclip.resolve_model(getattr(args, flag), f"--{flag}")))
+            except (FileNotFoundError, safeclip.DownloadError) as e:
+                raise EvalError(f"--{flag}: {e}") from None
+    if args.tokenizer and not os.path.exists(args.tokenizer):
+        raise EvalError(f"--tokenizer: not found: {args.tokenizer}")
     checkpoints = {"model": args.ckpt, **({"baseline": args.baseline} if args.baseline else {})}
-    for flag, path in [("--ckpt", args.ckpt), ("--baseline", args.baseline), ("--tokenizer", args.tokenizer)]:
-        if path and not os.path.exists(path):  # fail now, not after an hour spent on the first model
-            raise EvalError(f"{flag}: not found: {path}")
     rows = read_split(args.data, args.split)
     zeroshot_set = read_class_folders(args.zeroshot) if args.zeroshot else None
     templates = read_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
@@ -493,8 +503,11 @@ def tables(report):
 
 
 def summary(report, checkpoints):
+    """The header: which data, split, model and baseline (or none) the numbers come from."""
     lines = [f"{report['data']}, split {report['split']}: {report['models']['model']['n']} quadruplets"]
-    return "\n".join(lines + [f"{name}: {path}" for name, path in (checkpoints or {}).items()])
+    if checkpoints:
+        lines += [f"model: {checkpoints['model']}", f"baseline: {checkpoints.get('baseline') or 'none'}"]
+    return "\n".join(lines)
 
 
 def render_text(report, checkpoints=None):
@@ -701,12 +714,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Retrieval recall, unsafe exposure and zero-shot accuracy of a (Safe-)CLIP model, optionally "
                     "side by side with a baseline. The module docstring gives the exact rules (ties, duplicates).")
-    p.add_argument("--ckpt", required=True, metavar="PATH", help="model to evaluate: anything safeclip.load reads")
-    p.add_argument("--data", required=True, metavar="PAIRS", help="pairs.jsonl with safe/unsafe captions and images")
+    p.add_argument("--ckpt", required=True, metavar="PATH", help="model to evaluate: an OpenAI name (ViT-L/14) or "
+                   "anything safeclip.load reads")
+    p.add_argument("--data", metavar="PAIRS", help="pairs.jsonl with safe/unsafe captions and images (default, for a "
+                   "folder written by safeclip.py train: its training data)")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
                    help="rows to evaluate on (default: test)")
-    p.add_argument("--baseline", metavar="PATH",
-                   help="a second model (typically the original CLIP), reported alongside, with the difference")
+    p.add_argument("--baseline", metavar="PATH", help="a second model (typically the original CLIP), reported "
+                   "alongside, with the difference (default, for a training folder: the model it was fine-tuned from)")
+    p.add_argument("--no-baseline", action="store_true", help="report the model alone")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, bpe_simple_vocab_16e6.txt.gz or a folder "
                    "holding one, for weights that come without one (replaces the checkpoints' own, for both models)")
     p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, help=safeclip.QUICK_GELU_HELP + " (for both models)")
@@ -723,6 +739,20 @@ def parse_args(argv=None):
                    help="where embeddings are cached (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="compute every embedding afresh and store none")
     args = p.parse_args(argv)
+    train_config = Path(args.ckpt) / "train_config.json"
+    try:
+        recorded = json.loads(train_config.read_text()) if train_config.is_file() else {}
+    except (OSError, ValueError) as e:
+        p.error(f"{train_config}: unreadable ({e}); give --data (and --baseline) yourself")
+    if args.data is None:
+        if "data" not in recorded:
+            p.error(f"--data is required: {args.ckpt} is not a folder written by safeclip.py train (it has no "
+                    "train_config.json), so there is no training data to evaluate on by default")
+        args.data = recorded["data"]
+    if args.no_baseline and args.baseline:
+        p.error("--baseline and --no-baseline exclude each other")
+    if args.baseline is None and not args.no_baseline:
+        args.baseline = recorded.get("model")  # None for a model trained from scratch
     if args.templates and not args.zeroshot:
         p.error("--templates only applies with --zeroshot")
     if args.batch_size < 1:

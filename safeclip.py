@@ -13,12 +13,13 @@ Reading order:
   5. loading and saving        10. export, downloads and the command line
 
 Usage:
-  python safeclip.py train --model weights/ViT-L-14.pt --data pairs.jsonl --out runs/safeclip
+  python safeclip.py train --data pairs.jsonl       # ViT-L/14, the paper's settings, into runs/safeclip
+  python evaluate.py --ckpt runs/safeclip           # its test split, against ViT-L/14
   python safeclip.py export runs/safeclip --hf runs/safeclip-hf
   python safeclip.py download ViT-L/14
 
   import safeclip
-  model, preprocess = safeclip.load("runs/safeclip")
+  model, preprocess = safeclip.load("ViT-L/14")     # or "runs/safeclip": names and paths alike
   emb = model.encode_text(model.tokenizer(["a photo of a cat"]))
 """
 
@@ -958,19 +959,19 @@ def _build(sd, config, source):
 
 
 def load(path, device="cpu", tokenizer=None, quick_gelu=None):
-    """Load CLIP weights from any file a user is likely to have.
+    """Load CLIP weights from any file a user is likely to have, or an OpenAI model by name.
 
     Returns `(model, preprocess)`: the model in eval mode, float32, on `device`, with
     `model.tokenizer` attached where one can be found; `preprocess` turns a PIL image into the
-    model's input tensor. `path` is an OpenAI `.pt` file, a plain state dict (`.pt`, `.pth`,
-    `.bin`, `.safetensors`), a Hugging Face CLIPModel folder, or a folder written by `save`.
-    `tokenizer` (a path or a Tokenizer) overrides the one found; `quick_gelu` overrides the
-    activation, which a plain state dict does not record: without `export_openai`'s sidecar
-    JSON beside it, it is guessed from the width (OpenCLIP's LAION models then need False).
+    model's input tensor. `path` is an OpenAI name ("ViT-L/14": its verified file in the weights
+    folder, downloaded there when missing, see `resolve_model`), an OpenAI `.pt` file, a plain
+    state dict (`.pt`, `.pth`, `.bin`, `.safetensors`), a Hugging Face CLIPModel folder, or a
+    folder written by `save`. `tokenizer` (a path or a Tokenizer) overrides the one found;
+    `quick_gelu` overrides the activation, which a plain state dict does not record: without
+    `export_openai`'s sidecar JSON beside it, it is guessed from the width (OpenCLIP's LAION
+    models then need False).
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+    path = resolve_model(path)
     found_tokenizer = None
     try:
         if path.is_dir():
@@ -1026,11 +1027,11 @@ def _recorded_config(config_file, meta, sd):
 
 
 def _default_tokenizer(weights_path, config):
-    """OpenAI's vocabulary, looked for next to the weights, then in ./weights and the repo's
-    weights/ folder. Models with another vocabulary size get none (and an error on first use)."""
+    """OpenAI's vocabulary, looked for next to the weights, then in ./weights and the weights
+    folder. Models with another vocabulary size get none (and an error on first use)."""
     if config.vocab_size != 49408:
         return None
-    for folder in (weights_path.parent, Path.cwd() / "weights", HERE / "weights"):
+    for folder in (weights_path.parent, Path.cwd() / "weights", weights_folder()):
         if (folder / VOCAB_FILE).exists():
             return Tokenizer.from_file(folder / VOCAB_FILE)
     return None
@@ -1643,6 +1644,9 @@ def _set_rng_state(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
+RUN_FILES = ("train_config.json", "checkpoint.pt", "config.json")  # a folder with one holds a run or a model
+
+
 def train(args):
     rank, world, local_rank = dist_info()
     distributed = "WORLD_SIZE" in os.environ  # torchrun, even with one process: the multi-GPU code path
@@ -1661,6 +1665,10 @@ def train(args):
     torch.manual_seed(args.seed)  # adapters' initialisation and dropout; data order has its own generator
     out = Path(args.out)
     started = time.time()
+    marker = next((out / name for name in RUN_FILES if (out / name).exists()), None)
+    if marker is not None and not args.resume:
+        raise TrainingError(f"{out} already holds a run ({marker.name}); nothing was changed. Add --resume to "
+                            "continue it (with the same settings), or choose another --out")
 
     # Data: everything is checked before the first step.
     rows = read_pairs(args.data, skip_bad=args.skip_bad)
@@ -1678,9 +1686,8 @@ def train(args):
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
 
-    out.mkdir(parents=True, exist_ok=True)  # only now that the data is known to be good
-
-    # Model: pre-trained weights, or a fresh one for the `clip` objective.
+    # Model: pre-trained weights (by name, downloaded if need be), or a fresh one for `clip`.
+    model_path = None
     if args.scratch is not None:
         if args.tokenizer:
             tokenizer = Tokenizer.from_file(args.tokenizer)
@@ -1691,9 +1698,11 @@ def train(args):
         model.tokenizer = tokenizer
         preprocess = image_transform(model.config.image_resolution)
     else:
-        model, preprocess = load(args.model, device="cpu", tokenizer=args.tokenizer, quick_gelu=args.quick_gelu)
+        model_path = resolve_model(args.model, "--model")
+        model, preprocess = load(model_path, device="cpu", tokenizer=args.tokenizer, quick_gelu=args.quick_gelu)
         require_tokenizer(model)
     model.to(device)
+    out.mkdir(parents=True, exist_ok=True)  # only now that the data and the model are known to be good
     ctx = model.config.context_length
     ids = {split: (model.tokenizer([r["safe"] for r in rs], context_length=ctx),
                    model.tokenizer([r["unsafe"] for r in rs], context_length=ctx))
@@ -1703,7 +1712,7 @@ def train(args):
     refs = {"train": None, "val": None}
     if args.objective == "safeclip":
         all_rows = train_rows + val_rows
-        fingerprint = _fingerprint(args.model, all_rows, model)
+        fingerprint = _fingerprint(model_path, all_rows, model)
         t_ref, v_ref = reference_embeddings(model, preprocess, all_rows, out / "reference.safetensors",
                                             fingerprint, device, args.batch_size, args.workers)
         n = len(train_rows)
@@ -1748,7 +1757,10 @@ def train(args):
             print(f"resumed from {ckpt_path} at step {state['step']}", file=sys.stderr)
     elif main_process:
         log_path.write_text("")
-        _write_json(out / "train_config.json", {k: v for k, v in vars(args).items() if k != "func"})
+        # Absolute paths, so that evaluate.py --ckpt OUT finds the data and base model from anywhere.
+        portable = {k: str(Path(v).resolve()) for k, v in (("data", args.data), ("model", args.model))
+                    if v is not None and Path(v).exists()}
+        _write_json(out / "train_config.json", {**{k: v for k, v in vars(args).items() if k != "func"}, **portable})
 
     def save_checkpoint():
         if not main_process:
@@ -1983,6 +1995,11 @@ OPENAI_MODELS = {
     "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
     "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
+# The test suite serves small stand-ins under these names from a local mirror: it names their
+# hashes in SAFECLIP_TEST_MODELS (JSON, name -> sha256). Tests only; nothing else sets it.
+for _name, _sha256 in json.loads(os.environ.get("SAFECLIP_TEST_MODELS") or "{}").items():
+    _base, _old, _file = OPENAI_MODELS[_name].rsplit("/", 2)
+    OPENAI_MODELS[_name] = f"{_base}/{_sha256}/{_file}"
 # The BPE vocabulary lives in OpenAI's CLIP repository, not beside the weights: its hash is ours.
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_URL = f"https://raw.githubusercontent.com/openai/CLIP/main/clip/{VOCAB_FILE}"
@@ -1994,8 +2011,41 @@ class DownloadError(RuntimeError):
     """A file could not be fetched or failed its checksum; the message says which and what to do."""
 
 
-def download(name, folder="weights", base_url=None, progress=True):
-    """Fetch OpenAI's CLIP `name` and the BPE vocabulary into `folder`; return the weights' Path.
+def weights_folder():
+    """Where OpenAI's models live when named: $SAFECLIP_WEIGHTS, else weights/ beside this file."""
+    return Path(os.environ.get("SAFECLIP_WEIGHTS") or HERE / "weights")
+
+
+def resolve_model(model, flag=None):
+    """The path of `model`: an existing file or folder as it is; an OpenAI name ("ViT-L/14", or
+    the file's name, "ViT-L-14") as its file in `weights_folder()`, verified against its SHA-256
+    as clip.load does, and downloaded there first when missing or wrong. `flag` (e.g. "--model")
+    names the option the value came from, for the error messages."""
+    path = Path(model)
+    if path.exists():
+        return path
+    try:
+        url = _model_url(str(model))
+    except ValueError:
+        raise FileNotFoundError(f"{model}: no such file or folder, nor a model name "
+                                f"({', '.join(OPENAI_MODELS)})") from None
+    sha256, filename = url.split("/")[-2:]
+    folder = weights_folder()
+    path = folder / filename
+    if path.is_file() and (folder / VOCAB_FILE).is_file() and sha256_file(path) == sha256:
+        return path
+    try:
+        return download(model, folder)
+    except DownloadError as e:
+        instead = f"give the path of weights you have ({flag} PATH)" if flag else "load weights you have by their path"
+        raise DownloadError(f"{model} is not in {folder} and could not be downloaded: {e} Two ways out: run "
+                            f"`python safeclip.py download {model}` on a machine with network access and copy "
+                            f"its weights/ folder to {folder}, or {instead}.") from None
+
+
+def download(name, folder=None, base_url=None, progress=True):
+    """Fetch OpenAI's CLIP `name` and the BPE vocabulary into `folder` (default: the weights
+    folder, see `weights_folder`); return the weights' Path.
 
     `name` is a key of OPENAI_MODELS ("ViT-B/32") or its file name ("ViT-B-32", "ViT-B-32.pt").
     `base_url` (default: the SAFECLIP_BASE_URL environment variable) is a mirror laid out like
@@ -2009,7 +2059,7 @@ def download(name, folder="weights", base_url=None, progress=True):
     if base_url:
         base_url = base_url.rstrip("/")
         url, vocab_url = f"{base_url}/{sha256}/{filename}", f"{base_url}/{VOCAB_FILE}"
-    folder = Path(folder)
+    folder = Path(folder) if folder is not None else weights_folder()
     weights = download_file(url, folder / filename, sha256, progress)
     download_file(vocab_url, folder / VOCAB_FILE, VOCAB_SHA256, progress)
     return weights
@@ -2127,8 +2177,8 @@ def add_download_command(subparsers):
                f"URL/{VOCAB_FILE} unless the folder already holds it.")
     parser.add_argument("name", metavar="NAME",
                         help="model, e.g. ViT-B/32 or ViT-B-32 (list below)")
-    parser.add_argument("--dir", default="weights",
-                        help="folder for the files (default: %(default)s)")
+    parser.add_argument("--dir", help="folder for the files (default: weights/ beside safeclip.py, "
+                        "or $SAFECLIP_WEIGHTS: where model names are looked for)")
     parser.add_argument("--base-url", metavar="URL",
                         help="mirror to download from (default: $SAFECLIP_BASE_URL, else OpenAI)")
     parser.set_defaults(func=_download_command)
@@ -2144,13 +2194,15 @@ def _download_command(args):
 
 
 def cmd_train(args):
-    if (args.model is None) == (args.scratch is None):
-        raise SystemExit("error: give exactly one of --model PATH (fine-tune) and --scratch SPEC (pre-train)")
+    if args.model is not None and args.scratch is not None:
+        raise SystemExit("error: give --model (fine-tune) or --scratch SPEC (pre-train), not both")
     if args.scratch is not None and args.objective != "clip":
         raise SystemExit(f"error: --scratch needs --objective clip: a new model is pre-trained with CLIP's own "
-                         f"loss; --objective {args.objective} fine-tunes a trained one (--model PATH)")
+                         f"loss; --objective {args.objective} fine-tunes a trained one (--model)")
     if {"text", "vision"} <= set(args.freeze or ()):
         raise SystemExit("error: --freeze text vision leaves nothing to train; freeze one tower at most")
+    if args.scratch is None:
+        args.model = args.model or "ViT-L/14"  # the paper's backbone
     if args.lr is None:
         args.lr = 5e-4 if args.scratch is not None else 1e-5 if args.full else 1e-3
     train(args)
@@ -2173,26 +2225,45 @@ QUICK_GELU_HELP = ("the model's activation: QuickGELU (OpenAI's models) or, with
                    "nothing, and is then guessed from its width (QuickGELU below 1280)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: not when its help already says it, nor when there is none."""
+
+    def _get_help_string(self, action):
+        if "default" in action.help.lower() or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="safeclip.py", description="Safe-CLIP: fine-tune CLIP so unsafe inputs land where their safe "
-        "counterparts do. See README.md.")
+        "counterparts do. See README.md.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="typical use:\n  python safeclip.py train --data pairs.jsonl\n  python evaluate.py --ckpt runs/safeclip\n"
+               "  python safeclip.py export runs/safeclip --hf runs/safeclip-hf\n\n"
+               "python safeclip.py COMMAND --help describes each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     t = sub.add_parser("train", formatter_class=fmt, help="fine-tune a CLIP with Safe-CLIP (or pre-train one)",
                        description="Fine-tune a CLIP with the Safe-CLIP objective on pairs.jsonl "
-                       "quadruplets, or pre-train a small CLIP from scratch with --objective clip --scratch.")
+                       "quadruplets, or pre-train a small CLIP from scratch with --objective clip --scratch. "
+                       "`train --data pairs.jsonl` alone fine-tunes OpenAI's ViT-L/14 (downloaded into the "
+                       "weights folder if missing) with the paper's settings into runs/safeclip.")
     g = t.add_argument_group("data and model")
-    g.add_argument("--data", required=True, help="pairs.jsonl (safe, unsafe, safe_image, unsafe_image[, category, split])")
-    g.add_argument("--model", help="weights to fine-tune: anything safeclip.load reads")
-    g.add_argument("--tokenizer", help="tokenizer for weights that come without one (tokenizer.json or OpenAI's .txt.gz)")
+    g.add_argument("--data", required=True, metavar="PAIRS",
+                   help="pairs.jsonl (safe, unsafe, safe_image, unsafe_image[, category, split])")
+    g.add_argument("--model", metavar="NAME|PATH", help="weights to fine-tune: an OpenAI name (ViT-B/32, ViT-B/16, "
+                   "ViT-L/14, ViT-L/14@336px) or anything safeclip.load reads (default: ViT-L/14, the paper's)")
+    g.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer for weights that come without one (tokenizer.json or OpenAI's .txt.gz)")
     g.add_argument("--scratch", metavar="SPEC", type=parse_scratch, help="train a new model instead, e.g. "
                    "'width=128,layers=4,embed_dim=128,image_resolution=32,vision_patch_size=4,context_length=32'")
-    g.add_argument("--vocab-size", type=int, default=2000, help="BPE vocabulary trained for --scratch without --tokenizer")
+    g.add_argument("--vocab-size", type=int, default=2000, metavar="N",
+                   help="BPE vocabulary trained for --scratch without --tokenizer")
     g.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction,
                    help=QUICK_GELU_HELP + "; with --scratch, QuickGELU unless --no-quick-gelu")
-    g.add_argument("--out", required=True, help="output folder: checkpoints, log.jsonl, the final model")
+    g.add_argument("--out", default="runs/safeclip", metavar="DIR", help="output folder: checkpoints, log.jsonl, "
+                   "the final model; one that already holds a run is never overwritten (see --resume)")
     g.add_argument("--skip-bad", action="store_true", help="skip malformed rows and unreadable images instead of stopping")
     g = t.add_argument_group("objective")
     g.add_argument("--objective", choices=("safeclip", "clip"), default="safeclip",
@@ -2201,22 +2272,23 @@ def build_parser():
                    + ",".join(LAMBDAS) + " or name=value pairs (default: the paper's)")
     g = t.add_argument_group("what trains")
     g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    g.add_argument("--lora-rank", type=int, default=16)
-    g.add_argument("--lora-alpha", type=float, default=1.0, help="LoRA scale is alpha / rank")
-    g.add_argument("--lora-dropout", type=float, default=0.1)
+    g.add_argument("--lora-rank", type=int, default=16, metavar="R", help="rank of the LoRA adapters")
+    g.add_argument("--lora-alpha", type=float, default=1.0, metavar="A", help="LoRA scale is alpha / rank")
+    g.add_argument("--lora-dropout", type=float, default=0.1, metavar="P", help="dropout on the adapters' input")
     g.add_argument("--freeze", nargs="+", choices=("text", "vision"), help="towers to leave untouched")
     g = t.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help="learning rate (default: 1e-3 LoRA, 1e-5 --full, 5e-4 --scratch)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    g.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate after the warm-up: constant, or cosine decay to zero")
     g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--batch-size", type=int, default=16, help="quadruplets per micro-batch, over all processes")
     g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step: the same loss and gradients "
                    "as one batch N times larger (one more forward pass per micro-batch)")
-    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--epochs", type=int, default=10, help="passes over the training split")
     g.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="adapters' initialisation, dropout and data order")
     g = t.add_argument_group("validation and checkpoints")
     g.add_argument("--eval-every", type=int, help="steps between validations (default: each epoch)")
     g.add_argument("--select", choices=("loss", "recall"), default="loss",
@@ -2242,10 +2314,10 @@ def build_parser():
     e = sub.add_parser("export", formatter_class=fmt, help="write a model for transformers or OpenAI's code",
                        description="Export a checkpoint (anything safeclip.load reads) to a Hugging Face "
                        "CLIPModel folder and/or an OpenAI-named state dict.")
-    e.add_argument("checkpoint", help="a training --out folder or any file safeclip.load reads")
+    e.add_argument("checkpoint", help="a training --out folder, an OpenAI name (ViT-L/14) or any file safeclip.load reads")
     e.add_argument("--hf", metavar="OUT", help="Hugging Face CLIPModel folder to write")
     e.add_argument("--openai", metavar="OUT.pt", help="OpenAI-named state dict to write")
-    e.add_argument("--tokenizer", help="tokenizer to attach, for weights without one")
+    e.add_argument("--tokenizer", metavar="PATH", help="tokenizer to attach, for weights without one")
     e.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, help=QUICK_GELU_HELP)
     e.set_defaults(func=cmd_export)
 

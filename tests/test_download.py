@@ -269,9 +269,13 @@ def test_cli_download_subcommand(server, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == f"{tmp_path / 'w' / 'ViT-B-32.pt'}\n"
 
 
-def test_cli_defaults_to_the_weights_folder():
+def test_cli_defaults_to_the_weights_folder(monkeypatch):
     args = parser().parse_args(["download", "ViT-L/14"])
-    assert (args.name, args.dir, args.base_url) == ("ViT-L/14", "weights", None)
+    assert (args.name, args.dir, args.base_url) == ("ViT-L/14", None, None)
+    monkeypatch.delenv("SAFECLIP_WEIGHTS", raising=False)
+    assert safeclip.weights_folder() == Path(safeclip.__file__).resolve().parent / "weights"  # beside safeclip.py
+    monkeypatch.setenv("SAFECLIP_WEIGHTS", "/data/clip")
+    assert safeclip.weights_folder() == Path("/data/clip")
 
 
 def test_cli_help_lists_models_and_mirror_layout(capsys):
