@@ -15,10 +15,15 @@ Sources (pick one)
   --captions FILE       safe captions: a text file (one per line), a JSON list, or JSON lines with a
                         "caption" (or "safe") field and optionally "image", "unsafe", "category",
                         "split". Image paths are relative to FILE's folder.
-  --from-visu FILE      ViSU-Text rows ("safe", "nsfw", "tag", "coco_id", optional "split");
-                        --coco-root DIR finds the COCO images (DIR/train2017, DIR/val2017).
-  --from-nsfwcaps FILE  NSFWCaps rows ("caption", "nsfw_caption", "chosen_category", an image URL
-                        or file name); --image-dir DIR holds the images, otherwise URLs are fetched.
+  --from-visu FILE      ViSU-Text rows ("safe", "nsfw", "tag", "coco_id", optional "split" and
+                        "nsfw_im_path") as a JSON list, JSON lines, an object keyed by row id or
+                        ViSU's {"info", "data"} wrapper; --coco-root DIR finds the COCO images
+                        (DIR/train2017, DIR/val2017).
+  --from-nsfwcaps FILE  NSFWCaps rows ("image_coco_url", "caption", "nsfw_caption",
+                        "chosen_category") as JSON, JSON lines or CSV; --image-dir DIR holds the
+                        images, otherwise each URL is fetched once.
+  Neither release ships unsafe images, and neither needs them: without --t2i the rows carry the
+  safe image only, and training skips the two terms that need an unsafe one.
 
 What the source lacks is generated
   unsafe captions  --llm URL --llm-model NAME: any OpenAI-compatible chat server (vLLM,
@@ -29,7 +34,8 @@ What the source lacks is generated
                    answer must have no more sentences than its caption, and not be empty, a copy,
                    a refusal or cut off at max_tokens. Bad ones are retried, then reported.
   images           --t2i diffusers:MODEL_ID (a local diffusers pipeline) or --t2i URL (an
-                   OpenAI-compatible images server answering base64); --text-only stops at captions.
+                   OpenAI-compatible images server answering base64); --text-only stops at captions
+                   (and fetches nothing).
   Set OPENAI_API_KEY if the servers want a bearer token.
 
 Output (--out DIR)
@@ -59,6 +65,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import csv
 import email.utils
 import errno
 import functools
@@ -104,6 +111,7 @@ CATEGORIES = (
     "theft", "vandalism", "weapons", "child abuse", "brutality", "cruelty",
 )
 SPLITS = ("train", "val", "test")
+COCO_FOLDERS = ("train2017", "val2017", "test2017")  # where --coco-root looks for an image
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 
@@ -331,6 +339,7 @@ class Item:
     split: str | None = None
     safe_image: str | None = None     # an existing local file (absolute path)
     safe_image_url: str | None = None
+    unsafe_image: str | None = None   # an existing local file (absolute path), if the source has one
     extra: dict = field(default_factory=dict)  # source fields carried into the row (coco_id, ...)
 
     @property
@@ -339,9 +348,12 @@ class Item:
 
 
 def read_records(path: Path, allow_text: bool = False) -> list[tuple[str, object]]:
-    """The records of a JSON list, a JSON-lines file or (allow_text) a file of lines.
+    """The records of a JSON list, a JSON object of records, a JSON-lines file, a CSV file (by its
+    .csv suffix) or (allow_text) a file of lines.
 
-    Each comes with its location ("file:line" or "file item N") for error messages.
+    A JSON object of records is keyed by row id, `{"0": {..}, "1": {..}}`, maybe wrapped as
+    `{"info": .., "data": ..}` (ViSU's own files); numeric ids are taken in numeric order. Each
+    record comes with its location ("file:line", "file item N" or "file key K") for messages.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
@@ -349,6 +361,8 @@ def read_records(path: Path, allow_text: bool = False) -> list[tuple[str, object
         raise InputError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e})") from None
+    if path.suffix.lower() == ".csv":
+        return _csv_records(path, text)
     start = text.lstrip()[:1]
     if allow_text and (path.suffix.lower() == ".txt" or start not in ("[", "{")):
         return [(f"{path}:{n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
@@ -358,10 +372,24 @@ def read_records(path: Path, allow_text: bool = False) -> list[tuple[str, object
             data = json.loads(text)
         except ValueError as e:
             raise InputError(f"{path}:{getattr(e, 'lineno', '?')}: not valid JSON ({e})") from None
-        return [(f"{path} item {k + 1}", record) for k, record in enumerate(data)]
+        return _listed_records(path, data)
     if start != "{":
-        raise InputError(f"{path}: expected a JSON list of objects or JSON lines (one object "
-                         f"per line)")
+        raise InputError(f"{path}: expected a JSON list of objects, a JSON object of objects "
+                         f"keyed by id, or JSON lines (one object per line)")
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        whole = None  # JSON lines, read below (or a broken file, reported there with its line)
+    if isinstance(whole, dict) and isinstance(whole.get("data"), (dict, list)):
+        whole = whole["data"]  # the {"info": .., "data": ..} wrapper
+    if isinstance(whole, list):
+        return _listed_records(path, whole)
+    if isinstance(whole, dict):
+        numbered = all(k.strip().isdigit() for k in whole)
+        if whole and (numbered or all(isinstance(v, dict) for v in whole.values())):
+            keys = sorted(whole, key=int) if numbered else list(whole)
+            return [(f"{path} key {k}", whole[k]) for k in keys]
+        return [(f"{path}:1", whole)]  # a single record, maybe spread over several lines
     records = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -369,7 +397,27 @@ def read_records(path: Path, allow_text: bool = False) -> list[tuple[str, object
                 records.append((f"{path}:{n}", json.loads(line)))
             except ValueError as e:
                 raise InputError(f"{path}:{n}: not valid JSON ({e}); expected one JSON object "
-                                 f"per line") from None
+                                 f"per line, a JSON list or a JSON object keyed by id") from None
+    return records
+
+
+def _listed_records(path: Path, data: list) -> list[tuple[str, object]]:
+    return [(f"{path} item {k + 1}", record) for k, record in enumerate(data)]
+
+
+def _csv_records(path: Path, text: str) -> list[tuple[str, object]]:
+    """CSV rows with a header line; an empty cell counts as a missing field."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    records = []
+    try:
+        for row in reader:
+            if None in row:
+                raise InputError(f"{path}:{reader.line_num}: more cells than the header has "
+                                 f"columns")
+            records.append((f"{path}:{reader.line_num}",
+                            {k: v for k, v in row.items() if v not in (None, "")}))
+    except csv.Error as e:
+        raise InputError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
     return records
 
 
@@ -414,11 +462,11 @@ def _coco_image(root: Path, coco_id, where: str) -> str:
         name = f"{int(coco_id):012d}.jpg"
     except (TypeError, ValueError):
         raise InputError(f"{where}: coco_id {coco_id!r} is not a number") from None
-    for folder in ("train2017", "val2017"):
+    for folder in COCO_FOLDERS:
         if (root / folder / name).is_file():
             return str((root / folder / name).resolve())
-    raise InputError(f"{where}: COCO image {name} is in neither {root / 'train2017'} nor "
-                     f"{root / 'val2017'}")
+    raise InputError(f"{where}: COCO image {name} is in none of "
+                     f"{', '.join(str(root / f) for f in COCO_FOLDERS)}")
 
 
 def load_captions(path: Path) -> list[Item]:
@@ -441,7 +489,8 @@ def load_captions(path: Path) -> list[Item]:
 
 
 def load_visu(path: Path, coco_root: Path | None) -> list[Item]:
-    """--from-visu: ViSU-Text rows; with --coco-root the safe images are COCO's."""
+    """--from-visu: ViSU-Text rows; with --coco-root the safe images are COCO's. A row's
+    `nsfw_im_path` (in the authors' own files, relative to FILE's folder) is its unsafe image."""
     items = []
     for index, (where, record) in enumerate(read_records(path)):
         item = Item(
@@ -458,6 +507,10 @@ def load_visu(path: Path, coco_root: Path | None) -> list[Item]:
             if coco_id is None:
                 raise InputError(f"{where}: missing field 'coco_id' (needed by --coco-root)")
             item.safe_image = _coco_image(coco_root, coco_id, where)
+        unsafe_image = _text_field(record, ("nsfw_im_path", "nsfw_image", "unsafe_image"), where,
+                                   required=False)
+        if unsafe_image:
+            item.unsafe_image = _local_image(unsafe_image, path.parent, where)
         items.append(item)
     return items
 
@@ -474,8 +527,8 @@ def load_nsfwcaps(path: Path, image_dir: Path | None) -> list[Item]:
                                  required=False),
             split=_split_field(record, where),
         )
-        url = _text_field(record, ("url", "image_url", "coco_url", "flickr_url"), where,
-                          required=False)
+        url = _text_field(record, ("image_coco_url", "url", "image_url", "coco_url",
+                                   "flickr_url"), where, required=False)
         name = _text_field(record, ("image_path", "image", "file_name"), where, required=False)
         if name and re.match(r"https?://", name):
             url, name = url or name, None
@@ -1240,15 +1293,22 @@ class ImageMaker:
     policy: RetryPolicy
     stats: Stats
 
+    fetch: bool = True          # download safe images from their URLs (not with --text-only)
+    fetched: dict = field(default_factory=dict)  # URL -> its file, so each URL is fetched once
+    _url_locks: dict = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
     def row(self, item: Item) -> dict:
         row = {"id": item.id, "safe": item.safe, "unsafe": item.unsafe}
         if item.safe_image:
             row["safe_image"] = item.safe_image
-        elif self.backend and item.safe_image_url:
+        elif self.fetch and item.safe_image_url:
             row["safe_image"] = self.download(item)
         elif self.backend:
             row["safe_image"] = self.generate(item, "safe", item.safe, 1)
-        if self.backend:
+        if item.unsafe_image:
+            row["unsafe_image"] = item.unsafe_image
+        elif self.backend:
             row["unsafe_image"] = self.generate(item, "unsafe", item.unsafe, self.candidates)
         row.update(category=item.category, split=item.split, **item.extra)
         return row
@@ -1275,6 +1335,16 @@ class ImageMaker:
         return with_retries(attempt, self.policy, self.stats, "t2i")
 
     def download(self, item: Item) -> str:
+        """The item's safe image from its URL; a URL that several rows share is fetched once."""
+        url = item.safe_image_url
+        with self._lock:
+            lock = self._url_locks.setdefault(url, threading.Lock())
+        with lock:
+            if url not in self.fetched:
+                self.fetched[url] = self._fetch(item)
+            return self.fetched[url]
+
+    def _fetch(self, item: Item) -> str:
         def attempt(_):
             data = http_request(item.safe_image_url, timeout=self.policy.timeout, fatal_codes=())
             try:
@@ -1384,8 +1454,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  %(prog)s --captions captions.txt --llm http://localhost:8000 --llm-model "
                "Qwen/Qwen2.5-7B-Instruct \\\n"
                "      --t2i diffusers:stabilityai/stable-diffusion-2-1 --out data/mine\n"
-               "  %(prog)s --from-visu visu_test.json --coco-root /data/coco --text-only "
-               "--out data/visu\n"
+               "  %(prog)s --from-visu visu_test.json --coco-root /data/coco --out data/visu\n"
+               "  %(prog)s --from-nsfwcaps nsfwcaps.csv --out data/nsfwcaps\n"
                "  %(prog)s --captions data/visu/pairs.jsonl --t2i http://localhost:9000 "
                "--out data/visu-images",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1398,11 +1468,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="safe captions: text (one per line), a JSON list or JSON lines with "
                           "'caption' and optional 'image', 'unsafe', 'category', 'split'")
     one.add_argument("--from-visu", type=Path, metavar="FILE",
-                     help="ViSU-Text rows (JSON list or JSON lines: safe, nsfw, tag, coco_id, "
-                          "split)")
+                     help="ViSU-Text rows (safe, nsfw, tag, coco_id, split, nsfw_im_path) as a "
+                          "JSON list, JSON lines, an object keyed by id or {info, data}")
     one.add_argument("--from-nsfwcaps", type=Path, metavar="FILE",
-                     help="NSFWCaps rows (caption, nsfw_caption, chosen_category, image URL or "
-                          "file name)")
+                     help="NSFWCaps rows (image_coco_url, caption, nsfw_caption, "
+                          "chosen_category) as JSON, JSON lines or CSV")
     source.add_argument("--coco-root", type=Path, metavar="DIR",
                         help="with --from-visu: COCO folder holding train2017/ and val2017/")
     source.add_argument("--image-dir", type=Path, metavar="DIR",
@@ -1437,7 +1507,8 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--image-size", type=int, metavar="PX",
                         help="side of generated images (default: 64 for --toy, 512 otherwise)")
     images.add_argument("--text-only", action="store_true",
-                        help="stop at captions: rows keep only the images the source has")
+                        help="stop at captions: rows keep only the image files the source has "
+                             "(no URL is fetched)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, required=True, metavar="DIR",
@@ -1575,8 +1646,20 @@ def plan_sources(args) -> Plan:
     for item in items:
         item.split = item.split or splits[item.id]
     if not args.t2i and not args.text_only:
-        raise InputError("the unsafe images need a text-to-image model: pass --t2i "
-                         "diffusers:MODEL_ID or --t2i URL, or --text-only to stop at captions")
+        # ViSU and NSFWCaps publish no unsafe images: their rows are usable as they are, with
+        # the safe image only (training then skips the two terms that need one).
+        if args.captions:
+            raise InputError("the unsafe images need a text-to-image model: pass --t2i "
+                             "diffusers:MODEL_ID or --t2i URL, or --text-only to stop at captions")
+        if args.from_visu and not args.coco_root:
+            raise InputError("--from-visu needs --coco-root DIR (COCO 2017's train2017/ and "
+                             "val2017/) for the safe images; or --t2i to draw them, or "
+                             "--text-only to stop at captions")
+        imageless = [it for it in items if not (it.safe_image or it.safe_image_url)]
+        if imageless:
+            raise InputError(f"{args.from_nsfwcaps}: row {imageless[0].index + 1} has no image URL "
+                             f"or file name ({len(imageless)} such rows); pass --t2i to draw "
+                             f"the safe images, or --text-only to stop at captions")
 
     recipe = {"source": source, "seed": args.seed, "split": list(args.split),
               "text_only": args.text_only}
@@ -1618,7 +1701,9 @@ def plan_sources(args) -> Plan:
             llm = ChatLLM(backends["llm"]["url"], args.llm_model, policy, job.stats, api_key)
             caption_phase(job, items, llm, workers)
         maker = ImageMaker(job.out.root, backend, keep_rule, candidates, args.seed, policy,
-                           job.stats)
+                           job.stats, fetch=not args.text_only)
+        maker.fetched.update((r["image_url"], r["safe_image"]) for r in job.done.values()
+                             if r.get("image_url") and r.get("safe_image"))
         image_phase(job, items, maker, workers, "images" if backend else "rows")
 
     path = args.captions or args.from_visu or args.from_nsfwcaps

@@ -7,10 +7,12 @@ checked against what the server really did.
 """
 
 import base64
+import csv
 import hashlib
 import importlib.util
 import io
 import json
+import random
 import re
 import shutil
 import signal
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -71,10 +74,12 @@ class Stub:
 
             def do_GET(self):
                 behaviour = stub.next("file", self.path)
-                if behaviour == "ok" and self.path in stub.files:
+                if behaviour != "ok":
+                    self.fail(behaviour)
+                elif self.path in stub.files:
                     self.reply(200, stub.files[self.path], "image/png")
                 else:
-                    self.reply(int(behaviour) if behaviour.isdigit() else 404, b"no")
+                    self.reply(404, b"no")
 
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -666,6 +671,154 @@ def test_caption_file_pointing_to_a_missing_image_is_reported(tmp_path, capsys):
                                                 {"caption": "a", "unsafe": "b", "image": "x.png"}])
     assert run("--captions", source, "--text-only", "--out", tmp_path / "out") == 2
     assert re.search(r"c\.jsonl:2: image .*x\.png does not exist", capsys.readouterr().err)
+
+
+# -- The releases as they are published: ViSU-Text and NSFWCaps, without unsafe images ---------
+
+
+def drawn_jpeg(rng, size=12):
+    """A small photo-like JPEG of random pixels (each test draws its own)."""
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def visu_release(tmp_path, rng):
+    """ViSU-Text rows as the authors publish them (safe, nsfw, tag, coco_id; no split), COCO 2017
+    images under train2017/ and val2017/, and one row carrying the authors' `nsfw_im_path`."""
+    coco = tmp_path / "coco"
+    ids = rng.sample(range(1, 600000), 4)
+    for coco_id, folder in zip(ids, ("train2017", "val2017", "train2017", "val2017")):
+        (coco / folder).mkdir(parents=True, exist_ok=True)
+        (coco / folder / f"{coco_id:012d}.jpg").write_bytes(drawn_jpeg(rng))
+    (tmp_path / "nsfw").mkdir()
+    (tmp_path / "nsfw" / "3.png").write_bytes(png_bytes(tuple(rng.randbytes(3))))
+    records = [{"safe": f"caption {rng.random():.6f}", "nsfw": f"unsafe {rng.random():.6f}",
+                "tag": rng.choice(gd.CATEGORIES), "coco_id": coco_id} for coco_id in ids]
+    records[3]["nsfw_im_path"] = "nsfw/3.png"
+    return coco, records
+
+
+def test_visu_text_in_each_published_layout_becomes_the_same_pairs(tmp_path):
+    rng = random.Random()
+    coco, records = visu_release(tmp_path, rng)
+    keyed = {str(k): r for k, r in enumerate(records)}
+    shuffled = dict(rng.sample(list(keyed.items()), len(keyed)))  # ids say the order, not the file
+    layouts = {
+        "list.json": json.dumps(records, indent=4),
+        "lines.jsonl": "".join(json.dumps(r) + "\n" for r in records),
+        "keyed.json": json.dumps(shuffled),  # one line, as json.dump writes it
+        "wrapped.json": json.dumps({"info": {"version": "1.0", "split": "test"}, "data": shuffled},
+                                   indent=2),
+    }
+    outputs = []
+    for name, text in layouts.items():
+        (tmp_path / name).write_text(text)
+        assert run("--from-visu", tmp_path / name, "--coco-root", coco, "--split", "0,0,1",
+                   "--out", tmp_path / name.replace(".", "_")) == 0, name
+        outputs.append((tmp_path / name.replace(".", "_") / "pairs.jsonl").read_text())
+    assert outputs[1:] == outputs[:1] * 3
+    done = rows(tmp_path / "list_json")
+    assert [(r["id"], r["safe"], r["unsafe"], r["category"], r["coco_id"], r["split"])
+            for r in done] == [(f"{k:06d}", v["safe"], v["nsfw"], v["tag"], v["coco_id"], "test")
+                               for k, v in enumerate(records)]
+    for row, record in zip(done, records):
+        name = f"{record['coco_id']:012d}.jpg"
+        expected = next(p for p in (coco / "train2017" / name, coco / "val2017" / name) if p.is_file())
+        assert row["safe_image"] == str(expected.resolve())
+    assert [r.get("unsafe_image") for r in done] == [None] * 3 + [
+        str((tmp_path / "nsfw" / "3.png").resolve())]
+
+
+def test_visu_without_coco_images_says_what_to_pass(tmp_path, capsys):
+    _, records = visu_release(tmp_path, random.Random())
+    source = write_jsonl(tmp_path / "visu.jsonl", records)
+    assert run("--from-visu", source, "--out", tmp_path / "out") == 2
+    assert "--from-visu needs --coco-root DIR" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "pairs.jsonl").exists()
+
+
+def test_visu_missing_nsfw_im_path_file_is_reported_with_its_key(tmp_path, capsys):
+    coco, records = visu_release(tmp_path, random.Random())
+    records[2]["nsfw_im_path"] = "nsfw/gone.png"
+    (tmp_path / "v.json").write_text(json.dumps({str(k): r for k, r in enumerate(records)}))
+    assert run("--from-visu", tmp_path / "v.json", "--coco-root", coco, "--out",
+               tmp_path / "out") == 2
+    assert re.search(r"v\.json key 2: image .*gone\.png does not exist", capsys.readouterr().err)
+
+
+NSFWCAPS_FIELDS = ("image_coco_url", "caption", "nsfw_caption", "chosen_category")
+
+
+def nsfwcaps_release(stub, rng, n=4):
+    """NSFWCaps rows with the release's fields; the images are served by the stub. Rows 0 and 3
+    share an image, as NoCaps images with two captions do."""
+    names = [f"/nocaps/{rng.getrandbits(48):012x}.jpg" for _ in range(n - 1)]
+    names.append(names[0])
+    stub.files = {name: drawn_jpeg(rng) for name in names}
+    return [{"image_coco_url": stub.url + name, "caption": f"a photo {rng.random():.6f}",
+             "nsfw_caption": f"an unsafe photo {rng.random():.6f}",
+             "chosen_category": rng.choice(gd.CATEGORIES)} for name in names]
+
+
+def write_nsfwcaps(path, records):
+    if path.suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=NSFWCAPS_FIELDS)
+            writer.writeheader()
+            writer.writerows(records)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(records, indent=2))
+    else:
+        write_jsonl(path, records)
+    return path
+
+
+def test_nsfwcaps_release_is_fetched_once_through_errors_and_timeouts(stub, tmp_path):
+    rng = random.Random()
+    records = nsfwcaps_release(stub, rng)
+    first, second = (urllib.parse.urlparse(r["image_coco_url"]).path for r in records[:2])
+    stub.script = {first: ["500"], second: ["timeout"]}
+    source = write_nsfwcaps(tmp_path / "nsfwcaps.jsonl", records)
+    out = tmp_path / "out"
+    assert run("--from-nsfwcaps", source, "--out", out, *FAST) == 0
+    done = rows(out)
+    assert [(r["safe"], r["unsafe"], r["category"], r["image_url"]) for r in done] == [
+        (r["caption"], r["nsfw_caption"], r["chosen_category"], r["image_coco_url"])
+        for r in records]
+    assert all("unsafe_image" not in r for r in done)
+    served = [stub.files[urllib.parse.urlparse(r["image_coco_url"]).path] for r in records]
+    assert [(out / r["safe_image"]).read_bytes() for r in done] == served
+    requests = manifest(out)["requests"]["download"]
+    assert (requests["http_500"], requests["timeout"], requests["retries"]) == (1, 1, 2)
+    assert stub.count("file") == 3 + 2  # three distinct images, each fetched once, and two retries
+    assert stub.count("file", keys={first}) == 2  # the shared image: one failure, one fetch
+
+    before = (out / "pairs.jsonl").read_bytes()
+    assert run("--from-nsfwcaps", source, "--out", out, *FAST) == 0
+    assert stub.count("file") == 5  # the second run fetched nothing
+    assert (out / "pairs.jsonl").read_bytes() == before
+
+
+def test_nsfwcaps_as_json_jsonl_and_csv_becomes_the_same_pairs(stub, tmp_path):
+    records = nsfwcaps_release(stub, random.Random())
+    outputs = []
+    for name in ("n.json", "n.jsonl", "n.csv"):
+        source = write_nsfwcaps(tmp_path / name, records)
+        out = tmp_path / name.replace(".", "_")
+        assert run("--from-nsfwcaps", source, "--out", out, *FAST) == 0, name
+        outputs.append((out / "pairs.jsonl").read_text())
+        assert [(out / r["safe_image"]).read_bytes() for r in rows(out)] == [
+            stub.files[urllib.parse.urlparse(r["image_coco_url"]).path] for r in records]
+    assert outputs[1:] == outputs[:1] * 2
+
+
+def test_nsfwcaps_csv_with_a_row_too_long_is_reported_with_its_line(tmp_path, capsys):
+    source = write_lines(tmp_path / "n.csv", [",".join(NSFWCAPS_FIELDS),
+                                              "http://127.0.0.1:9/a.jpg,a,b,violence",
+                                              "http://127.0.0.1:9/b.jpg,a,b,violence,extra"])
+    assert run("--from-nsfwcaps", source, "--out", tmp_path / "out") == 2
+    assert "n.csv:3: more cells than the header has columns" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
