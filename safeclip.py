@@ -1164,7 +1164,8 @@ def lora_modules(model):
 # Eight terms over the embeddings of a batch of quadruplets (T, T*, V, V*). `t_ref` = T0(T) and
 # `v_ref` = V0(V) come from the frozen original model: every target is the *safe* input's
 # original embedding. Preserve terms keep safe inputs where they were; redirect terms pull the
-# unsafe inputs onto their safe counterparts.
+# unsafe inputs onto their safe counterparts. The public datasets (ViSU-Text, NSFWCaps) ship no
+# unsafe images: the two terms on V* are then computed over the rows that have one, or skipped.
 
 LAMBDAS = {
     "text_safe": 0.10,  # d(T(T), T0(T))              preserve
@@ -1176,6 +1177,7 @@ LAMBDAS = {
     "nce_image_safe": 0.25,  # NCE(T0(T), V(V))       preserve
     "nce_image_unsafe": 0.50,  # NCE(T0(T), V(V*))    redirect
 }
+UNSAFE_IMAGE_TERMS = ("image_unsafe", "nce_image_unsafe")  # the terms that need V*
 
 
 def cosine_distance(a, b):
@@ -1191,24 +1193,29 @@ def info_nce(a, b, scale=100.0):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None):
-    """The Safe-CLIP objective. Returns `(total, terms)`, with `total = sum(l_i / sum(l) * term_i)`.
+def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None):
+    """The Safe-CLIP objective. Returns `(total, terms)`, with `total = sum(l_i / sum(l) * term_i)`
+    over the terms present.
 
     t_safe = T(T), t_unsafe = T(T*), v_safe = V(V), v_unsafe = V(V*): the model being trained.
     t_ref = T0(T), v_ref = V0(V): the original model (constants). All (B, E).
+    has_unsafe_image: (B,) bool, for a batch where not every row has V*; `v_unsafe` then holds
+    only those rows, (M, E). The terms on V* are computed over them, and left out when M = 0.
     """
     lambdas = {**LAMBDAS, **(lambdas or {})}
+    t_ref_u, v_ref_u = (t_ref, v_ref) if has_unsafe_image is None else (t_ref[has_unsafe_image], v_ref[has_unsafe_image])
     terms = {
         "text_safe": cosine_distance(t_safe, t_ref),
         "text_unsafe": cosine_distance(t_unsafe, t_ref),
         "image_safe": cosine_distance(v_safe, v_ref),
-        "image_unsafe": cosine_distance(v_unsafe, v_ref),
+        "image_unsafe": cosine_distance(v_unsafe, v_ref_u) if len(v_unsafe) else None,
         "nce_text_safe": info_nce(t_safe, v_ref),
         "nce_text_unsafe": info_nce(t_unsafe, v_ref),
         "nce_image_safe": info_nce(t_ref, v_safe),
-        "nce_image_unsafe": info_nce(t_ref, v_unsafe),
+        "nce_image_unsafe": info_nce(t_ref_u, v_unsafe) if len(v_unsafe) else None,
     }
-    norm = sum(lambdas[k] for k in terms)
+    terms = {k: v for k, v in terms.items() if v is not None}
+    norm = sum(lambdas[k] for k in terms)  # renormalised over the terms present
     total = sum(lambdas[k] / norm * v for k, v in terms.items())
     return total, terms
 
@@ -1218,12 +1225,20 @@ def clip_loss(text, image, logit_scale):
     return info_nce(text, image, scale=logit_scale.exp().clamp(max=100))
 
 
+def active_terms(rows):
+    """Each Safe-CLIP term that `rows` give inputs to -> over how many rows it is computed."""
+    with_v_unsafe = sum(r["unsafe_image"] is not None for r in rows)
+    return {k: with_v_unsafe if k in UNSAFE_IMAGE_TERMS else len(rows) for k in LAMBDAS
+            if with_v_unsafe or k not in UNSAFE_IMAGE_TERMS}
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. Data: pairs.jsonl, one quadruplet (T, T*, V, V*) per line
 # ---------------------------------------------------------------------------------------------
 # {"safe": .., "unsafe": .., "safe_image": .., "unsafe_image": .., "category": .., "split": ..}
 # Image paths are relative to the .jsonl file's folder. ViSU's names `nsfw` and `nsfw_image` are
-# accepted for `unsafe` and `unsafe_image`.
+# accepted for `unsafe` and `unsafe_image`. `unsafe_image` is optional (None when absent): the
+# public datasets publish no unsafe images.
 
 
 class DataError(ValueError):
@@ -1242,14 +1257,16 @@ def _parse_row(line, folder):
         if alias in row and name not in row:
             row[name] = row[alias]
     for key in ("safe", "unsafe", "safe_image", "unsafe_image"):
+        if key == "unsafe_image" and row.get(key) is None:
+            continue  # optional: ViSU-Text and NSFWCaps publish no unsafe images
         if not isinstance(row.get(key), str) or not row[key].strip():
             raise ValueError(f"missing or empty field {key!r}")
     split = row.get("split") or "train"
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    images = {k: str(folder / row[k]) for k in ("safe_image", "unsafe_image")}  # absolute stays absolute
+    images = {k: str(folder / row[k]) if row.get(k) else None for k in ("safe_image", "unsafe_image")}  # absolute stays absolute
     for key, image in images.items():
-        if not os.path.isfile(image):
+        if image is not None and not os.path.isfile(image):
             raise ValueError(f"{key} {image} does not exist")
     category = row.get("category")
     return dict(safe=row["safe"], unsafe=row["unsafe"], **images,
@@ -1368,7 +1385,7 @@ class TrainingError(RuntimeError):
 
 
 class Quadruplets(torch.utils.data.Dataset):
-    """Row i -> (safe pixels, unsafe pixels, i); captions are tokenized up front."""
+    """Row i -> (safe pixels, unsafe pixels or None, i); captions are tokenized up front."""
 
     def __init__(self, rows, preprocess):
         self.rows, self.preprocess = rows, preprocess
@@ -1378,7 +1395,17 @@ class Quadruplets(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.rows[i]
-        return self.preprocess(open_image(row["safe_image"])), self.preprocess(open_image(row["unsafe_image"])), i
+        unsafe = self.preprocess(open_image(row["unsafe_image"])) if row["unsafe_image"] else None
+        return self.preprocess(open_image(row["safe_image"])), unsafe, i
+
+
+def collate_quadruplets(batch):
+    """-> safe pixels (B, 3, R, R), the unsafe pixels of the rows that have them (M, 3, R, R),
+    which rows those are (B,) bool, and the row indices (B,)."""
+    safe, unsafe, idx = zip(*batch)
+    present = [u for u in unsafe if u is not None]
+    return (torch.stack(safe), torch.stack(present) if present else torch.empty(0, *safe[0].shape),
+            torch.tensor([u is not None for u in unsafe]), torch.tensor(idx))
 
 
 class Towers(nn.Module):
@@ -1432,6 +1459,17 @@ def gather(x):
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return x
     return _AllGather.apply(x)
+
+
+def gather_some(x, present):
+    """`gather` for a tensor that holds only the rows of a batch where `present` (B,) is true:
+    all-gather needs one shape on every rank, so the rows travel padded to the whole batch.
+    Returns the gathered rows and the gathered `present`."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x, present
+    padded = x.new_zeros(len(present), *x.shape[1:]).index_put((present.nonzero()[:, 0],), x)
+    present = gather(present.long()).bool()
+    return gather(padded)[present], present
 
 
 def gather_rows(local, n, rank, world, device):
@@ -1515,23 +1553,33 @@ def validate(model, rows, ids, preprocess, refs, args, device):
     t_safe = encode_token_ids(model, ids[0], args.batch_size, device, desc=False)
     t_unsafe = encode_token_ids(model, ids[1], args.batch_size, device, desc=False)
     v_safe = encode_images(model, preprocess, [r["safe_image"] for r in rows], args.batch_size, device, desc=False)
-    v_unsafe = encode_images(model, preprocess, [r["unsafe_image"] for r in rows], args.batch_size, device, desc=False)
+    has = torch.tensor([r["unsafe_image"] is not None for r in rows])
+    v_unsafe = encode_images(model, preprocess, [r["unsafe_image"] for r in rows if r["unsafe_image"]],
+                             args.batch_size, device, desc=False)
     model.train(was_training)
     # Every row counts, the last partial batch too, each batch weighted by its size: best-model
-    # selection and early stopping must not ignore up to batch - 1 rows.
+    # selection and early stopping must not ignore up to batch - 1 rows. A term on V* counts the
+    # batch's rows that have V*, out of all such rows.
+    before = [0, *has.long().cumsum(0).tolist()]  # how many rows before row i have V*
     sums = {}
     for i in range(0, n, args.batch_size):
         s = slice(i, i + args.batch_size)
+        vu = v_unsafe[before[i]:before[min(i + args.batch_size, n)]]
         weight = len(t_safe[s]) / n
         if args.objective == "safeclip":
-            total, terms = safe_clip_loss(t_safe[s], t_unsafe[s], v_safe[s], v_unsafe[s], refs[0][s], refs[1][s], args.lambdas)
+            total, terms = safe_clip_loss(t_safe[s], t_unsafe[s], v_safe[s], vu, refs[0][s], refs[1][s],
+                                          args.lambdas, has_unsafe_image=has[s])
         else:
-            total = clip_loss(torch.cat([t_safe[s], t_unsafe[s]]), torch.cat([v_safe[s], v_unsafe[s]]), model.logit_scale.cpu())
+            total = clip_loss(torch.cat([t_safe[s], t_unsafe[s][has[s]]]), torch.cat([v_safe[s], vu]),
+                              model.logit_scale.cpu())
             terms = {}
         for k, v in {"loss": total, **terms}.items():
-            sums[k] = sums.get(k, 0.0) + weight * float(v)
+            share = len(vu) / len(v_unsafe) if k in UNSAFE_IMAGE_TERMS else weight
+            sums[k] = sums.get(k, 0.0) + share * float(v)
     metrics = dict(sums)
-    pairs = {"T-V": (t_safe, v_safe), "T-V*": (t_safe, v_unsafe), "T*-V": (t_unsafe, v_safe)}
+    pairs = {"T-V": (t_safe, v_safe), "T-V*": (t_safe[has], v_unsafe), "T*-V": (t_unsafe, v_safe)}
+    if not has.any():
+        del pairs["T-V*"]
     metrics["recall_sum"] = sum(recall_at_1(a, b) + recall_at_1(b, a) for a, b in pairs.values())
     return metrics
 
@@ -1761,6 +1809,10 @@ def train(args):
         portable = {k: str(Path(v).resolve()) for k, v in (("data", args.data), ("model", args.model))
                     if v is not None and Path(v).exists()}
         _write_json(out / "train_config.json", {**{k: v for k, v in vars(args).items() if k != "func"}, **portable})
+        if args.objective == "safeclip":
+            _append_log(log_path, {"step": 0, "terms": active_terms(train_rows)})
+    if main_process and args.objective == "safeclip":
+        _report_terms(active_terms(train_rows), len(train_rows))
 
     def save_checkpoint():
         if not main_process:
@@ -1789,22 +1841,29 @@ def train(args):
         return args.patience and state["bad_evals"] >= args.patience
 
     def embed(batch):
-        """A micro-batch -> the embeddings [T, T*, V, V*] of its rows on all ranks (gathered, with
+        """A micro-batch -> the embeddings [T, T*, V, V*, which rows have V*] of its rows (V* only
+        for those) on all ranks (gathered, with
         gradients, so InfoNCE sees the global batch's negatives) and those rows' indices."""
-        safe_pix, unsafe_pix, idx = batch
+        safe_pix, unsafe_pix, has_v_unsafe, idx = batch
         with autocast(device, args.precision):
             t_ids = torch.cat([ids["train"][0][idx], ids["train"][1][idx]]).to(device)
+            # Only the unsafe images that exist go through the vision tower.
             pixels = torch.cat([safe_pix, unsafe_pix]).to(device, non_blocking=True)
             text, image = step_fn(t_ids, pixels)
-        return [gather(e) for e in (*text.float().chunk(2), *image.float().chunk(2))], gather(idx.to(device)).cpu()
+        t_safe, t_unsafe = text.float().chunk(2)
+        v_safe, v_unsafe = image.float().split([len(idx), len(unsafe_pix)])
+        v_unsafe, has_v_unsafe = gather_some(v_unsafe, has_v_unsafe.to(device))
+        return [gather(t_safe), gather(t_unsafe), gather(v_safe), v_unsafe, has_v_unsafe], gather(idx.to(device)).cpu()
 
     def objective(emb, gidx):
-        """The loss of a batch from its embeddings [T, T*, V, V*] and row indices: (total, terms)."""
-        t_safe, t_unsafe, v_safe, v_unsafe = emb
+        """The loss of a batch from its embeddings [T, T*, V, V* of the rows that have one, which
+        rows those are] and row indices: (total, terms)."""
+        t_safe, t_unsafe, v_safe, v_unsafe, has_v_unsafe = emb
         if args.objective == "safeclip":
             return safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, refs["train"][0][gidx].to(device),
-                                  refs["train"][1][gidx].to(device), args.lambdas)
-        return clip_loss(torch.cat([t_safe, t_unsafe]), torch.cat([v_safe, v_unsafe]), model.logit_scale), {}
+                                  refs["train"][1][gidx].to(device), args.lambdas, has_unsafe_image=has_v_unsafe)
+        return clip_loss(torch.cat([t_safe, t_unsafe[has_v_unsafe]]), torch.cat([v_safe, v_unsafe]),
+                         model.logit_scale), {}
 
     def check_finite(loss, terms):
         if not torch.isfinite(loss) and not scaler.is_enabled():  # fp16: the scaler skips the step
@@ -1851,6 +1910,7 @@ def train(args):
         batches = order[: per_epoch * micro * args.accum].view(per_epoch * args.accum, micro)
         mine = [b[rank::world].tolist() for b in batches[done * args.accum:]]  # this rank's share
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=args.workers,
+                                             collate_fn=collate_quadruplets,
                                              generator=torch.Generator().manual_seed(args.seed))
         it = iter(loader)
         for _ in range(per_epoch - done):
@@ -1918,12 +1978,25 @@ def train(args):
     return model
 
 
+def _report_terms(terms, n):
+    """Say which Safe-CLIP terms this run trains and over how many rows."""
+    full = [k for k, rows in terms.items() if rows == n]
+    partial = {k: rows for k, rows in terms.items() if rows != n}
+    lines = [f"Safe-CLIP terms over all {n} training rows: {', '.join(full)}"]
+    lines += [f"  {k} over the {rows} rows with an unsafe image" for k, rows in partial.items()]
+    missing = [k for k in LAMBDAS if k not in terms]
+    if missing:
+        lines.append(f"  skipped, no row has an unsafe image: {', '.join(missing)} "
+                     "(weights renormalised over the other terms)")
+    print("\n".join(lines), file=sys.stderr)
+
+
 def _check_images(rows, args, verbose):
     """Open every image header once before training, so a broken file stops the run up front."""
     good, bad = [], 0
     for row in tqdm(rows, desc="checking images", disable=not verbose, leave=False):
         try:
-            for key in ("safe_image", "unsafe_image"):
+            for key in ("safe_image", "unsafe_image") if row["unsafe_image"] else ("safe_image",):
                 with Image.open(row[key]) as image:
                     image.verify()
             good.append(row)

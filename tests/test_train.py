@@ -65,7 +65,7 @@ def test_pairs_are_read_with_aliases_relative_paths_and_default_split(tmp_path):
 
 @pytest.mark.parametrize("bad_line,problem", [
     ("{not json", "Expecting property name"),
-    ('{"safe": "x", "unsafe": "y", "safe_image": "images/0_safe.png"}', "missing or empty field 'unsafe_image'"),
+    ('{"safe": "x", "unsafe": "y", "unsafe_image": "images/0_safe.png"}', "missing or empty field 'safe_image'"),
     ('{"safe": "x", "unsafe": "y", "safe_image": "images/0_safe.png", "unsafe_image": "nope.png"}', "nope.png does not exist"),
     ('{"safe": "x", "unsafe": "y", "safe_image": "images/0_safe.png", "unsafe_image": "images/0_safe.png", "split": "dev"}', "split 'dev'"),
     ('["a", "list"]', "expected a JSON object"),
