@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 import generate_data as gd  # noqa: E402
+import safeclip  # noqa: E402
 import toy_world  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -728,6 +729,10 @@ def test_visu_text_in_each_published_layout_becomes_the_same_pairs(tmp_path):
         assert row["safe_image"] == str(expected.resolve())
     assert [r.get("unsafe_image") for r in done] == [None] * 3 + [
         str((tmp_path / "nsfw" / "3.png").resolve())]
+    # ... and safeclip reads it for training and evaluation as it is.
+    read = safeclip.read_pairs(tmp_path / "list_json" / "pairs.jsonl")
+    assert [(r["safe_image"], r["unsafe_image"]) for r in read] == [
+        (r["safe_image"], r.get("unsafe_image")) for r in done]
 
 
 def test_visu_without_coco_images_says_what_to_pass(tmp_path, capsys):
@@ -789,6 +794,7 @@ def test_nsfwcaps_release_is_fetched_once_through_errors_and_timeouts(stub, tmp_
     assert all("unsafe_image" not in r for r in done)
     served = [stub.files[urllib.parse.urlparse(r["image_coco_url"]).path] for r in records]
     assert [(out / r["safe_image"]).read_bytes() for r in done] == served
+    assert [r["unsafe_image"] for r in safeclip.read_pairs(out / "pairs.jsonl")] == [None] * 4
     requests = manifest(out)["requests"]["download"]
     assert (requests["http_500"], requests["timeout"], requests["retries"]) == (1, 1, 2)
     assert stub.count("file") == 3 + 2  # three distinct images, each fetched once, and two retries
