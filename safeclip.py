@@ -2324,7 +2324,7 @@ def build_parser():
                        "weights folder if missing) with the paper's settings into runs/safeclip.")
     g = t.add_argument_group("data and model")
     g.add_argument("--data", required=True, metavar="PAIRS",
-                   help="pairs.jsonl (safe, unsafe, safe_image, unsafe_image[, category, split])")
+                   help="pairs.jsonl (safe, unsafe, safe_image[, unsafe_image, category, split])")
     g.add_argument("--model", metavar="NAME|PATH", help="weights to fine-tune: an OpenAI name (ViT-B/32, ViT-B/16, "
                    "ViT-L/14, ViT-L/14@336px) or anything safeclip.load reads (default: ViT-L/14, the paper's)")
     g.add_argument("--tokenizer", metavar="PATH",
