@@ -293,3 +293,36 @@ def test_evaluation_of_mixed_rows_uses_the_rows_that_have_each_kind(world, tmp_p
     check_settings(entry["per_category"]["blood"], subset, [1], V_UNSAFE_SETTINGS)
     check_settings(entry["per_category"]["violence"], subset, [0, 2], V_UNSAFE_SETTINGS)
     assert entry["per_category"]["blood"]["n"] == 3
+
+
+def test_validation_computes_each_term_over_the_validation_rows_that_have_its_inputs(base_model, tmp_path):
+    data = make_pairs(tmp_path / "data", n=40, splits=("train", "train", "train", "val"), seed=3)
+    keep = set(random.Random().sample(range(40), 20))
+    drop_unsafe_images(data, keep.__contains__)
+    out = train(data, base_model, tmp_path / "run", "--batch-size", "4", "--steps", "1", "--lr", "0", "--eval-every", "1")
+    val = next(r["val"] for r in log_of(out) if "val" in r)  # lr 0: validated on the original weights
+    rows = safeclip.read_pairs(data, split="val")
+    has = np.array([r["unsafe_image"] is not None for r in rows])
+    base, preprocess = safeclip.load(base_model)
+    t, tu = (safeclip.encode_texts(base, [r[k] for r in rows]).double().numpy() for k in ("safe", "unsafe"))
+    v = safeclip.encode_images(base, preprocess, [r["safe_image"] for r in rows]).double().numpy()
+    vu = safeclip.encode_images(base, preprocess, [r["unsafe_image"] for r in rows if r["unsafe_image"]])
+    vu = vu.double().numpy().reshape(-1, v.shape[1])
+    # Batches of 4, 4 and 2 rows, each weighted by its rows; a V* term by its rows with V*.
+    expected = {}
+    for i in range(0, 10, 4):
+        b, before = slice(i, i + 4), int(has[:i].sum())
+        total, terms = np_terms(t[b], tu[b], v[b], vu[before:before + has[b].sum()], t[b], v[b], has[b])
+        for name, value in {"loss": total, **terms}.items():
+            share = has[b].sum() / has.sum() if name in V_UNSAFE_TERMS else len(t[b]) / 10
+            expected[name] = expected.get(name, 0.0) + share * value
+    assert set(val) & set(NAMES) == set(expected) - {"loss"}
+    for name, value in expected.items():
+        assert abs(val[name] - value) <= 1e-4 * max(1.0, abs(value)), (name, val[name], value)
+
+    def r1(q, g):
+        q, g = q / np.linalg.norm(q, axis=1, keepdims=True), g / np.linalg.norm(g, axis=1, keepdims=True)
+        return 100 * np.mean((q @ g.T).argmax(1) == np.arange(len(q)))
+
+    pairs = [(t, v), (tu, v)] + ([(t[has], vu)] if has.any() else [])
+    assert val["recall_sum"] == pytest.approx(sum(r1(a, b) + r1(b, a) for a, b in pairs), abs=1e-3)
