@@ -1842,8 +1842,8 @@ def train(args):
 
     def embed(batch):
         """A micro-batch -> the embeddings [T, T*, V, V*, which rows have V*] of its rows (V* only
-        for those) on all ranks (gathered, with
-        gradients, so InfoNCE sees the global batch's negatives) and those rows' indices."""
+        for those) on all ranks (gathered, with gradients, so InfoNCE sees the global batch's
+        negatives) and those rows' indices."""
         safe_pix, unsafe_pix, has_v_unsafe, idx = batch
         with autocast(device, args.precision):
             t_ids = torch.cat([ids["train"][0][idx], ids["train"][1][idx]]).to(device)
