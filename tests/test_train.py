@@ -43,6 +43,11 @@ def train(data, model, out, *extra):
     return out
 
 
+def first_step(out):
+    """The log record of a run's first step (the line before it says which terms are active)."""
+    return next(r for r in map(json.loads, (Path(out) / "log.jsonl").read_text().splitlines()) if "loss" in r)
+
+
 def trainable_state(out):
     return torch.load(Path(out) / "checkpoint.pt", weights_only=True)["trainable"]
 
@@ -405,7 +410,7 @@ def test_accum_gives_the_loss_terms_and_gradients_of_one_batch_n_times_larger(da
     common = ("--steps", "1", "--lora-dropout", "0", "--grad-clip", "0", "--eval-every", "99")
     big = train(data, base_model, tmp_path / "big", "--batch-size", "8", *common)
     accum = train(data, base_model, tmp_path / "accum", "--batch-size", "2", "--accum", "4", *common)
-    logs = [json.loads((out / "log.jsonl").read_text().splitlines()[0]) for out in (big, accum)]
+    logs = [first_step(out) for out in (big, accum)]
     for name in ["loss", *safeclip.LAMBDAS]:
         assert logs[1][name] == pytest.approx(logs[0][name], rel=1e-5, abs=1e-6), name
     # After one AdamW step, exp_avg is (1 - beta1) x the gradient: the gradients, read back exactly.
@@ -464,7 +469,7 @@ def test_the_loop_trains_against_the_cached_references(data, base_model, tmp_pat
     emb = [safeclip.encode_texts(base, [r[k] for r in rows]) for k in ("safe", "unsafe")]
     emb += [safeclip.encode_images(base, preprocess, [r[k] for r in rows]) for k in ("safe_image", "unsafe_image")]
     expected, terms = safeclip.safe_clip_loss(*emb, poison["t_ref"][index], poison["v_ref"][index])
-    logged = json.loads((poisoned / "log.jsonl").read_text().splitlines()[0])
+    logged = first_step(poisoned)
     assert logged["loss"] == pytest.approx(float(expected), rel=1e-5)
     for name, value in terms.items():
         assert logged[name] == pytest.approx(float(value), rel=1e-5, abs=1e-6), name
