@@ -6,9 +6,12 @@ trickling servers, Ctrl-C, a full disk, moved sources. Every test talks to the s
 server of test_generate_data.py on 127.0.0.1.
 """
 
+import csv
 import errno
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,8 +23,8 @@ import numpy as np
 import pytest
 
 import generate_data as gd
-from test_generate_data import (FAST, ROOT, manifest, ok_answer, pixel, rows, run, stub,
-                                stub_colour, write_jsonl, write_lines)
+from test_generate_data import (FAST, ROOT, manifest, ok_answer, pixel, png_bytes, rows, run,
+                                stub, stub_colour, write_jsonl, write_lines)
 
 __all__ = ["stub"]  # the fixture, imported for the tests below
 
@@ -601,3 +604,37 @@ def test_a_full_disk_stops_with_one_line_and_resumes_once_freed(stub, tmp_path, 
     assert [r["safe"] for r in rows(out)] == [r["caption"] for r in records]
     assert manifest(out)["status"] == "complete"
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's examples
+# ---------------------------------------------------------------------------------------------
+
+
+def test_readme_nsfwcaps_examples_run_as_printed(stub, tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"^python generate_data\.py (--from-nsfwcaps [^#\n]*)", readme, re.M)
+    assert commands
+    for k, command in enumerate(commands):
+        args = shlex.split(command)
+        folder = tmp_path / str(k)
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        stub.files = {f"/nocaps/{j}.png": png_bytes((j, 2, 3)) for j in range(3)}
+        records = [{"image_coco_url": f"{stub.url}/nocaps/{j}.png", "caption": f"a dog {j}",
+                    "nsfw_caption": f"a dog {j} biting a child", "chosen_category": "violence"}
+                   for j in range(3)]
+        source = Path(args[args.index("--from-nsfwcaps") + 1])
+        if source.suffix == ".csv":
+            with open(source, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(records[0]))
+                writer.writeheader()
+                writer.writerows(records)
+        else:
+            source.write_text(json.dumps(records), encoding="utf-8")
+        assert gd.main(args) == 0, command
+        out = Path(args[args.index("--out") + 1])
+        done = rows(out)
+        assert [(r["safe"], r["unsafe"]) for r in done] == [
+            (r["caption"], r["nsfw_caption"]) for r in records]
+        assert [(out / r["safe_image"]).read_bytes() for r in done] == list(stub.files.values())
