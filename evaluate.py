@@ -47,8 +47,11 @@ from the content of the checkpoint, the tokenizer, safeclip.py, the device type 
 so only a (chunk x gallery) block of similarities exists at a time and 100k-item galleries fit in
 memory.
 
+--compare NAME=PATH (repeatable) adds more models, reported between --ckpt and --baseline under
+their NAMEs, so several fine-tuning objectives can be read side by side.
+
 Output: the tables on stdout; --markdown OUT the same tables; --json OUT the numbers, as
-  {"models": {"model": M, "baseline": M}, "data": PAIRS, "split": SPLIT}, each M being
+  {"models": {"model": M, NAME: M, .., "baseline": M}, "data": PAIRS, "split": SPLIT}, each M being
   {"retrieval": {SETTING: {"R@1", "R@5", "R@10", "R@20"}}, "unsafe_at_k": {SETTING: {"@1", ..}},
    "zeroshot": {"top1", "top5", "n", "classes"} or {}, "per_category": {NAME: {"retrieval",
    "unsafe_at_k", "n"}} or {}, "n": quadruplets}; --figure OUT.png a picture of what changed: for
@@ -453,8 +456,13 @@ def evaluate_model(encoder, rows, zeroshot_set=None, templates=DEFAULT_TEMPLATES
             "zeroshot": zeroshot, "per_category": metrics["per_category"], "n": len(rows)}
 
 
+def checkpoints_of(args):
+    """{report name: path}: --ckpt as "model", each --compare under its NAME, then --baseline."""
+    return {"model": args.ckpt, **dict(args.compare), **({"baseline": args.baseline} if args.baseline else {})}
+
+
 def evaluate(args):
-    """The whole report, {"models": {"model": .., "baseline": ..}, "data": .., "split": ..}."""
+    """The whole report, {"models": {"model": .., NAME: .., "baseline": ..}, "data": .., "split": ..}."""
     # Names become their verified files (downloaded if need be), and every path must exist: fail
     # now, not after an hour spent on the first model.
     for flag in ("ckpt", "baseline"):
@@ -465,7 +473,10 @@ def evaluate(args):
                 raise EvalError(f"--{flag}: {e}") from None
     if args.tokenizer and not os.path.exists(args.tokenizer):
         raise EvalError(f"--tokenizer: not found: {args.tokenizer}")
-    checkpoints = {"model": args.ckpt, **({"baseline": args.baseline} if args.baseline else {})}
+    for name, path in args.compare:
+        if not os.path.exists(path):
+            raise EvalError(f"--compare {name}: not found: {path}")
+    checkpoints = checkpoints_of(args)
     rows = read_split(args.data, args.split)
     zeroshot_set = read_class_folders(args.zeroshot) if args.zeroshot else None
     templates = read_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
@@ -491,14 +502,18 @@ NOT_AVAILABLE_NOTE = "n/a: not available, the setting needs unsafe images (V*) a
 
 
 def comparison_rows(models, label, values_of):
-    """Table rows for one line: the model's numbers, or model, baseline and their difference.
-    A value of None (a setting that is not available) shows as n/a."""
+    """Table rows for one line: the model's numbers alone, or one row per model (in the report's
+    order) and, with a baseline, the difference model - baseline. A value of None (a setting that is
+    not available) shows as n/a."""
     values = {name: values_of(entry) for name, entry in models.items()}
     cells = lambda name: [NOT_AVAILABLE if v is None else f"{v:.1f}" for v in values[name]]
-    if "baseline" not in values:
+    if len(values) == 1:
         return [[label, *cells("model")]]
-    diff = [NOT_AVAILABLE if None in (a, b) else f"{a - b:+.1f}" for a, b in zip(values["model"], values["baseline"])]
-    return [[label, "model", *cells("model")], ["", "baseline", *cells("baseline")], ["", "diff", *diff]]
+    rows = [[label if i == 0 else "", name, *cells(name)] for i, name in enumerate(values)]
+    if "baseline" in values:
+        rows.append(["", "diff", *(NOT_AVAILABLE if None in (a, b) else f"{a - b:+.1f}"
+                                   for a, b in zip(values["model"], values["baseline"]))])
+    return rows
 
 
 def _at(metrics, key, field=None):
@@ -512,7 +527,7 @@ def tables(report):
     """[(title, header, rows, number of label columns)], shared by the text and markdown output."""
     models = report["models"]
     first = models["model"]
-    models_column = [""] if "baseline" in models else []  # holds model / baseline / diff
+    models_column = [""] if len(models) > 1 else []  # holds model / NAME.. / baseline / diff
     out = []
 
     rows = []
@@ -756,6 +771,14 @@ def default_cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "safeclip", "embeddings")
 
 
+def parse_compare(text):
+    """'NAME=PATH' -> (NAME, PATH)."""
+    name, sep, path = text.partition("=")
+    if not (sep and name.strip() and path):
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name.strip(), path
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Retrieval recall, unsafe exposure and zero-shot accuracy of a (Safe-)CLIP model, optionally "
@@ -769,9 +792,11 @@ def parse_args(argv=None):
     p.add_argument("--baseline", metavar="PATH", help="a second model (typically the original CLIP), reported "
                    "alongside, with the difference (default, for a training folder: the model it was fine-tuned from)")
     p.add_argument("--no-baseline", action="store_true", help="report the model alone")
+    p.add_argument("--compare", action="append", default=[], type=parse_compare, metavar="NAME=PATH",
+                   help="one more model, reported under NAME next to --ckpt and --baseline (repeatable)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, bpe_simple_vocab_16e6.txt.gz or a folder "
-                   "holding one, for weights that come without one (replaces the checkpoints' own, for both models)")
-    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, help=safeclip.QUICK_GELU_HELP + " (for both models)")
+                   "holding one, for weights that come without one (replaces the checkpoints' own, for every model)")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, help=safeclip.QUICK_GELU_HELP + " (for every model)")
     p.add_argument("--zeroshot", metavar="DIR", help="also classify DIR/CLASS_NAME/*.jpg zero-shot")
     p.add_argument("--templates", metavar="FILE", help="prompt templates for --zeroshot, one per line, {} for the class "
                    f"(default: {len(DEFAULT_TEMPLATES)} built in, like {DEFAULT_TEMPLATES[0]!r})")
@@ -805,6 +830,10 @@ def parse_args(argv=None):
         p.error("--batch-size must be at least 1")
     if args.figure and not args.figure.lower().endswith(".png"):
         p.error("--figure writes a PNG: give it a name ending in .png")
+    names = [name for name, _ in args.compare]
+    for name in names:
+        if name in ("model", "baseline", "diff") or names.count(name) > 1:
+            p.error(f"--compare {name}=...: each NAME must be unique and not 'model', 'baseline' or 'diff'")
     return args
 
 
@@ -814,7 +843,7 @@ def main(argv=None):
         report = evaluate(args)
     except (EvalError, safeclip.DataError) as e:
         sys.exit(f"error: {e}")
-    checkpoints = {"model": args.ckpt, **({"baseline": args.baseline} if args.baseline else {})}
+    checkpoints = checkpoints_of(args)
     print(render_text(report, checkpoints), end="")
     try:
         if args.json:

@@ -1159,13 +1159,16 @@ def lora_modules(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. The Safe-CLIP objective
+# 7. The objectives: Safe-CLIP, SafeR-CLIP and twin-offset
 # ---------------------------------------------------------------------------------------------
-# Eight terms over the embeddings of a batch of quadruplets (T, T*, V, V*). `t_ref` = T0(T) and
-# `v_ref` = V0(V) come from the frozen original model: every target is the *safe* input's
-# original embedding. Preserve terms keep safe inputs where they were; redirect terms pull the
-# unsafe inputs onto their safe counterparts. The public datasets (ViSU-Text, NSFWCaps) ship no
-# unsafe images: the two terms on V* are then computed over the rows that have one, or skipped.
+# Each objective is a pure function of the embeddings of a batch of quadruplets (T, T*, V, V*)
+# and of references from the frozen original model, and returns `(total, terms)`. Preserve terms
+# keep safe inputs where the original put them; redirect terms move the unsafe ones.
+#
+# Safe-CLIP: eight terms. `t_ref` = T0(T) and `v_ref` = V0(V): every target is the *safe* input's
+# original embedding.
+# The public datasets (ViSU-Text, NSFWCaps) ship no unsafe images: Safe-CLIP's two terms on V*
+# are then computed over the rows that have one, or skipped.
 
 LAMBDAS = {
     "text_safe": 0.10,  # d(T(T), T0(T))              preserve
@@ -1193,6 +1196,12 @@ def info_nce(a, b, scale=100.0):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
+def weighted_total(terms, lambdas):
+    """sum(l_i / sum(l) * term_i) over the terms."""
+    norm = sum(lambdas[k] for k in terms)
+    return sum(lambdas[k] / norm * v for k, v in terms.items())
+
+
 def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None):
     """The Safe-CLIP objective. Returns `(total, terms)`, with `total = sum(l_i / sum(l) * term_i)`
     over the terms present.
@@ -1218,6 +1227,122 @@ def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=Non
     norm = sum(lambdas[k] for k in terms)  # renormalised over the terms present
     total = sum(lambdas[k] / norm * v for k, v in terms.items())
     return total, terms
+
+
+# SafeR-CLIP (Yousaf et al., AAAI 2026), as far as its project page, poster and slides show it:
+# the unsafe inputs go to the *nearest* safe item under the frozen model (t_near = T0(t^), v_near =
+# V0(v^), where t^ is the training split's safe caption closest to T0(T*)), and the unsafe
+# InfoNCE terms become "relative" ones whose only negative is the input's own unsafe twin, with no
+# temperature. The preserve terms are Safe-CLIP's. INFERRED here (unpublished): the weights, which
+# reuse Safe-CLIP's for the matching terms.
+SAFER_LAMBDAS = {
+    "text_safe": 0.10,  # d(T(T), T0(T))                                        preserve
+    "text_unsafe": 0.10,  # d(T(T*), T0(t^))                                    redirect
+    "image_safe": 0.10,  # d(V(V), V0(V))                                       preserve
+    "image_unsafe": 0.20,  # d(V(V*), V0(v^))                                   redirect
+    "nce_text_safe": 0.25,  # NCE(T(T), V0(V))                                  preserve
+    "rel_text_unsafe": 0.25,  # softplus(cos(T(T*), V0(V*)) - cos(T(T*), V0(v^)))  redirect
+    "nce_image_safe": 0.25,  # NCE(T0(T), V(V))                                 preserve
+    "rel_image_unsafe": 0.50,  # softplus(cos(V(V*), T0(T*)) - cos(V(V*), T0(t^)))  redirect
+}
+
+
+def _require_unsafe_images(has_unsafe_image, objective):
+    """safer-clip and twin-offset need V* on every row (rows without one: --objective safeclip)."""
+    if has_unsafe_image is not None and not bool(has_unsafe_image.all()):
+        raise DataError(f"--objective {objective} needs an unsafe image on every row; rows without one "
+                        "train with --objective safeclip")
+
+
+def relative_loss(x, unsafe_target, safe_target):
+    """Mean of softplus(cos(x, unsafe_target) - cos(x, safe_target)): prefer the safe target to
+    the unsafe one, with the unsafe one as the only negative."""
+    x = x.float()
+    return F.softplus(F.cosine_similarity(x, unsafe_target.float(), dim=-1)
+                      - F.cosine_similarity(x, safe_target.float(), dim=-1)).mean()
+
+
+def safer_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
+                    t_unsafe_ref, v_unsafe_ref, t_near, v_near):
+    """The SafeR-CLIP objective. Returns `(total, terms)` like `safe_clip_loss`.
+
+    t_unsafe_ref = T0(T*), v_unsafe_ref = V0(V*); t_near = T0(t^), v_near = V0(v^): the nearest
+    safe caption of the training split and the image of its row. All (B, E) constants.
+    """
+    _require_unsafe_images(has_unsafe_image, "safer-clip")
+    lambdas = {**SAFER_LAMBDAS, **(lambdas or {})}
+    terms = {
+        "text_safe": cosine_distance(t_safe, t_ref),
+        "text_unsafe": cosine_distance(t_unsafe, t_near),
+        "image_safe": cosine_distance(v_safe, v_ref),
+        "image_unsafe": cosine_distance(v_unsafe, v_near),
+        "nce_text_safe": info_nce(t_safe, v_ref),
+        "rel_text_unsafe": relative_loss(t_unsafe, v_unsafe_ref, v_near),
+        "nce_image_safe": info_nce(t_ref, v_safe),
+        "rel_image_unsafe": relative_loss(v_unsafe, t_unsafe_ref, t_near),
+    }
+    return weighted_total(terms, lambdas), terms
+
+
+# twin-offset (ours, beyond both papers). Safe-CLIP lands an unsafe item exactly on its safe
+# twin, so in a gallery holding both they tie, for unsafe *and* safe queries. twin-offset lands it
+# on the twin plus a step along an "unsafe" direction u that the safe data hardly use (the one in
+# which the frozen unsafe embeddings exceed the safe ones most, computed once), with opposite
+# signs for text and images:
+#     T(T*) -> normalize(T0(T) + a u),      V(V*) -> normalize(V0(V) - a u).
+# For a safe item x (x . u ~ 0) every cosine with an unsafe item is then its cosine with the
+# twin times 1/sqrt(1 + a^2): a safe query ranks each unsafe item just below its safe twin, and
+# the ranking among safe items is unchanged. Between an unsafe caption and an unsafe image the
+# offsets cancel (cos -> (c - a^2) / (1 + a^2)), so unsafe queries rank unsafe items lower still.
+# The redirect InfoNCE terms see only the component orthogonal to u, so they align the unsafe
+# item with its twin's partner without fighting the offset. u . x is also an unsafe-content score.
+TWIN_OFFSET = 1.0  # a: the offset's length (chosen by measurement, see the README)
+TWIN_OFFSET_LAMBDAS = dict(LAMBDAS)  # Safe-CLIP's weights for the same eight terms
+
+
+def twin_offset_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *, unsafe_dir, offset=TWIN_OFFSET):
+    """The twin-offset objective. Returns `(total, terms)` like `safe_clip_loss`; the unsafe
+    targets are offset along `unsafe_dir` (E,), +offset for text, -offset for images."""
+    _require_unsafe_images(has_unsafe_image, "twin-offset")
+    lambdas = {**TWIN_OFFSET_LAMBDAS, **(lambdas or {})}
+    u = F.normalize(unsafe_dir.float().to(t_ref.device), dim=-1)
+    t_target = F.normalize(F.normalize(t_ref.float(), dim=-1) + offset * u, dim=-1)
+    v_target = F.normalize(F.normalize(v_ref.float(), dim=-1) - offset * u, dim=-1)
+
+    def off_u(x):  # the part of x in the safe subspace
+        x = F.normalize(x.float(), dim=-1)
+        return x - (x @ u)[:, None] * u
+
+    terms = {
+        "text_safe": cosine_distance(t_safe, t_ref),
+        "text_unsafe": cosine_distance(t_unsafe, t_target),
+        "image_safe": cosine_distance(v_safe, v_ref),
+        "image_unsafe": cosine_distance(v_unsafe, v_target),
+        "nce_text_safe": info_nce(t_safe, v_ref),
+        "nce_text_unsafe": info_nce(off_u(t_unsafe), v_ref),
+        "nce_image_safe": info_nce(t_ref, v_safe),
+        "nce_image_unsafe": info_nce(t_ref, off_u(v_unsafe)),
+    }
+    return weighted_total(terms, lambdas), terms
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss: object  # f(t_safe, t_unsafe, v_safe, v_unsafe, **references, lambdas=..) -> (total, terms)
+    lambdas: dict  # the terms and their default weights
+    references: tuple = ("t_ref", "v_ref")  # per-row references from the frozen model it takes
+    constants: tuple = ()  # references that are one tensor for the whole data
+    curriculum: bool = False  # epochs grow from the easiest pairs to all (SafeR-CLIP)
+    recipe: dict = None  # its paper's training options, used where the command line gives none
+
+
+OBJECTIVES = {
+    "safeclip": Objective(safe_clip_loss, LAMBDAS),
+    "safer-clip": Objective(safer_clip_loss, SAFER_LAMBDAS,
+                            ("t_ref", "v_ref", "t_unsafe_ref", "v_unsafe_ref", "t_near", "v_near"), curriculum=True,
+                            recipe={"lr": 1e-4, "batch_size": 48}),  # and LoRA r16, our default
+    "twin-offset": Objective(twin_offset_loss, TWIN_OFFSET_LAMBDAS, constants=("unsafe_dir",)),
+}
 
 
 def clip_loss(text, image, logit_scale):
@@ -1489,9 +1614,10 @@ def gather_rows(local, n, rank, world, device):
 # -- references, computed once ------------------------------------------------------------------
 
 
-def _fingerprint(model_path, rows, model):
+def _fingerprint(model_path, rows, model, objective="safeclip", n_train=None):
     """What the cached references depend on: the weight files, the model's sizes and activation,
-    the tokenizer's content (not just its size), this code, and the safe half of the data."""
+    the tokenizer's content (not just its size), this code, the data and, for objectives that need
+    more than T0(T) and V0(V), the objective and where the training split ends."""
     h = hashlib.sha256()
     paths = sorted(Path(model_path).rglob("*")) if Path(model_path).is_dir() else [Path(model_path)]
     for p in paths:
@@ -1500,38 +1626,109 @@ def _fingerprint(model_path, rows, model):
     h.update(json.dumps(asdict(model.config)).encode())
     h.update(model.tokenizer._tokenizer.to_str().encode())
     h.update(Path(__file__).read_bytes())
+    spec = OBJECTIVES[objective]
+    unsafe = "t_unsafe_ref" in spec.references or spec.curriculum or bool(spec.constants)
+    if spec.references != Objective.references or spec.constants or spec.curriculum:
+        h.update(f"{objective} {n_train}".encode())
     for r in rows:
         st = os.stat(r["safe_image"])
         h.update(f"{r['safe']}\0{r['safe_image']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        if unsafe:
+            st = os.stat(r["unsafe_image"])
+            h.update(f"{r['unsafe']}\0{r['unsafe_image']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
-def reference_embeddings(model, preprocess, rows, cache, fingerprint, device, batch_size, workers):
-    """T0(T) and V0(V) for every row, from the original weights, cached in `cache`.
+REFERENCE_INPUTS = {"t_ref": ("safe", "T0(T)"), "v_ref": ("safe_image", "V0(V)"),
+                    "t_unsafe_ref": ("unsafe", "T0(T*)"), "v_unsafe_ref": ("unsafe_image", "V0(V*)")}
 
-    They are targets that never move, so computing them once replaces two frozen encoders that
-    would otherwise run at every step. Under torchrun each rank embeds a stride of the rows."""
-    if cache.exists():
-        from safetensors import safe_open
-        with safe_open(str(cache), "pt") as f:
-            if (f.metadata() or {}).get("fingerprint") == fingerprint:
-                return f.get_tensor("t_ref"), f.get_tensor("v_ref")
+
+def reference_embeddings(model, preprocess, rows, device, batch_size, workers, names=("t_ref", "v_ref")):
+    """The original model's embeddings of every row: T0(T) and V0(V), and T0(T*), V0(V*) when
+    asked. Under torchrun each rank embeds a stride of the rows."""
     rank, world, _ = dist_info()
     mine = rows[rank::world]
     was_training = model.training
     model.eval()
+    out = {}
     # In float32 whatever --precision says: every term pulls toward these targets, and they are
     # computed only once.
-    t_ref = encode_texts(model, [r["safe"] for r in mine], batch_size, device, desc=rank == 0 and "reference T0(T)",
-                         precision="fp32")
-    v_ref = encode_images(model, preprocess, [r["safe_image"] for r in mine], batch_size, device,
-                          desc=rank == 0 and "reference V0(V)", workers=workers, precision="fp32")
+    for name in names:
+        field, label = REFERENCE_INPUTS[name]
+        items, desc = [r[field] for r in mine], rank == 0 and f"reference {label}"
+        emb = (encode_images(model, preprocess, items, batch_size, device, desc=desc, workers=workers, precision="fp32")
+               if field.endswith("image") else encode_texts(model, items, batch_size, device, desc=desc, precision="fp32"))
+        out[name] = gather_rows(emb, len(rows), rank, world, device)
     model.train(was_training)
-    t_ref, v_ref = (gather_rows(r, len(rows), rank, world, device) for r in (t_ref, v_ref))
-    if rank == 0:
-        _atomic_write(cache, lambda tmp: save_safetensors({"t_ref": t_ref, "v_ref": v_ref}, tmp,
-                                                          metadata={"fingerprint": fingerprint}))
-    return t_ref, v_ref
+    return out
+
+
+def nearest_safe(queries, pool, chunk=4096):
+    """(Q,) index of the pool row with the highest cosine to each query (SafeR-CLIP's t^)."""
+    pool = F.normalize(pool.float(), dim=-1)
+    return torch.cat([(F.normalize(q.float(), dim=-1) @ pool.t()).argmax(1) for q in queries.split(chunk)])
+
+
+def curriculum_order(t_safe, t_unsafe):
+    """Training rows from easy to hard: by decreasing cosine between the frozen embeddings of a
+    pair's safe and unsafe captions (an unsafe caption close to its safe one needs the smallest
+    move). INFERRED: SafeR-CLIP says "easy to hard by the safe-unsafe similarity"; the direction
+    is our reading of it. Ties keep row order."""
+    cos = F.cosine_similarity(t_safe.float(), t_unsafe.float(), dim=-1)
+    return cos.argsort(descending=True, stable=True)
+
+
+def curriculum_rows(order, epoch):
+    """Rows of an epoch under the curriculum: the easiest third in epoch 0, two thirds in epoch 1,
+    all from epoch 2 on. INFERRED: SafeR-CLIP publishes "easy, then adds medium, then all", not
+    the bins; equal thirds are our choice."""
+    return order[: math.ceil(len(order) * min(epoch + 1, 3) / 3)]
+
+
+def unsafe_direction(safe, unsafe):
+    """twin-offset's "unsafe" direction u: the unit vector along which the frozen model's unsafe
+    embeddings (normalised) have the most second moment *more* than its safe ones, the top
+    eigenvector of M(unsafe) - M(safe) with M(x) = mean of x x^T. The safe data hardly use it, and
+    the towers can produce it (their unsafe inputs already do; the direction of least safe
+    variance cannot serve: the final LayerNorm makes some directions unreachable). Signed so its
+    largest entry is positive (eigh's sign is arbitrary)."""
+    moment = lambda x: (lambda y: y.t() @ y / len(y))(F.normalize(x.double(), dim=-1))
+    u = torch.linalg.eigh(moment(unsafe) - moment(safe)).eigenvectors[:, -1]
+    return (u * u[u.abs().argmax()].sign()).float()
+
+
+def objective_inputs(objective, model, preprocess, rows, n_train, cache, fingerprint, device, batch_size, workers):
+    """Everything `objective` needs beyond the batch, from the original weights, before any
+    adapter exists: (per-row references {name: (N, ..)}, constants {name: tensor}, curriculum
+    order of the first n_train rows or None). Rows [0, n_train) are the training split.
+
+    They never move, so they are computed once and cached in `cache` (a safetensors file keyed
+    by `fingerprint`); that replaces frozen encoders that would otherwise run at every step."""
+    spec = OBJECTIVES[objective]
+    stored = None
+    if cache.exists():
+        from safetensors import safe_open
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == fingerprint:
+                stored = {k: f.get_tensor(k) for k in f.keys()}
+    if stored is None:
+        needs = set(spec.references) | ({"t_unsafe_ref"} if spec.curriculum else set()) | (
+            {"t_unsafe_ref", "v_unsafe_ref"} if "unsafe_dir" in spec.constants else set())
+        names = [n for n in REFERENCE_INPUTS if n in needs]
+        stored = reference_embeddings(model, preprocess, rows, device, batch_size, workers, names)
+        t_ref = stored["t_ref"]
+        if "t_near" in spec.references:  # the pool: every safe caption of the training split
+            stored["near"] = nearest_safe(stored["t_unsafe_ref"], t_ref[:n_train])
+        if spec.curriculum:
+            stored["order"] = curriculum_order(t_ref[:n_train], stored["t_unsafe_ref"][:n_train])
+        if "unsafe_dir" in spec.constants:
+            stored["unsafe_dir"] = unsafe_direction(torch.cat([t_ref[:n_train], stored["v_ref"][:n_train]]),
+                                                    torch.cat([stored["t_unsafe_ref"][:n_train], stored["v_unsafe_ref"][:n_train]]))
+        if dist_info()[0] == 0:
+            _atomic_write(cache, lambda tmp: save_safetensors(stored, tmp, metadata={"fingerprint": fingerprint}))
+    per_row = {"t_near": lambda: stored["t_ref"][stored["near"]], "v_near": lambda: stored["v_ref"][stored["near"]]}
+    refs = {name: per_row[name]() if name in per_row else stored[name] for name in spec.references}
+    return refs, {name: stored[name] for name in spec.constants}, stored.get("order")
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -1544,7 +1741,7 @@ def recall_at_1(queries, gallery):
 
 
 @torch.no_grad()
-def validate(model, rows, ids, preprocess, refs, args, device):
+def validate(model, rows, ids, preprocess, refs, loss_fn, args, device):
     """Validation loss (the mean over rows of the per-batch losses) and the public code's
     recall-sum: R@1 both ways for (T, V), (T, V*) and (T*, V)."""
     was_training = model.training
@@ -1566,9 +1763,9 @@ def validate(model, rows, ids, preprocess, refs, args, device):
         s = slice(i, i + args.batch_size)
         vu = v_unsafe[before[i]:before[min(i + args.batch_size, n)]]
         weight = len(t_safe[s]) / n
-        if args.objective == "safeclip":
-            total, terms = safe_clip_loss(t_safe[s], t_unsafe[s], v_safe[s], vu, refs[0][s], refs[1][s],
-                                          args.lambdas, has_unsafe_image=has[s])
+        if loss_fn is not None:
+            total, terms = loss_fn(t_safe[s], t_unsafe[s], v_safe[s], vu, has_unsafe_image=has[s],
+                                   **{k: v[s] for k, v in refs.items()})
         else:
             total = clip_loss(torch.cat([t_safe[s], t_unsafe[s][has[s]]]), torch.cat([v_safe[s], vu]),
                               model.logit_scale.cpu())
@@ -1587,21 +1784,22 @@ def validate(model, rows, ids, preprocess, refs, args, device):
 # -- the loop ---------------------------------------------------------------------------------------
 
 
-def parse_lambdas(text):
-    """'0.1,0.1,0.1,0.2,0.25,0.25,0.25,0.5' (in the table's order) or 'name=value,...'."""
+def parse_lambdas(text, names=LAMBDAS):
+    """'0.1,0.1,0.1,0.2,0.25,0.25,0.25,0.5' (in the order of `names`, an objective's terms) or
+    'name=value,...'."""
     if text is None:
         return None
     parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
         if all("=" in p for p in parts):
             out = {k.strip(): float(v) for k, v in (p.split("=", 1) for p in parts)}
-            unknown = set(out) - set(LAMBDAS)
+            unknown = set(out) - set(names)
             if unknown:
-                raise ValueError(f"unknown term(s) {sorted(unknown)}; the terms are {', '.join(LAMBDAS)}")
+                raise ValueError(f"unknown term(s) {sorted(unknown)}; the terms are {', '.join(names)}")
             return out
-        if len(parts) != len(LAMBDAS):
-            raise ValueError(f"expected {len(LAMBDAS)} weights ({', '.join(LAMBDAS)}), got {len(parts)}")
-        return dict(zip(LAMBDAS, map(float, parts)))
+        if len(parts) != len(names):
+            raise ValueError(f"expected {len(names)} weights ({', '.join(names)}), got {len(parts)}")
+        return dict(zip(names, map(float, parts)))
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"--lambdas: {e}") from None
 
@@ -1756,15 +1954,17 @@ def train(args):
                    model.tokenizer([r["unsafe"] for r in rs], context_length=ctx))
            for split, rs in (("train", train_rows), ("val", val_rows))}
 
-    # References from the original weights, before any adapter exists.
-    refs = {"train": None, "val": None}
-    if args.objective == "safeclip":
-        all_rows = train_rows + val_rows
-        fingerprint = _fingerprint(model_path, all_rows, model)
-        t_ref, v_ref = reference_embeddings(model, preprocess, all_rows, out / "reference.safetensors",
-                                            fingerprint, device, args.batch_size, args.workers)
-        n = len(train_rows)
-        refs = {"train": (t_ref[:n], v_ref[:n]), "val": (t_ref[n:], v_ref[n:])}
+    # What the objective needs from the original weights, before any adapter exists.
+    refs, loss_fn, order = {"train": {}, "val": {}}, None, None
+    if args.objective != "clip":
+        all_rows, n = train_rows + val_rows, len(train_rows)
+        fingerprint = _fingerprint(model_path, all_rows, model, args.objective, n)
+        per_row, constants, order = objective_inputs(args.objective, model, preprocess, all_rows, n,
+                                                      out / "reference.safetensors", fingerprint, device,
+                                                      args.batch_size, args.workers)
+        refs = {"train": {k: v[:n] for k, v in per_row.items()}, "val": {k: v[n:] for k, v in per_row.items()}}
+        constants |= {"offset": args.offset} if args.offset is not None else {}
+        loss_fn = functools.partial(OBJECTIVES[args.objective].loss, lambdas=args.lambdas, **constants)
 
     # What trains: LoRA adapters (the default), or whole towers.
     choose_trainable(model, args)
@@ -1779,10 +1979,12 @@ def train(args):
     # overflow anyway is skipped and the scale halved. bf16 has float32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
-    # Schedule: an epoch is a seeded permutation of the training rows, cut into global batches.
+    # Schedule: an epoch is a seeded permutation of its rows (all training rows, or a curriculum's
+    # share of them), cut into global batches.
     micro = args.batch_size
-    per_epoch = len(train_rows) // (micro * args.accum)
-    total_steps = args.steps or per_epoch * args.epochs
+    epoch_rows = lambda epoch: torch.arange(len(train_rows)) if order is None else curriculum_rows(order, epoch)
+    steps_in = lambda epoch: len(epoch_rows(epoch)) // (micro * args.accum)
+    total_steps = args.steps or sum(steps_in(e) for e in range(args.epochs))
     state = dict(step=0, best=None, best_step=None, bad_evals=0)
     log_path = out / "log.jsonl"
     ckpt_path = out / "checkpoint.pt"
@@ -1825,7 +2027,7 @@ def train(args):
     def evaluate_and_select():
         if not val_rows:
             return False
-        metrics = validate(model, val_rows, ids["val"], preprocess, refs["val"], args, device)
+        metrics = validate(model, val_rows, ids["val"], preprocess, refs["val"], loss_fn, args, device)
         score = -metrics["loss"] if args.select == "loss" else metrics["recall_sum"]
         improved = state["best"] is None or score > state["best"]
         if improved:
@@ -1859,9 +2061,9 @@ def train(args):
         """The loss of a batch from its embeddings [T, T*, V, V* of the rows that have one, which
         rows those are] and row indices: (total, terms)."""
         t_safe, t_unsafe, v_safe, v_unsafe, has_v_unsafe = emb
-        if args.objective == "safeclip":
-            return safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, refs["train"][0][gidx].to(device),
-                                  refs["train"][1][gidx].to(device), args.lambdas, has_unsafe_image=has_v_unsafe)
+        if loss_fn is not None:
+            return loss_fn(t_safe, t_unsafe, v_safe, v_unsafe, has_unsafe_image=has_v_unsafe,
+                           **{k: v[gidx].to(device) for k, v in refs["train"].items()})
         return clip_loss(torch.cat([t_safe, t_unsafe[has_v_unsafe]]), torch.cat([v_safe, v_unsafe]),
                          model.logit_scale), {}
 
@@ -1897,17 +2099,23 @@ def train(args):
                 emb[j] = embed(batch)[0]
                 scaler.scale(objective([torch.cat(e) for e in zip(*emb)], gidx)[0]).backward()
         return loss, terms
+    def locate(step):
+        """(epoch, steps already done in it) for a global step."""
+        epoch = 0
+        while step >= steps_in(epoch):
+            step, epoch = step - steps_in(epoch), epoch + 1
+        return epoch, step
 
     dataset = Quadruplets(train_rows, preprocess)
-    eval_every = args.eval_every or per_epoch
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train ({args.objective})", disable=not main_process,
                dynamic_ncols=True)
     stop, samples, tick, skipped_in_a_row = False, 0, time.time(), 0
     towers_module.train()
     while state["step"] < total_steps and not stop:
-        epoch, done = divmod(state["step"], per_epoch)
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + epoch))
-        batches = order[: per_epoch * micro * args.accum].view(per_epoch * args.accum, micro)
+        epoch, done = locate(state["step"])
+        per_epoch, rows_now = steps_in(epoch), epoch_rows(epoch)
+        shuffled = rows_now[torch.randperm(len(rows_now), generator=torch.Generator().manual_seed(args.seed + epoch))]
+        batches = shuffled[: per_epoch * micro * args.accum].view(per_epoch * args.accum, micro)
         mine = [b[rank::world].tolist() for b in batches[done * args.accum:]]  # this rank's share
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=args.workers,
                                              collate_fn=collate_quadruplets,
@@ -1950,8 +2158,9 @@ def train(args):
                                        "samples_per_s": round(speed, 2), "precision": args.precision, **amp})
                 bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{speed:.1f}")
                 bar.update()
-            epoch_end = state["step"] % per_epoch == 0
-            if state["step"] % eval_every == 0 or state["step"] == total_steps:
+            done += 1
+            epoch_end = done == per_epoch
+            if (state["step"] % args.eval_every == 0 if args.eval_every else epoch_end) or state["step"] == total_steps:
                 stop = evaluate_and_select()
             if (args.save_every and state["step"] % args.save_every == 0) or epoch_end or stop:
                 save_checkpoint()
@@ -2276,8 +2485,23 @@ def cmd_train(args):
         raise SystemExit("error: --freeze text vision leaves nothing to train; freeze one tower at most")
     if args.scratch is None:
         args.model = args.model or "ViT-L/14"  # the paper's backbone
+    if args.objective == "clip" and args.lambdas:
+        raise SystemExit("error: --lambdas weighs the terms of a fine-tuning objective, not of --objective clip")
+    if args.offset is not None and args.objective != "twin-offset":
+        raise SystemExit("error: --offset only applies to --objective twin-offset")
+    if args.objective != "clip":
+        try:
+            args.lambdas = parse_lambdas(args.lambdas, OBJECTIVES[args.objective].lambdas)
+        except argparse.ArgumentTypeError as e:
+            raise SystemExit(f"error: {e}") from None
+    recipe = OBJECTIVES[args.objective].recipe if args.objective != "clip" else None
+    for option, value in (recipe or {}).items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
     if args.lr is None:
         args.lr = 5e-4 if args.scratch is not None else 1e-5 if args.full else 1e-3
+    if args.batch_size is None:
+        args.batch_size = 16
     train(args)
 
 
@@ -2339,10 +2563,13 @@ def build_parser():
                    "the final model; one that already holds a run is never overwritten (see --resume)")
     g.add_argument("--skip-bad", action="store_true", help="skip malformed rows and unreadable images instead of stopping")
     g = t.add_argument_group("objective")
-    g.add_argument("--objective", choices=("safeclip", "clip"), default="safeclip",
-                   help="safeclip: the eight Safe-CLIP terms; clip: CLIP's contrastive pre-training loss")
-    g.add_argument("--lambdas", type=parse_lambdas, help="loss weights, 8 values in the order "
-                   + ",".join(LAMBDAS) + " or name=value pairs (default: the paper's)")
+    g.add_argument("--objective", choices=(*OBJECTIVES, "clip"), default="safeclip",
+                   help="safeclip: the eight Safe-CLIP terms; safer-clip: SafeR-CLIP (nearest-safe targets, relative "
+                   "loss, curriculum); twin-offset: ours, unsafe items just below their safe twins (README); "
+                   "clip: CLIP's contrastive pre-training loss")
+    g.add_argument("--lambdas", help="loss weights, 8 values in the order of the objective's terms ("
+                   + ",".join(LAMBDAS) + " for safeclip) or name=value pairs (default: the paper's)")
+    g.add_argument("--offset", type=float, help=f"twin-offset: length a of the unsafe offset (default: {TWIN_OFFSET})")
     g = t.add_argument_group("what trains")
     g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     g.add_argument("--lora-rank", type=int, default=16, metavar="R", help="rank of the LoRA adapters")
@@ -2350,13 +2577,15 @@ def build_parser():
     g.add_argument("--lora-dropout", type=float, default=0.1, metavar="P", help="dropout on the adapters' input")
     g.add_argument("--freeze", nargs="+", choices=("text", "vision"), help="towers to leave untouched")
     g = t.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, help="learning rate (default: 1e-3 LoRA, 1e-5 --full, 5e-4 --scratch)")
+    g.add_argument("--lr", type=float, help="learning rate (default: 1e-3 LoRA, 1e-5 --full, 5e-4 --scratch; "
+                   "1e-4 for safer-clip)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     g.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="learning rate after the warm-up: constant, or cosine decay to zero")
     g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--batch-size", type=int, default=16, help="quadruplets per micro-batch, over all processes")
+    g.add_argument("--batch-size", type=int, help="quadruplets per micro-batch, over all processes (default: 16; "
+                   "48 for safer-clip)")
     g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step: the same loss and gradients "
                    "as one batch N times larger (one more forward pass per micro-batch)")
     g.add_argument("--epochs", type=int, default=10, help="passes over the training split")

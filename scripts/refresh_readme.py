@@ -1,11 +1,12 @@
-"""Put the demo's table into README.md, between its `demo:begin` / `demo:end` marker comments,
-and its picture of retrieved images into docs/, where the README shows it.
+"""Put the demo's tables into README.md, between its `NAME:begin` / `NAME:end` marker comments,
+and the demo's picture of retrieved images into docs/, where the README shows it.
 
-    ./demo.sh && python scripts/refresh_readme.py
+    ./demo.sh && benchmarks/objectives.sh && python scripts/refresh_readme.py
 
-The README's tables and pictures are never made by hand: the table is runs/demo/eval.md and the
-picture runs/demo/retrieval.png, both written by evaluate.py in demo.sh. (The speed table is
-written by `python benchmarks/bench.py --out README.md` itself.)
+The README's tables and pictures are never made by hand: the demo's table is runs/demo/eval.md and
+its picture runs/demo/retrieval.png, both written by evaluate.py in demo.sh; the objectives' table is
+runs/objectives/summary.md, written by benchmarks/objectives.sh. (The speed table is written by
+`python benchmarks/bench.py --out README.md` itself.)
 """
 
 import argparse
@@ -16,7 +17,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = {"demo": ROOT / "runs" / "demo" / "eval.md"}
+SOURCES = {"demo": ROOT / "runs" / "demo" / "eval.md",
+           "objectives": ROOT / "runs" / "objectives" / "summary.md"}  # benchmarks/objectives.sh
 PICTURES = {"demo": (ROOT / "runs" / "demo" / "retrieval.png", ROOT / "docs" / "demo-retrieval.png")}
 PICTURE_CAPTION = ("For a few unsafe captions of the test split, the top 3 images of the toy CLIP and of "
                    "Safe-CLIP (red frame: unsafe, green: safe); then a few unsafe images and their top 3 captions")

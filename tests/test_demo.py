@@ -50,3 +50,24 @@ def test_the_demo_recipe_redirects_unsafe_queries_and_keeps_safe_retrieval(tmp_p
     # The printed table is the one evaluate.py wrote, and the picture is drawn.
     assert "T*->V+V*" in run.stdout and (tmp_path / "demo" / "eval.md").exists()
     assert Image.open(tmp_path / "demo" / "retrieval.png").format == "PNG"
+
+
+def test_the_objectives_benchmark_trains_each_objective_on_the_same_budget_and_compares_them(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "obj"), "N": "200", "SEED": "0", "PYTHON": sys.executable,
+           "ARCH": "width=64,layers=1,embed_dim=32,image_resolution=32,vision_patch_size=16,context_length=40",
+           "CLIP_EPOCHS": "2", "SAFECLIP_EPOCHS": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "objectives.sh")], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "obj"
+    report = json.loads((out / "eval.json").read_text())
+    assert list(report["models"]) == ["model", "safeclip", "safer-clip", "baseline"]
+    runs = {"safeclip": out / "demo" / "safeclip", "safer-clip": out / "safer-clip", "twin-offset": out / "twin-offset"}
+    logs = {name: [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for name, run in runs.items()}
+    configs = {name: json.loads((run / "train_config.json").read_text()) for name, run in runs.items()}
+    assert len({sum("loss" in r for r in log) for log in logs.values()}) == 1  # the same number of steps
+    assert len({(c["batch_size"], c["lr"], c["seed"], c["model"]) for c in configs.values()}) == 1
+    assert {c["objective"] for c in configs.values()} == set(runs) and not configs["twin-offset"]["freeze"]
+    summary = (out / "summary.md").read_text()
+    for name in ("toy CLIP", "safeclip", "safer-clip", "twin-offset"):
+        assert f"| {name} |" in summary
+    assert "T->V+V* unsafe@1" in summary and summary in run.stdout

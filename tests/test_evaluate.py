@@ -193,6 +193,19 @@ def test_tables_show_every_setting_with_baseline_and_difference():
     assert "diff" not in alone and "baseline" not in alone
 
 
+def test_tables_show_compared_models_by_name_between_model_and_baseline():
+    models = {"model": fake_entry(5.25), "safer-clip": fake_entry(2), "ours": fake_entry(-1), "baseline": fake_entry(0)}
+    md = ev.render_markdown({"models": models, "data": "d.jsonl", "split": "test"})
+    block = md[md.index("| T*->V+V* |"):].splitlines()[:5]
+    assert block == ["| T*->V+V* | model | 15.2 | 15.2 | 15.2 | 15.2 |", "|  | safer-clip | 12.0 | 12.0 | 12.0 | 12.0 |",
+                     "|  | ours | 9.0 | 9.0 | 9.0 | 9.0 |", "|  | baseline | 10.0 | 10.0 | 10.0 | 10.0 |",
+                     "|  | diff | +5.2 | +5.2 | +5.2 | +5.2 |"]
+    assert "|  | ours | 49.0 | 80.0 |" in md  # zero-shot too
+    del models["baseline"]
+    text = ev.render_text({"models": models, "data": "d.jsonl", "split": "test"})
+    assert "safer-clip" in text and "diff" not in text
+
+
 # ---------------------------------------------------------------------------------------------
 # The command end to end on a tiny random CLIP
 
@@ -332,6 +345,38 @@ def test_command_numbers_match_an_independent_recomputation(world, tmp_path, cap
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left nothing behind
 
 
+def test_compare_reports_each_named_model_as_it_would_be_alone(world, tmp_path, capsys):
+    """--compare NAME=PATH: the entry under NAME is the one --ckpt PATH gives, keys in flag order."""
+    argv = args_for(world, tmp_path, "--baseline", str(world / "model"), "--compare", f"rand2={world / 'baseline'}",
+                    "--compare", f"again={world / 'model'}", "--json", str(tmp_path / "e.json"),
+                    "--markdown", str(tmp_path / "e.md"))
+    ev.main(argv)
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert list(report["models"]) == ["model", "rand2", "again", "baseline"]
+    alone = args_for(world, tmp_path, "--json", str(tmp_path / "alone.json"))
+    alone[alone.index("--ckpt") + 1] = str(world / "baseline")
+    ev.main(alone)
+    assert report["models"]["rand2"] == json.loads((tmp_path / "alone.json").read_text())["models"]["model"]
+    assert report["models"]["again"] == report["models"]["model"] == report["models"]["baseline"]
+    r1 = report["models"]["rand2"]["retrieval"]["T->V"]["R@1"]
+    assert f"|  | rand2 | {r1:.1f} |" in (tmp_path / "e.md").read_text()
+    assert "rand2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("compare,message", [
+    (["nameless"], "expected NAME=PATH"), (["=x"], "expected NAME=PATH"),
+    (["a=x", "a=y"], "must be unique"), (["baseline=x"], "not 'model', 'baseline'"),
+])
+def test_bad_compare_flags_are_refused_by_name(world, tmp_path, capsys, compare, message):
+    argv = args_for(world, tmp_path)
+    for c in compare:
+        argv += ["--compare", c]
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--compare" in err and message in err, err
+
+
 def counting_load(monkeypatch):
     calls = []
     real = safeclip.load
@@ -410,6 +455,7 @@ def test_checkpoint_that_does_not_load_is_named(world, tmp_path):
         fails(argv, "cannot load checkpoint", ckpt)
     argv = args_for(world, tmp_path, "--baseline", str(tmp_path / "missing"))
     fails(argv, "--baseline", "missing")
+    fails(args_for(world, tmp_path, "--compare", f"x={tmp_path / 'gone'}"), "--compare x", "gone")
 
 
 def test_checkpoint_without_tokenizer_asks_for_one_and_tokenizer_supplies_it(world, tmp_path):

@@ -1,6 +1,7 @@
 """Mixed precision on the CPU: `--precision bf16/fp16` take the same autocast and GradScaler code a
 GPU takes, so CI exercises it. Every run here is a tiny random CLIP for a few steps."""
 
+import dataclasses
 import json
 
 import pytest
@@ -56,7 +57,7 @@ def fp32_run(tmp_path_factory, data, model):
 
 def poison_step(monkeypatch, *steps):
     """Make the training loss NaN at these steps (1-based), as an fp16 overflow would."""
-    real, calls = safeclip.safe_clip_loss, []
+    real, calls = safeclip.OBJECTIVES["safeclip"].loss, []
 
     def poisoned(*args, **kwargs):
         total, terms = real(*args, **kwargs)
@@ -66,7 +67,7 @@ def poison_step(monkeypatch, *steps):
                 return total * float("nan"), terms
         return total, terms
 
-    monkeypatch.setattr(safeclip, "safe_clip_loss", poisoned)
+    monkeypatch.setitem(safeclip.OBJECTIVES, "safeclip", dataclasses.replace(safeclip.OBJECTIVES["safeclip"], loss=poisoned))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -1,6 +1,7 @@
 """The training loop: its data checks, the frozen references, LoRA, resume, failure handling and
 export. Every run here is a tiny CLIP on a few dozen drawn quadruplets."""
 
+import dataclasses
 import json
 import os
 import re
@@ -162,20 +163,51 @@ def test_safe_clip_redirects_unsafe_text_and_keeps_safe_text(data, base_model, t
     assert kept > 0.9, kept
 
 
+def test_safer_clip_caches_nearest_safe_targets_and_trains_easy_pairs_first(data, base_model, tmp_path, monkeypatch):
+    drawn = []  # the training rows of each step, in order
+    real = safeclip.Quadruplets.__getitem__
+    monkeypatch.setattr(safeclip.Quadruplets, "__getitem__", lambda self, i: drawn.append(i) or real(self, i))
+    out = train(data, base_model, tmp_path / "run", "--objective", "safer-clip", "--epochs", "3", "--eval-every", "100")
+    cache = safeclip.load_safetensors(str(out / "reference.safetensors"))
+    rows = safeclip.read_pairs(data)
+    train_rows = [r for r in rows if r["split"] == "train"]
+    all_rows = train_rows + [r for r in rows if r["split"] == "val"]
+    base, preprocess = safeclip.load(base_model)
+    t0u = safeclip.encode_texts(base, [r["unsafe"] for r in all_rows])
+    v0u = safeclip.encode_images(base, preprocess, [r["unsafe_image"] for r in all_rows])
+    assert rel_err(cache["t_unsafe_ref"], t0u) < 1e-6 and rel_err(cache["v_unsafe_ref"], v0u) < 1e-6
+    t0 = F.normalize(safeclip.encode_texts(base, [r["safe"] for r in all_rows]), dim=-1).double().numpy()
+    t0u = F.normalize(t0u, dim=-1).double().numpy()
+    n = len(train_rows)
+    # nearest safe caption of the training split, for training and validation rows alike
+    assert cache["near"].tolist() == [int((t0[:n] @ q).argmax()) for q in t0u]
+    # easy to hard: epoch 1 draws 12 of 36 rows (1 step of 8), the 12 with the closest captions
+    pair_cos = (t0[:n] * t0u[:n]).sum(1)
+    easiest = set(sorted(range(n), key=lambda i: -pair_cos[i])[:12])
+    assert cache["order"].tolist() == sorted(range(n), key=lambda i: -pair_cos[i])
+    assert len(drawn) == 8 * (1 + 3 + 4) and set(drawn[:8]) <= easiest
+    assert len(set(drawn[8:32])) == 24 and len(set(drawn[32:])) == 32
+
+
 # -- resume, failures ----------------------------------------------------------------------------------
 
 
-def test_stopping_and_resuming_gives_the_same_weights_as_one_run(data, base_model, tmp_path):
-    straight = train(data, base_model, tmp_path / "straight", "--steps", "8", "--eval-every", "3")
-    half = train(data, base_model, tmp_path / "halves", "--steps", "4", "--eval-every", "3")
-    train(data, base_model, half, "--steps", "8", "--eval-every", "3", "--resume")
+@pytest.mark.parametrize("objective", list(safeclip.OBJECTIVES))
+def test_stopping_and_resuming_gives_the_same_weights_as_one_run(data, base_model, tmp_path, objective):
+    # 8 steps cross epochs (and, for safer-clip, curriculum stages of 1, 3 and 4 steps); 5 stops mid-epoch.
+    o = ("--objective", objective)
+    straight = train(data, base_model, tmp_path / "straight", *o, "--steps", "8", "--eval-every", "3")
+    half = train(data, base_model, tmp_path / "halves", *o, "--steps", "5", "--eval-every", "3")
+    train(data, base_model, half, *o, "--steps", "8", "--eval-every", "3", "--resume")
     a, b = trainable_state(straight), trainable_state(half)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    steps = [json.loads(x)["step"] for x in (half / "log.jsonl").read_text().splitlines()
-             if "loss" in json.loads(x)]
+    log = [json.loads(x) for x in (half / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in log if "loss" in r]
     assert steps == list(range(1, 9))  # the log is continuous, no step twice
+    terms = set(safeclip.OBJECTIVES[objective].lambdas)  # each term by name, in training and validation
+    assert all(terms <= set(r) for r in log if "loss" in r) and all(terms <= set(r["val"]) for r in log if "val" in r)
 
 
 def test_a_hard_kill_between_steps_resumes_to_the_same_weights(data, base_model, tmp_path):
@@ -200,7 +232,7 @@ def test_a_hard_kill_between_steps_resumes_to_the_same_weights(data, base_model,
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, base_model, tmp_path, monkeypatch, capsys):
     """Bugs guarded: a NaN that trains on or overwrites the last good checkpoint; a message without
     the eight term values (M4), which say which term blew up."""
-    real = safeclip.safe_clip_loss
+    real = safeclip.OBJECTIVES["safeclip"].loss
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -209,7 +241,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, base_m
             calls.append(1)
         return (total * float("nan"), terms) if len(calls) == 5 else (total, terms)
 
-    monkeypatch.setattr(safeclip, "safe_clip_loss", poisoned)
+    monkeypatch.setitem(safeclip.OBJECTIVES, "safeclip", dataclasses.replace(safeclip.OBJECTIVES["safeclip"], loss=poisoned))
     out = tmp_path / "run"
     argv = ["train", "--data", str(data), "--model", str(base_model), "--out", str(out), "--batch-size", "8",
             "--workers", "0", "--steps", "10", "--save-every", "2"]
@@ -356,17 +388,19 @@ def test_validation_loss_weights_every_row_including_the_last_partial_batch(data
     rows = safeclip.read_pairs(data, split="val")[:7]
     ids = [model.tokenizer([r[k] for r in rows], context_length=16) for k in ("safe", "unsafe")]
     g = torch.Generator().manual_seed(torch.seed() % 2**32)
-    refs = [torch.randn(7, 32, generator=g), torch.randn(7, 32, generator=g)]
+    refs = {"t_ref": torch.randn(7, 32, generator=g), "v_ref": torch.randn(7, 32, generator=g)}
     args = safeclip.build_parser().parse_args(["train", "--data", "-", "--out", "-", "--batch-size", "4"])
-    loss = safeclip.validate(model, rows, ids, preprocess, refs, args, "cpu")["loss"]
+    loss_fn = safeclip.OBJECTIVES["safeclip"].loss
+    loss = safeclip.validate(model, rows, ids, preprocess, refs, loss_fn, args, "cpu")["loss"]
     t, t_star = safeclip.encode_token_ids(model, ids[0]), safeclip.encode_token_ids(model, ids[1])
     v = safeclip.encode_images(model, preprocess, [r["safe_image"] for r in rows])
     v_star = safeclip.encode_images(model, preprocess, [r["unsafe_image"] for r in rows])
-    by_hand = sum(len(range(7)[s]) / 7 * safeclip.safe_clip_loss(t[s], t_star[s], v[s], v_star[s], refs[0][s], refs[1][s])[0]
+    by_hand = sum(len(range(7)[s]) / 7 * safeclip.safe_clip_loss(t[s], t_star[s], v[s], v_star[s], refs["t_ref"][s],
+                                                                 refs["v_ref"][s])[0]
                   for s in (slice(0, 4), slice(4, 7)))
     assert loss == pytest.approx(float(by_hand), rel=1e-6)
-    refs[0][4:] = torch.randn(3, 32, generator=g)  # the remainder's targets change: so must the loss
-    assert abs(safeclip.validate(model, rows, ids, preprocess, refs, args, "cpu")["loss"] - loss) > 1e-3
+    refs["t_ref"][4:] = torch.randn(3, 32, generator=g)  # the remainder's targets change: so must the loss
+    assert abs(safeclip.validate(model, rows, ids, preprocess, refs, loss_fn, args, "cpu")["loss"] - loss) > 1e-3
 
 
 # -- references: the cache key ---------------------------------------------------------------------
@@ -579,8 +613,9 @@ def test_the_paper_defaults_are_pinned(data, base_model, tmp_path):
 def test_accum_recomputes_exactly_the_embeddings_it_cached(data, base_model, tmp_path, monkeypatch):
     """Bug guarded: the recomputation of a micro-batch drawing new dropout masks, so the gradient
     would not be that of the loss computed (and logged) on the cached embeddings."""
-    real, totals = safeclip.safe_clip_loss, []
-    monkeypatch.setattr(safeclip, "safe_clip_loss", lambda *a, **k: totals.append(real(*a, **k)[0].item()) or real(*a, **k))
+    real, totals = safeclip.OBJECTIVES["safeclip"].loss, []
+    counting = lambda *a, **k: totals.append(real(*a, **k)[0].item()) or real(*a, **k)
+    monkeypatch.setitem(safeclip.OBJECTIVES, "safeclip", dataclasses.replace(safeclip.OBJECTIVES["safeclip"], loss=counting))
     train(data, base_model, tmp_path / "run", "--batch-size", "4", "--accum", "2", "--steps", "2", "--eval-every", "99")
     # Per step: the whole batch's loss, then once per recomputed micro-batch. Step 1 alone would
     # not do: LoRA's B starts at zero, so its dropout changes nothing until the first update.
