@@ -144,7 +144,8 @@ def test_train_alone_then_evaluate_alone_as_typed_from_the_root_and_from_another
     resumed = command("python safeclip.py train --data pairs.jsonl --resume", repo, mirror.url, **table)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from runs/safeclip/checkpoint.pt at step 3" in resumed.stderr
-    steps = [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "val" not in r]
+    # step records only: not the active-terms line (step 0) nor the validation lines
+    steps = [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps[:4] == [1, 2, 3, 4] and (run / "config.json").is_file()
     assert len(mirror.requests) == before + 2  # the verified weights were not fetched again
 
