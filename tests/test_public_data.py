@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import make_pairs
 from test_evaluate import oracle_embeddings, oracle_retrieval, world  # noqa: F401  (a fixture)
 from test_objective import PAPER_WEIGHTS, np_cosine_distance, np_nce
+from test_train import pretrain_small_clip, train
 
 import evaluate as ev
 
@@ -39,12 +40,7 @@ def base_model(tmp_path_factory):
     """A small CLIP pre-trained from scratch on full quadruplets (so it links unsafe captions
     to unsafe images, as the real CLIP does)."""
     data = make_pairs(tmp_path_factory.mktemp("pretrain"), n=48, seed=5)
-    folder = tmp_path_factory.mktemp("base")
-    argv = ["train", "--objective", "clip", "--data", str(data), "--out", str(folder), "--batch-size", "8",
-            "--scratch", "width=64,layers=2,embed_dim=32,image_resolution=32,vision_patch_size=8,context_length=16",
-            "--vocab-size", "600", "--epochs", "10", "--lr", "2e-3", "--workers", "0"]
-    assert safeclip.main(argv) == 0
-    return folder
+    return pretrain_small_clip(data, tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +54,6 @@ def mixed_data(tmp_path_factory):
     """36 rows, a random half of them with an unsafe image."""
     keep = set(random.Random().sample(range(36), 18))
     return drop_unsafe_images(make_pairs(tmp_path_factory.mktemp("mixed"), n=36, seed=2), keep.__contains__)
-
-
-def train(data, model, out, *extra):
-    argv = ["train", "--data", str(data), "--model", str(model), "--out", str(out), "--batch-size", "8",
-            "--workers", "0", "--seed", "1", *map(str, extra)]
-    assert safeclip.main(argv) == 0
-    return out
 
 
 def log_of(out):

@@ -29,7 +29,11 @@ def base_model(tmp_path_factory, data):
     """A small CLIP pre-trained from scratch on the safe and unsafe pairs with CLIP's own objective
     (so, like the real CLIP, it links unsafe captions to unsafe images), with a BPE trained on the
     captions."""
-    folder = tmp_path_factory.mktemp("base")
+    return pretrain_small_clip(data, tmp_path_factory.mktemp("base"))
+
+
+def pretrain_small_clip(data, folder):
+    """`--objective clip` from scratch on `data`: a 2-layer CLIP with its own BPE, in `folder`."""
     argv = ["train", "--objective", "clip", "--data", str(data), "--out", str(folder), "--batch-size", "8",
             "--scratch", "width=64,layers=2,embed_dim=32,image_resolution=32,vision_patch_size=8,context_length=16",
             "--vocab-size", "600", "--epochs", "10", "--lr", "2e-3", "--workers", "0"]
