@@ -51,13 +51,15 @@ Output (--out DIR)
   rejected.jsonl         every rejection as it happens, so that a resumed run knows them all
 
 Re-running the same command resumes: finished rows are kept and nothing is duplicated. Images are
-written to a temporary name and renamed into place; each LLM answer is appended with one write and
-an fsync, finished rows in batches (64 rows or one second), and a torn last line left by a crash
-is dropped. A kill loses at most the items in flight and the last second's rows. Items rejected
-for their content (refusals, unusable answers, no image kept) stay rejected on resume, unless
---retry-rejected asks for them again after every new item. The source is known by its content
-hash, so a moved file resumes. When every item is done, pairs.jsonl is rewritten in input order,
-so a finished dataset does not depend on thread timing or on how often the run was resumed.
+written to a temporary name and renamed into place; the LLM's answers and finished rows are
+appended in batches (64, or what came in a second) with one write and an fsync each, and a torn
+last line left by a crash is dropped. A kill loses at most the items in flight and the last
+second's answers and rows, which the next run asks for again; Ctrl-C, a fatal error or a full disk
+first writes what it can. Items rejected for their content (refusals, unusable answers, no image
+kept) stay rejected on resume, unless --retry-rejected asks for them again after every new item.
+The source is known by its content hash, so a moved file resumes. When every item is done,
+pairs.jsonl is rewritten in input order, so a finished dataset does not depend on thread timing or
+on how often the run was resumed.
 """
 
 from __future__ import annotations
@@ -142,8 +144,9 @@ MAX_RETRY_AFTER_S = 300.0
 MAX_REJECTED_IN_A_ROW = 20  # that many rejections in a row means the server is down or refusing
 MANIFEST_EVERY_S = 10.0     # how often a long run refreshes manifest.json
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-# Finished rows are committed (one write and one fsync) in batches: an fsync per row would cost
-# more than a text-only row, and a crash loses at most one batch, which the next run remakes.
+# Finished rows and the LLM's answers are committed (one write and one fsync) in batches: an
+# fsync each would cost more than a text-only row, and a crash loses at most one batch, which
+# the next run asks for or makes again.
 ROWS_PER_COMMIT = 64
 COMMIT_EVERY_S = 1.0
 
@@ -205,11 +208,19 @@ def save_png(image: Image.Image, path: Path) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class JsonlLog:
     """An append-only JSON-lines file that survives kills.
 
-    Each row is appended with a single write of the whole line followed by an fsync, so a crash
-    can only tear the last line; opening the file drops such a line (it has no newline yet).
+    Rows are appended with a single write of whole lines followed by an fsync, so a crash can
+    only tear the last line; opening the file drops such a line (it has no newline yet).
     """
 
     def __init__(self, path: Path):
@@ -238,12 +249,21 @@ class JsonlLog:
         return rows
 
     def append(self, *rows: dict) -> None:
-        """Append whole lines with one write and one fsync (callers pass one row, or a batch)."""
+        """Append whole lines with one write and one fsync (callers pass one row, or a batch).
+
+        If the disk fills up midway, the lines that fit are kept and the torn one is cut off, so
+        the file still ends with a whole line and a later append cannot glue onto a torn one.
+        """
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-        while data:  # a regular file takes it in one write; loop only in case it does not
-            data = data[os.write(self._fd, data):]
+        start, written = os.lseek(self._fd, 0, os.SEEK_END), 0
+        try:
+            while written < len(data):  # a regular file takes it in one write, unless it is full
+                written += os.write(self._fd, data[written:])
+        except OSError:
+            os.ftruncate(self._fd, start + data.rfind(b"\n", 0, written) + 1)
+            raise
         os.fsync(self._fd)
 
     def rewrite(self, rows: list[dict]) -> None:
@@ -767,7 +787,8 @@ def _parse_json(body: bytes):
 # ---------------------------------------------------------------------------------------------
 
 # A caption never speaks in the first person to apologise, decline or cite a policy; a refusal
-# almost always does. The patterns are checked on a lower-cased answer with ’ turned into '.
+# almost always does. The patterns are checked on the answer's own words (_own_words), so a
+# caption may quote someone who does: a sign that says "I can't breathe" is not a refusal.
 _REFUSAL = re.compile(
     r"^(?:sorry\b|(?:my )?apologies\b|unfortunately\b|regrettably\b|no[,.!]|nope\b)"
     r"|\bi(?:'m| am)(?: really| so| very| truly)? (?:sorry|afraid|unable|not able|not comfortable"
@@ -780,6 +801,10 @@ _REFUSAL = re.compile(
     r"|\b(?:against|violates?|breach(?:es)?) (?:my|the|our|openai's|community) (?:guidelines"
     r"|polic(?:y|ies)|principles|programming|rules|terms)\b"
     r"|\bnot (?:something i|appropriate for me|able to (?:help|assist|comply))\b")
+# Quoted text: in double quotes, guillemets or corner brackets, or in single quotes that stand
+# apart from words (so the apostrophes of "can't" and "dogs'" open or close nothing).
+_QUOTED = re.compile(r'"[^"\n]*"|\u201c[^\u201d\n]*\u201d|\u00ab[^\u00bb\n]*\u00bb'
+                     r"|\u300c[^\u300d\n]*\u300d|(?<!\w)'[^\n]*?'(?!\w)")
 # Wrappers that chat models put around an answer, removed in this order.
 _REASONING = re.compile(r"<(think|thinking|reasoning)>.*?</\1>", re.DOTALL | re.IGNORECASE)
 _LEAD_IN = re.compile(  # "Sure! Here is the rewritten caption:", "Unsafe caption:", "Output:"
@@ -832,11 +857,16 @@ def _sentence_breaks(text: str) -> int:
     return breaks + len(re.findall(r"[\u3002\uff01\uff1f]+(?=\s*\S)", text))
 
 
+def _own_words(answer: str) -> str:
+    """The answer lower-cased, with ’ and ‘ as ' and what it quotes left out."""
+    return _QUOTED.sub(" ", answer.lower().replace("\u2019", "'").replace("\u2018", "'"))
+
+
 def check_answer(answer: str, caption: str) -> str | None:
     """Why an (already cleaned) answer is unusable as the unsafe caption, or None if it is fine."""
     if not _plain(answer):
         return "empty"
-    if _REFUSAL.search(answer.lower().replace("\u2019", "'").replace("\u2018", "'")):
+    if _REFUSAL.search(_own_words(answer)):
         return "refusal"
     if _sentence_breaks(answer) > _sentence_breaks(caption):
         return "extra_sentences"
@@ -1012,6 +1042,20 @@ def make_toy_row(task: tuple) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _by_content(recipe: dict) -> dict:
+    """A recipe read from an older manifest, in the form this version writes.
+
+    Older versions named the source by its path ("file", next to its "sha256"), so the same
+    content elsewhere was refused; the path is provenance now, outside the recipe. A path
+    without a hash is hashed here, if the file is still there.
+    """
+    source = dict(recipe.get("source") or {})
+    path = source.pop("file", None)
+    if path and "sha256" not in source and os.path.isfile(path):
+        source["sha256"] = _file_digest(Path(path))
+    return {**recipe, "source": source}
+
+
 class OutputDir:
     """DIR with pairs.jsonl, images/, manifest.json and the LLM's answers; resumable."""
 
@@ -1046,11 +1090,19 @@ class OutputDir:
     def check_recipe(self, recipe: dict) -> None:
         recipe = json.loads(json.dumps(recipe))  # compare as it reads back from the file
         old = (self.previous or {}).get("recipe")
+        if old is not None:
+            old = _by_content(old)
         if old is not None and old != recipe:
             changed = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
             raise InputError(f"{self.root} already holds data made with other options "
                              f"({', '.join(changed)} differ); use another --out, or delete "
                              f"{self.root} to start over")
+
+    def previous_source_file(self) -> str | None:
+        """Where the previous run read its source (older versions named it in the recipe)."""
+        previous = self.previous or {}
+        old_source = previous.get("recipe", {}).get("source", {})
+        return previous.get("source_file") or old_source.get("file")
 
     def _on_disk(self, path: str | None) -> bool:
         if path is None or os.path.isabs(path):  # none, or the source's own file
@@ -1102,7 +1154,8 @@ class Job:
         # asked again only with --retry-rejected, after every new item, and outside the count of
         # rejections in a row (which is there to notice a dead server, not a refused category).
         self.earlier = {i for i, r in self.rejected.items() if rejected_for_content(r["reason"])}
-        self._staged: list[dict] = []
+        self._staged: list[dict] = []   # finished rows not yet in pairs.jsonl
+        self._answers: list[dict] = []  # answers not yet in unsafe_captions.jsonl
         self._committed_at = time.monotonic()
         self._in_a_row = 0
         self._saved_at = 0.0
@@ -1128,24 +1181,32 @@ class Job:
         self.commit_due()
 
     def commit_due(self) -> None:
-        """Commit the staged rows once there are ROWS_PER_COMMIT, or COMMIT_EVERY_S after the
-        last commit."""
-        if len(self._staged) >= ROWS_PER_COMMIT or (
-                self._staged and time.monotonic() - self._committed_at >= COMMIT_EVERY_S):
+        """Commit the staged rows and answers once there are ROWS_PER_COMMIT of either, or
+        COMMIT_EVERY_S after the last commit."""
+        staged = max(len(self._staged), len(self._answers))
+        if staged >= ROWS_PER_COMMIT or (
+                staged and time.monotonic() - self._committed_at >= COMMIT_EVERY_S):
             self.commit()
 
     def commit(self) -> None:
-        rows, self._staged = self._staged, []
-        if rows:
-            self.accept(*rows)
+        # A batch leaves its list only once written: if the write is cut short (Ctrl-C, a full
+        # disk), stop() writes it again, and a line written twice reads back as one.
+        if self._answers:
+            self.out.answers.append(*self._answers)
+            self._answers = []
+        if self._staged:
+            self.accept(*self._staged)
+            self._staged = []
         self._committed_at = time.monotonic()
 
     def keep_answer(self, item: Item, unsafe: str) -> None:
-        """The LLM wrote an item's unsafe caption: remember it, so no run asks for it again."""
+        """The LLM wrote an item's unsafe caption: remember it (committed with others by
+        commit_due()), so that no run asks for it again."""
         item.unsafe = unsafe
-        self.out.answers.append({"id": item.id, "unsafe": unsafe, "category": item.category})
+        self._answers.append({"id": item.id, "unsafe": unsafe, "category": item.category})
         self.rejected.pop(item.id, None)
         self._in_a_row = 0
+        self.commit_due()
 
     def reject(self, item: Item, stage: str | None, reason: str) -> None:
         runs = self.rejected.get(item.id, {}).get("runs", 0) + 1
@@ -1161,8 +1222,13 @@ class Job:
         self.save(every=MANIFEST_EVERY_S)
 
     def stop(self, status: str) -> None:
-        """Commit what is finished and record why the run ended early."""
-        self.commit()
+        """Commit what is finished and record why the run ended early. On a full disk the lines
+        that fit are committed, and the manifest is tried all the same."""
+        try:
+            self.commit()
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
         self.save(status)
 
     def save(self, status: str = "running", every: float = 0.0) -> None:
@@ -1278,7 +1344,9 @@ def caption_phase(job: Job, items: list[Item], llm: ChatLLM, workers: int) -> No
                 job.keep_answer(item, result)
             bar.update()
 
-        run_threads(lambda it: llm.rewrite(it.safe, it.category), todo, workers, handle)
+        run_threads(lambda it: llm.rewrite(it.safe, it.category), todo, workers, handle,
+                    tick=job.commit_due)
+    job.commit()  # every answer is on disk before the images, which take far longer
 
 
 @dataclass
@@ -1576,14 +1644,6 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--timeout must be positive; --retries and --retry-base-delay not negative")
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _load_items(args) -> tuple[list[Item], dict]:
     if args.captions:
         kind, path, items = "captions", args.captions, load_captions(args.captions)
@@ -1720,7 +1780,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_toy(args) if args.toy is not None else plan_sources(args)
         out = OutputDir(args.out)
         out.check_recipe(plan.recipe)
-        moved_from = (out.previous or {}).get("source_file")
+        moved_from = out.previous_source_file()
         if moved_from and plan.source_file and moved_from != plan.source_file:
             print(f"note: the source moved from {moved_from} to {plan.source_file}; its content "
                   f"is the same, so the run resumes", file=sys.stderr)
@@ -1743,9 +1803,11 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in DISK_FULL:
             raise
         note = ""
-        try:  # a few bytes may still fit: say in the manifest that the run did not finish
+        # A few bytes may still fit: the staged rows and answers, then a manifest that says the
+        # run did not finish.
+        try:
             if job is not None:
-                job.save("interrupted")
+                job.stop("interrupted")
         except OSError:
             note = " (manifest.json still says running)"
         print(f"error: {e.filename or args.out}: no space left on device{note}; free some space, "

@@ -427,19 +427,19 @@ def test_interrupted_run_resumes_to_the_same_files_as_an_uninterrupted_one(stub,
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     assert run(*_llm_t2i_args(stub, source, clean)) == 0
 
-    appends = {"n": 0}
-    original = gd.JsonlLog.append
+    answers = {"n": 0}
+    original = gd.Job.keep_answer
 
-    def flaky_append(self, *rows_):  # Ctrl-C after 5 LLM answers were saved
-        appends["n"] += 1
-        if appends["n"] == 6:
+    def keep_answer(self, item, unsafe):  # Ctrl-C once 5 LLM answers came in
+        answers["n"] += 1
+        if answers["n"] == 6:
             raise KeyboardInterrupt
-        original(self, *rows_)
+        original(self, item, unsafe)
 
-    monkeypatch.setattr(gd.JsonlLog, "append", flaky_append)
+    monkeypatch.setattr(gd.Job, "keep_answer", keep_answer)
     assert run(*_llm_t2i_args(stub, source, resumed)) == 130
     assert manifest(resumed)["status"] == "interrupted"
-    monkeypatch.setattr(gd.JsonlLog, "append", original)
+    monkeypatch.setattr(gd.Job, "keep_answer", original)
     # 5 answers, and any that had arrived when the Ctrl-C came
     kept = {a["id"] for a in gd.JsonlLog(resumed / "unsafe_captions.jsonl").rows}
     assert len(kept) >= 5

@@ -315,17 +315,16 @@ def test_url_without_a_scheme_is_refused_at_once(stub, tmp_path, capsys, flag, u
 
 
 def _interrupt_after(monkeypatch, answers):
-    """Ctrl-C in the main thread once `answers` LLM answers were saved (undo with .undo())."""
-    original, count = gd.JsonlLog.append, {"n": 0}
+    """Ctrl-C in the main thread once `answers` LLM answers came in (undo with .undo())."""
+    original, count = gd.Job.keep_answer, {"n": 0}
 
-    def append(self, *rows_):
-        if self.path.name == "unsafe_captions.jsonl":
-            count["n"] += 1
-            if count["n"] > answers:
-                raise KeyboardInterrupt
-        original(self, *rows_)
+    def keep_answer(self, item, unsafe):
+        count["n"] += 1
+        if count["n"] > answers:
+            raise KeyboardInterrupt
+        original(self, item, unsafe)
 
-    monkeypatch.setattr(gd.JsonlLog, "append", append)
+    monkeypatch.setattr(gd.Job, "keep_answer", keep_answer)
 
 
 @pytest.mark.parametrize("first_run", ["ctrl-c", "kill -9"])
@@ -345,10 +344,11 @@ def test_a_refused_category_never_stops_a_resumed_run(stub, tmp_path, monkeypatc
         process = subprocess.Popen([sys.executable, str(ROOT / "generate_data.py"),
                                     *map(str, args)], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        answers = out / "unsafe_captions.jsonl"
+        answers, rejections = out / "unsafe_captions.jsonl", out / "rejected.jsonl"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and process.poll() is None and not (
-                answers.exists() and answers.read_bytes().count(b"\n") >= 40):
+                answers.exists() and rejections.exists()  # answers come a second at a time
+                and rejections.read_bytes().count(b"\n") >= 30):
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -427,7 +427,7 @@ def test_a_zero_split_gets_no_row_and_tiny_runs_get_every_split(stub, tmp_path):
     assert Counter(r["split"] for r in rows(tmp_path / "b")) == {"train": 1, "val": 1, "test": 1}
 
 
-def test_text_only_rows_are_committed_in_batches(stub, tmp_path, monkeypatch):
+def test_text_only_answers_and_rows_are_committed_in_batches(stub, tmp_path, monkeypatch):
     captions = [f"A photo of thing {k}." for k in range(300)]
     source = write_lines(tmp_path / "c.txt", captions)
     out = tmp_path / "out"
@@ -442,9 +442,12 @@ def test_text_only_rows_are_committed_in_batches(stub, tmp_path, monkeypatch):
     assert run(*_llm_args(stub, source, out, "--workers", 4)) == 0
     seconds = time.monotonic() - start
     assert [r["safe"] for r in rows(out)] == captions
-    assert syncs["unsafe_captions.jsonl"] == 300  # each answer is kept as it arrives
-    # 300 rows in batches of 64, plus at most one commit per second of the run.
-    assert 1 <= syncs["pairs.jsonl"] <= 300 // 64 + 1 + seconds
+    answers = gd.JsonlLog(out / "unsafe_captions.jsonl").rows
+    assert sorted(a["id"] for a in answers) == [f"{k:06d}" for k in range(300)]
+    # 300 answers and 300 rows in batches of 64, plus at most one commit per second of the run
+    # each (an fsync per answer was 300).
+    for name in ("unsafe_captions.jsonl", "pairs.jsonl"):
+        assert 1 <= syncs[name] <= 300 // 64 + 1 + seconds, (name, syncs, seconds)
 
 
 def test_a_moved_source_resumes_and_a_changed_one_is_refused(stub, tmp_path, monkeypatch,
