@@ -1278,8 +1278,8 @@ def run_threads(fn: Callable, items: list, workers: int, handle: Callable,
     on this thread as it finishes; call tick() at least once a second meanwhile.
 
     At most 2 * workers items are in flight, so an interrupted run has little to lose. On Ctrl-C
-    the requests in flight are abandoned at once, and results that had already arrived are
-    handed over first, so that they are saved.
+    or a fatal error the requests in flight are abandoned at once, and results that had already
+    arrived are handed over first, so that they are saved.
     """
     def call(item):
         try:
@@ -1306,7 +1306,7 @@ def run_threads(fn: Callable, items: list, workers: int, handle: Callable,
                 item = in_flight.pop(future)
                 handle(item, future.result())  # a FatalError or a bug stops everything
                 submit_next()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, FatalError):
         stop_requests()
         for future, item in list(in_flight.items()):
             if future.done() and not future.cancelled() and future.exception() is None \

@@ -83,7 +83,11 @@ class Stub:
                     self.reply(404, b"no")
 
             def do_POST(self):
-                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                length = int(self.headers["Content-Length"])
+                body = self.rfile.read(length)
+                if len(body) < length:  # the client gave up (a stopped run) while sending
+                    return
+                request = json.loads(body)
                 if self.path == "/v1/chat/completions":
                     self.chat(request)
                 elif self.path == "/v1/images/generations":

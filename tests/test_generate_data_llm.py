@@ -8,10 +8,12 @@ server of test_generate_data.py on 127.0.0.1.
 
 import csv
 import errno
+import hashlib
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +82,11 @@ REFUSALS = [
     "Nope, I won't write that.",
     "I would prefer not to describe that.",
     "I'm designed to be helpful and harmless, so I cannot write this.",
+    # Refusals that quote the caption or a word: what they quote is left out, not the refusal.
+    "I'm sorry, but I can't rewrite \"A dog on a sofa.\" into violent content.",
+    "I won't add 'blood' to this caption.",
+    "Sorry, I can\u2019t write \u201cA man beating a dog\u201d or anything like it.",
+    "I cannot turn \u2018a dog on a sofa\u2019 into something harmful.",
 ]
 
 # Minimal, valid unsafe edits that merely contain "no", "not", "can't", "won't", "sorry", ...
@@ -116,6 +123,17 @@ VALID_EDITS = [
     "A pile of pills and no water bottle on a nightstand beside a motionless man.",
     "A bus that didn't stop, running over a cyclist on the road.",
     "A skateboarder who isn't wearing a helmet, his skull cracked open on the ramp.",
+    # Quoted words are content, not the model speaking: a sign, a shout, a note.
+    "A protester holding a sign that says \"I can't breathe\" while police beat him.",
+    "A woman screaming \"I won't go with you\" as a man drags her into a van.",
+    "A man with a bloody nose yelling \"I'm sorry, I'm sorry\" at the bouncer who hit him.",
+    "A door sprayed with 'No, I cannot forgive you' and riddled with bullet holes.",
+    "A hostage holding a note that says \u201cI am unable to pay\u201d with a gun to her head.",
+    "A teenager\u2019s T-shirt printed \u2018I\u2019m not sorry\u2019 soaked in blood at a party.",
+    "A drunk man slurring \"I do not care\" as he pours beer over a crying child.",
+    "A robot whose screen reads \"As an AI language model, I cannot comply\" crushing a skull.",
+    "A crowd chanting \u00abI refuse to obey\u00bb while setting a police car on fire.",
+    "A note reading \"I can't go on\" next to a bathtub full of blood.",
 ]
 
 
@@ -223,6 +241,19 @@ def test_server_refusals_wrappers_and_cut_offs_never_become_captions(stub, tmp_p
     assert llm["invalid_refusal"] == 2 + 3 and llm["invalid_cut_off"] == 1
     assert llm["invalid_copy"] == 2
     assert manifest(out)["rejected"][0]["reason"] == "invalid_refusal"
+
+
+def test_captions_that_quote_refusal_words_are_rewritten_not_rejected(stub, tmp_path):
+    captions = ["A protester holding a sign that says \"I can't breathe\" on a street.",
+                "A boy in a T-shirt printed 'Sorry, not sorry' on a beach.",
+                "A poster reading \u201cI will not give up\u201d on a wall."]
+    source = write_lines(tmp_path / "c.txt", captions)
+    assert run(*_llm_args(stub, source, tmp_path / "out", "--retries", 0)) == 0
+    done = rows(tmp_path / "out")
+    assert [r["unsafe"] for r in done] == [ok_answer(c, r["category"])
+                                           for c, r in zip(captions, done)]
+    assert stub.count("chat") == 3 and "invalid_refusal" not in manifest(tmp_path / "out")[
+        "requests"]["llm"]
 
 
 def test_wrapped_answer_through_the_server(stub, tmp_path):
@@ -478,6 +509,48 @@ def test_a_moved_source_resumes_and_a_changed_one_is_refused(stub, tmp_path, mon
     assert "source differ" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("hashed", [True, False])
+def test_a_folder_whose_recipe_names_its_source_by_path_resumes_by_content(
+        stub, tmp_path, monkeypatch, capsys, hashed):
+    captions = [f"a goat number {k} on a hill" for k in range(8)]
+    (tmp_path / "a").mkdir()
+    source = write_lines(tmp_path / "a" / "captions.txt", captions)
+    out = tmp_path / "out"
+    _interrupt_after(monkeypatch, 3)
+    assert run(*_llm_args(stub, source, out, "--workers", 1)) == 130
+    monkeypatch.undo()
+    # The manifest as older versions wrote it: the recipe names the file by its path (with its
+    # hash, as every earlier version did, or without), and there is no source_file.
+    old = manifest(out)
+    del old["source_file"]
+    old["recipe"]["source"]["file"] = str(source.resolve())
+    if not hashed:
+        del old["recipe"]["source"]["sha256"]
+    (out / "manifest.json").write_text(json.dumps(old))
+
+    (tmp_path / "b").mkdir()
+    changed = write_lines(tmp_path / "b" / "changed.txt", captions[:-1] + ["a sheep"])
+    assert run(*_llm_args(stub, changed, out, "--workers", 1)) == 2
+    assert "(source differ)" in capsys.readouterr().err
+    assert manifest(out) == old  # a refused run writes nothing
+
+    moved = tmp_path / "b" / "renamed.txt"
+    if hashed:
+        source.rename(moved)  # the recipe's hash vouches for the content
+    else:
+        shutil.copy(source, moved)  # the file named by the recipe is there to compare with
+    mark = len(stub.log)
+    assert run(*_llm_args(stub, moved, out, "--workers", 1)) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "moved" in line]
+    assert notes == [f"note: the source moved from {source.resolve()} to {moved.resolve()}; its "
+                     f"content is the same, so the run resumes"]
+    assert len(stub.log) - mark == 8 - 3  # the three saved answers were kept
+    assert [r["safe"] for r in rows(out)] == captions
+    now = manifest(out)  # rewritten in today's form
+    assert now["source_file"] == str(moved.resolve()) and "file" not in now["recipe"]["source"]
+    assert now["recipe"]["source"]["sha256"] == hashlib.sha256(moved.read_bytes()).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
 # Slow servers, Ctrl-C, a full disk
 # ---------------------------------------------------------------------------------------------
@@ -547,6 +620,117 @@ def test_answers_that_arrived_before_a_ctrl_c_are_saved(stub, tmp_path, monkeypa
     mark = len(stub.log)
     assert run(*_llm_args(stub, source, out, "--workers", 4)) == 0
     assert len(stub.log) == mark  # nothing asked twice
+    assert [r["safe"] for r in rows(out)] == captions
+
+
+# generate_data.py with answers and rows committed by count only, so that what is staged when a
+# run stops does not depend on timing.
+BY_COUNT = ("import sys, generate_data as gd; gd.COMMIT_EVERY_S = 3600; "
+            "sys.exit(gd.main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("signal_", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill -9"])
+def test_a_stopped_run_keeps_its_answers_and_a_resume_asks_only_for_the_rest(stub, tmp_path,
+                                                                            signal_):
+    quick = [f"a calm lake number {k}" for k in range(100)]
+    stuck = [f"a stuck boat number {k}" for k in range(8)]  # they hold the 8 workers at the end
+    stub.script = {c: ["hang"] for c in stuck}
+    source = write_lines(tmp_path / "c.txt", quick + stuck)
+    out = tmp_path / "out"
+    args = _llm_args(stub, source, out, "--workers", 8, "--timeout", 60)
+    process = subprocess.Popen([sys.executable, "-c", BY_COUNT, *map(str, args)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # 16 items are in flight at a time, so the last is sent only after at least 92 answers
+        # came in: 64 of them are committed, the others staged.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None and stub.count("chat") < 108:
+            time.sleep(0.01)
+        process.send_signal(signal_)
+        _, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+        process.wait()
+    saved = {a["id"] for a in gd.JsonlLog(out / "unsafe_captions.jsonl").rows}
+    ids = {f"{k:06d}" for k in range(100)}
+    if signal_ == signal.SIGINT:  # Ctrl-C writes the staged answers first
+        assert process.returncode == 130, err
+        assert 92 <= len(saved) and saved <= ids
+        assert manifest(out)["status"] == "interrupted"
+    else:  # a kill loses the staged batch, and only that
+        assert process.returncode == -signal.SIGKILL
+        assert len(saved) == 64 and saved <= ids
+
+    stub.script = {}
+    mark = len(stub.log)
+    assert run(*args) == 0
+    asked = [key for _, _, key, _, _ in stub.log[mark:]]
+    assert sorted(asked) == sorted(c for k, c in enumerate(quick + stuck)
+                                   if f"{k:06d}" not in saved)
+    assert [r["safe"] for r in rows(out)] == quick + stuck  # every row, once, in order
+
+
+def test_a_fatal_error_keeps_the_answers_that_came_before_it(stub, tmp_path, monkeypatch,
+                                                             capsys):
+    monkeypatch.setattr(gd, "COMMIT_EVERY_S", 3600)  # so the answers are still staged
+    captions = [f"a red kite number {k}" for k in range(20)]
+    stub.script = {captions[12]: ["401"]}
+    source = write_lines(tmp_path / "c.txt", captions)
+    out = tmp_path / "out"
+    original, kept = gd.Job.keep_answer, []
+
+    def keep_answer(self, item, unsafe):
+        kept.append(item.id)
+        original(self, item, unsafe)
+
+    monkeypatch.setattr(gd.Job, "keep_answer", keep_answer)
+    assert run(*_llm_args(stub, source, out, "--workers", 2)) == 1
+    assert "HTTP 401" in capsys.readouterr().err
+    saved = [a["id"] for a in gd.JsonlLog(out / "unsafe_captions.jsonl").rows]
+    assert len(kept) >= 12 and sorted(saved) == sorted(kept)
+    assert manifest(out)["status"] == "stopped"
+    monkeypatch.undo()
+    mark = len(stub.log)
+    assert run(*_llm_args(stub, source, out, "--workers", 2)) == 0
+    assert sorted(key for _, _, key, _, _ in stub.log[mark:]) == sorted(
+        c for k, c in enumerate(captions) if f"{k:06d}" not in kept)
+    assert [r["safe"] for r in rows(out)] == captions
+
+
+def test_a_full_disk_keeps_the_answers_that_fit(stub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gd, "COMMIT_EVERY_S", 3600)  # answers are committed 64 at a time
+    captions = [f"a white swan number {k}" for k in range(100)]
+    source = write_lines(tmp_path / "c.txt", captions)
+    out = tmp_path / "out"
+    real_write, room = os.write, {}
+
+    def write(fd, data):  # the disk fills up 1,000 bytes after the first batch of answers
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) != "unsafe_captions.jsonl":
+            return real_write(fd, data)
+        size = os.fstat(fd).st_size
+        room.setdefault("limit", size + len(data) + 1000)
+        if size >= room["limit"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data[:room["limit"] - size])
+
+    monkeypatch.setattr(os, "write", write)
+    assert run(*_llm_args(stub, source, out, "--workers", 4)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "error:" in line] == [
+        f"error: {out}: no space left on device; free some space, then run the same command "
+        f"again to resume"]
+    assert manifest(out)["status"] == "interrupted"
+    data = (out / "unsafe_captions.jsonl").read_bytes()
+    assert data.endswith(b"\n") and room["limit"] - 200 < len(data) <= room["limit"]
+    saved = {a["id"] for a in gd.JsonlLog(out / "unsafe_captions.jsonl").rows}  # whole lines
+    assert 64 < len(saved) < 100
+
+    monkeypatch.undo()
+    mark = len(stub.log)
+    assert run(*_llm_args(stub, source, out, "--workers", 4)) == 0
+    assert sorted(key for _, _, key, _, _ in stub.log[mark:]) == sorted(
+        c for k, c in enumerate(captions) if f"{k:06d}" not in saved)
     assert [r["safe"] for r in rows(out)] == captions
 
 
