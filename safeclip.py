@@ -1202,7 +1202,7 @@ def weighted_total(terms, lambdas):
     return sum(lambdas[k] / norm * v for k, v in terms.items())
 
 
-def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None):
+def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *, scale=100.0):
     """The Safe-CLIP objective. Returns `(total, terms)`, with `total = sum(l_i / sum(l) * term_i)`
     over the terms present.
 
@@ -1210,6 +1210,7 @@ def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=Non
     t_ref = T0(T), v_ref = V0(V): the original model (constants). All (B, E).
     has_unsafe_image: (B,) bool, for a batch where not every row has V*; `v_unsafe` then holds
     only those rows, (M, E). The terms on V* are computed over them, and left out when M = 0.
+    scale: the InfoNCE logit scale (the paper's fixed 100).
     """
     lambdas = {**LAMBDAS, **(lambdas or {})}
     t_ref_u, v_ref_u = (t_ref, v_ref) if has_unsafe_image is None else (t_ref[has_unsafe_image], v_ref[has_unsafe_image])
@@ -1218,10 +1219,10 @@ def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=Non
         "text_unsafe": cosine_distance(t_unsafe, t_ref),
         "image_safe": cosine_distance(v_safe, v_ref),
         "image_unsafe": cosine_distance(v_unsafe, v_ref_u) if len(v_unsafe) else None,
-        "nce_text_safe": info_nce(t_safe, v_ref),
-        "nce_text_unsafe": info_nce(t_unsafe, v_ref),
-        "nce_image_safe": info_nce(t_ref, v_safe),
-        "nce_image_unsafe": info_nce(t_ref_u, v_unsafe) if len(v_unsafe) else None,
+        "nce_text_safe": info_nce(t_safe, v_ref, scale),
+        "nce_text_unsafe": info_nce(t_unsafe, v_ref, scale),
+        "nce_image_safe": info_nce(t_ref, v_safe, scale),
+        "nce_image_unsafe": info_nce(t_ref_u, v_unsafe, scale) if len(v_unsafe) else None,
     }
     terms = {k: v for k, v in terms.items() if v is not None}
     norm = sum(lambdas[k] for k in terms)  # renormalised over the terms present
@@ -1263,7 +1264,7 @@ def relative_loss(x, unsafe_target, safe_target):
 
 
 def safer_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
-                    t_unsafe_ref, v_unsafe_ref, t_near, v_near):
+                    t_unsafe_ref, v_unsafe_ref, t_near, v_near, scale=100.0):
     """The SafeR-CLIP objective. Returns `(total, terms)` like `safe_clip_loss`.
 
     t_unsafe_ref = T0(T*), v_unsafe_ref = V0(V*); t_near = T0(t^), v_near = V0(v^): the nearest
@@ -1276,9 +1277,9 @@ def safer_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=No
         "text_unsafe": cosine_distance(t_unsafe, t_near),
         "image_safe": cosine_distance(v_safe, v_ref),
         "image_unsafe": cosine_distance(v_unsafe, v_near),
-        "nce_text_safe": info_nce(t_safe, v_ref),
+        "nce_text_safe": info_nce(t_safe, v_ref, scale),
         "rel_text_unsafe": relative_loss(t_unsafe, v_unsafe_ref, v_near),
-        "nce_image_safe": info_nce(t_ref, v_safe),
+        "nce_image_safe": info_nce(t_ref, v_safe, scale),
         "rel_image_unsafe": relative_loss(v_unsafe, t_unsafe_ref, t_near),
     }
     return weighted_total(terms, lambdas), terms
@@ -1300,7 +1301,7 @@ TWIN_OFFSET = 1.0  # a: the offset's length (chosen by measurement, see the READ
 TWIN_OFFSET_LAMBDAS = dict(LAMBDAS)  # Safe-CLIP's weights for the same eight terms
 
 
-def twin_offset_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *, unsafe_dir, offset=TWIN_OFFSET):
+def twin_offset_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *, unsafe_dir, offset=TWIN_OFFSET, scale=100.0):
     """The twin-offset objective. Returns `(total, terms)` like `safe_clip_loss`; the unsafe
     targets are offset along `unsafe_dir` (E,), +offset for text, -offset for images."""
     _require_unsafe_images(has_unsafe_image, "twin-offset")
@@ -1318,10 +1319,10 @@ def twin_offset_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=N
         "text_unsafe": cosine_distance(t_unsafe, t_target),
         "image_safe": cosine_distance(v_safe, v_ref),
         "image_unsafe": cosine_distance(v_unsafe, v_target),
-        "nce_text_safe": info_nce(t_safe, v_ref),
-        "nce_text_unsafe": info_nce(off_u(t_unsafe), v_ref),
-        "nce_image_safe": info_nce(t_ref, v_safe),
-        "nce_image_unsafe": info_nce(t_ref, off_u(v_unsafe)),
+        "nce_text_safe": info_nce(t_safe, v_ref, scale),
+        "nce_text_unsafe": info_nce(off_u(t_unsafe), v_ref, scale),
+        "nce_image_safe": info_nce(t_ref, v_safe, scale),
+        "nce_image_unsafe": info_nce(t_ref, off_u(v_unsafe), scale),
     }
     return weighted_total(terms, lambdas), terms
 
@@ -1964,6 +1965,7 @@ def train(args):
                                                       args.batch_size, args.workers)
         refs = {"train": {k: v[:n] for k, v in per_row.items()}, "val": {k: v[n:] for k, v in per_row.items()}}
         constants |= {"offset": args.offset} if args.offset is not None else {}
+        constants["scale"] = float(model.logit_scale.exp()) if args.nce_scale == "model" else float(args.nce_scale or 100)
         loss_fn = functools.partial(OBJECTIVES[args.objective].loss, lambdas=args.lambdas, **constants)
 
     # What trains: LoRA adapters (the default), or whole towers.
@@ -2012,7 +2014,7 @@ def train(args):
                     if v is not None and Path(v).exists()}
         _write_json(out / "train_config.json", {**{k: v for k, v in vars(args).items() if k != "func"}, **portable})
         if args.objective == "safeclip":
-            _append_log(log_path, {"step": 0, "terms": active_terms(train_rows)})
+            _append_log(log_path, {"step": 0, "terms": active_terms(train_rows), "nce_scale": loss_fn.keywords["scale"]})
     if main_process and args.objective == "safeclip":
         _report_terms(active_terms(train_rows), len(train_rows))
 
@@ -2489,6 +2491,15 @@ def cmd_train(args):
         raise SystemExit("error: --lambdas weighs the terms of a fine-tuning objective, not of --objective clip")
     if args.offset is not None and args.objective != "twin-offset":
         raise SystemExit("error: --offset only applies to --objective twin-offset")
+    if args.nce_scale is not None and args.objective == "clip":
+        raise SystemExit("error: --nce-scale applies to a fine-tuning objective; --objective clip learns its own")
+    if args.nce_scale not in (None, "model"):
+        try:
+            ok = float(args.nce_scale) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SystemExit(f"error: --nce-scale takes a positive number or 'model', not {args.nce_scale!r}")
     if args.objective != "clip":
         try:
             args.lambdas = parse_lambdas(args.lambdas, OBJECTIVES[args.objective].lambdas)
@@ -2570,6 +2581,11 @@ def build_parser():
     g.add_argument("--lambdas", help="loss weights, 8 values in the order of the objective's terms ("
                    + ",".join(LAMBDAS) + " for safeclip) or name=value pairs (default: the paper's)")
     g.add_argument("--offset", type=float, help=f"twin-offset: length a of the unsafe offset (default: {TWIN_OFFSET})")
+    g.add_argument("--nce-scale", metavar="S|model",
+                   help="logit scale of the objective's InfoNCE terms: a number, or 'model' for the original "
+                   "model's own learned one, exp(logit_scale) (default: 100, the paper's, which is also what "
+                   "OpenAI's CLIPs learned; a small CLIP trained here learns far less, and 100 would make these "
+                   "terms much sharper than the model ever was)")
     g = t.add_argument_group("what trains")
     g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     g.add_argument("--lora-rank", type=int, default=16, metavar="R", help="rank of the LoRA adapters")

@@ -35,9 +35,10 @@ def np_nce(text, image, scale=100.0):
     return 0.5 * (np_cross_entropy(per_image) + np_cross_entropy(per_text))
 
 
-def np_objective(t, tu, v, vu, t0, v0, weights):
+def np_objective(t, tu, v, vu, t0, v0, weights, scale=100.0):
     terms = [np_cosine_distance(t, t0), np_cosine_distance(tu, t0), np_cosine_distance(v, v0),
-             np_cosine_distance(vu, v0), np_nce(t, v0), np_nce(tu, v0), np_nce(t0, v), np_nce(t0, vu)]
+             np_cosine_distance(vu, v0), np_nce(t, v0, scale), np_nce(tu, v0, scale), np_nce(t0, v, scale),
+             np_nce(t0, vu, scale)]
     total = sum(w / sum(weights) * x for w, x in zip(weights, terms))
     return total, dict(zip(NAMES, terms))
 
@@ -56,6 +57,19 @@ def test_every_term_matches_the_public_formula(seed):
     for name in NAMES:
         assert abs(terms[name].item() - ref_terms[name]) <= 1e-6 * max(1.0, abs(ref_terms[name])), name
     assert abs(total.item() - ref_total) <= 1e-6 * abs(ref_total)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_the_nce_scale_is_the_papers_100_unless_given(seed):
+    emb = embeddings(seed)
+    scale = float(torch.empty(()).uniform_(5, 60, generator=torch.Generator().manual_seed(seed)))
+    total, terms = safeclip.safe_clip_loss(*[e.float() for e in emb], scale=scale)
+    ref_total, ref_terms = np_objective(*[e.float().double().numpy() for e in emb], PAPER_WEIGHTS, scale)
+    for name in NAMES:
+        assert abs(terms[name].item() - ref_terms[name]) <= 1e-6 * max(1.0, abs(ref_terms[name])), name
+    assert abs(total.item() - ref_total) <= 1e-6 * abs(ref_total)
+    at_100 = np_objective(*[e.float().double().numpy() for e in emb], PAPER_WEIGHTS)[1]
+    assert abs(terms["nce_image_unsafe"].item() - at_100["nce_image_unsafe"]) > 1e-3  # the scale matters
 
 
 def test_the_paper_weights_are_the_defaults_and_can_be_overridden():
