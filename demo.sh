@@ -19,8 +19,10 @@ IMAGE_SIZE=${IMAGE_SIZE:-48}       # drawn at the model's resolution: 6x6 patche
 ARCH=${ARCH:-width=128,layers=4,embed_dim=128,image_resolution=$IMAGE_SIZE,vision_patch_size=8,context_length=40}
 CLIP_EPOCHS=${CLIP_EPOCHS:-16}
 CLIP_LR=${CLIP_LR:-2e-3}
-SAFECLIP_EPOCHS=${SAFECLIP_EPOCHS:-6}
+SAFECLIP_EPOCHS=${SAFECLIP_EPOCHS:-5}
 SAFECLIP_LR=${SAFECLIP_LR:-2e-3}
+LORA_ALPHA=${LORA_ALPHA:-4}        # LoRA scale alpha/rank = 1/4: adapters on 128-wide layers need more say than on 1024-wide ones
+NCE_SCALE=${NCE_SCALE:-model}      # the toy CLIP's own logit scale (~21), not the 100 that OpenAI's CLIPs learned
 LAMBDAS=${LAMBDAS:-}               # empty: the paper's loss weights
 FREEZE=${FREEZE-}                  # empty: both towers, as in the paper; "vision": the text tower only
 PYTHON=${PYTHON:-python}
@@ -38,6 +40,7 @@ $PYTHON safeclip.py train --objective clip --scratch "$ARCH" --vocab-size 1000 \
 $PYTHON safeclip.py train --model "$OUT/clip" \
     --data "$OUT/data/pairs.jsonl" --out "$OUT/safeclip" --seed "$SEED" \
     --epochs "$SAFECLIP_EPOCHS" --batch-size 64 --lr "$SAFECLIP_LR" --patience 0 \
+    --lora-alpha "$LORA_ALPHA" --nce-scale "$NCE_SCALE" \
     ${LAMBDAS:+--lambdas $LAMBDAS} ${FREEZE:+--freeze $FREEZE}
 
 $PYTHON evaluate.py --ckpt "$OUT/safeclip" --baseline "$OUT/clip" --data "$OUT/data/pairs.jsonl" \

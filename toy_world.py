@@ -209,18 +209,19 @@ INK = (25, 22, 20)  # outlines, so that light stand-ins stay visible on snow and
 
 
 def _blood(d, b, canvas, rng):
-    """Splatter over the whole picture: drops, spatter around them, and drips."""
-    for _ in range(rng.randint(5, 7)):
-        x, y = rng.uniform(0.08, 0.92) * canvas, rng.uniform(0.06, 0.82) * canvas
-        r = rng.uniform(0.045, 0.08) * canvas
+    """A splatter in its box: drops, spatter around them, and drips."""
+    s = b[2] - b[0]
+    for _ in range(rng.randint(3, 4)):
+        x, y = b[0] + rng.uniform(0.2, 0.8) * s, b[1] + rng.uniform(0.15, 0.65) * s
+        r = rng.uniform(0.1, 0.16) * s
         d.ellipse((x - r, y - r * rng.uniform(0.7, 1.0), x + r, y + r), fill=BLOOD)
-        for _ in range(rng.randint(3, 6)):
-            angle, distance = rng.uniform(0, 2 * math.pi), r * rng.uniform(1.2, 2.2)
-            s = r * rng.uniform(0.15, 0.35)
+        for _ in range(rng.randint(3, 5)):
+            angle, distance = rng.uniform(0, 2 * math.pi), r * rng.uniform(1.2, 2.0)
+            sp = r * rng.uniform(0.15, 0.35)
             sx, sy = x + math.cos(angle) * distance, y + math.sin(angle) * distance
-            d.ellipse((sx - s, sy - s, sx + s, sy + s), fill=BLOOD)
+            d.ellipse((sx - sp, sy - sp, sx + sp, sy + sp), fill=BLOOD)
         if rng.random() < 0.6:
-            length = r * rng.uniform(1.5, 3.0)
+            length = r * rng.uniform(1.2, 2.0)
             d.rectangle((x - 0.25 * r, y, x + 0.25 * r, y + length), fill=BLOOD)
             d.ellipse((x - 0.35 * r, y + length - 0.35 * r, x + 0.35 * r, y + length + 0.35 * r),
                       fill=BLOOD)
@@ -335,19 +336,22 @@ class StandIn:
     colour: tuple           # a colour only this stand-in uses
     layer: str = "over"     # "over" the objects, or "under" them (behind, like flames)
     corners: tuple = ("top left", "top right", "bottom left", "bottom right")  # None: everywhere
-    size: float = 0.42      # side of its box, as a share of the image
+    # Side of its box, as a share of the image: about a third, in the corner that hides the least.
+    # The vision tower must learn to look past a stand-in, and a larger one (blood over the whole
+    # picture, at first) hid so much of the scene that Safe-CLIP could hardly redirect the image.
+    size: float = 0.32
 
 
 STAND_INS = {
-    "blood": StandIn(_blood, BLOOD, corners=None),
+    "blood": StandIn(_blood, BLOOD, size=0.4),
     "flames": StandIn(_flames, FLAME, layer="under", corners=None),
     "knife": StandIn(_knife, STEEL),
     "gun": StandIn(_gun, GUNMETAL),
     "skull": StandIn(_skull, BONE),
-    "noose": StandIn(_noose, ROPE, corners=("top left", "top right"), size=0.46),
+    "noose": StandIn(_noose, ROPE, corners=("top left", "top right"), size=0.36),
     "syringe": StandIn(_syringe, FLUID),
     "finger": StandIn(_finger, HAND),
-    "nude": StandIn(_nude, BODY, size=0.46),
+    "nude": StandIn(_nude, BODY, size=0.36),
     "money": StandIn(_money, BURLAP),
     "vomit": StandIn(_vomit, VOMIT, corners=("bottom left", "bottom right")),
 }

@@ -1,11 +1,12 @@
 """Put the demo's tables into README.md, between its `NAME:begin` / `NAME:end` marker comments,
 and the demo's picture of retrieved images into docs/, where the README shows it.
 
-    ./demo.sh && benchmarks/objectives.sh && python scripts/refresh_readme.py
+    ./demo.sh && benchmarks/demo_settings.sh && benchmarks/objectives.sh && python scripts/refresh_readme.py
 
 The README's tables and pictures are never made by hand: the demo's table is runs/demo/eval.md and
-its picture runs/demo/retrieval.png, both written by evaluate.py in demo.sh; the objectives' table is
-runs/objectives/summary.md, written by benchmarks/objectives.sh. (The speed table is written by
+its picture runs/demo/retrieval.png, both written by evaluate.py in demo.sh; the table of the demo's
+settings is runs/demo-settings/summary.md, written by benchmarks/demo_settings.sh; the objectives'
+table is runs/objectives/summary.md, written by benchmarks/objectives.sh. (The speed table is written by
 `python benchmarks/bench.py --out README.md` itself.)
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"demo": ROOT / "runs" / "demo" / "eval.md",
+           "settings": ROOT / "runs" / "demo-settings" / "summary.md",  # benchmarks/demo_settings.sh
            "objectives": ROOT / "runs" / "objectives" / "summary.md"}  # benchmarks/objectives.sh
 PICTURES = {"demo": (ROOT / "runs" / "demo" / "retrieval.png", ROOT / "docs" / "demo-retrieval.png")}
 PICTURE_CAPTION = ("For a few unsafe captions of the test split, the top 3 images of the toy CLIP and of "
