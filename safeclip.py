@@ -24,10 +24,12 @@ Usage:
 """
 
 import argparse
+import collections
 import contextlib
 import functools
 import gzip
 import hashlib
+import heapq
 import html
 import http.client
 import io
@@ -512,25 +514,54 @@ class Tokenizer:
     @classmethod
     def train(cls, texts, vocab_size: int = 4096) -> "Tokenizer":
         """Learn a small BPE on `texts` with CLIP's conventions (byte alphabet, "</w>", CLIP's split,
-        SOT and EOT as the last two ids), e.g. for a toy CLIP. Deterministic for given texts; the
-        vocabulary is smaller than `vocab_size` when the texts run out of pairs to merge."""
+        SOT and EOT as the last two ids), e.g. for a toy CLIP; the vocabulary is smaller than
+        `vocab_size` when the texts run out of pairs to merge. Deterministic: of two pairs seen
+        equally often, the first in string order merges first. (The `tokenizers` trainer breaks such
+        ties by a hash order that changes from process to process, and so did a toy CLIP's ids.)"""
         if vocab_size < 2 * 256 + 2:
             raise ValueError(f"vocab_size must be at least 514 (256 bytes, the same with {EOW}, SOT, EOT), "
                              f"got {vocab_size}")
-        trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=list(BYTE_TO_CHAR.values()),
-                                                 end_of_word_suffix=EOW, show_progress=False)
-        learner = tokenizers.Tokenizer(tokenizers.models.BPE(end_of_word_suffix=EOW))
-        learner.pre_tokenizer = _clip_pre_tokenizer()
-        learner.train_from_iterator((clean_text(t) for t in texts), trainer)
-        # The trainer's vocabulary holds only the "x</w>" it has seen, ours all 256, so it learns more
-        # merges than fit; keep the first ones (a prefix of a BPE's merges is a smaller BPE).
+        split = _clip_pre_tokenizer()
+        counts = collections.Counter(w for t in texts for w, _ in split.pre_tokenize_str(clean_text(t)))
+        words = [[*w[:-1], w[-1] + EOW] for w in counts]  # each word as its symbols, and how often it occurs
+        freq = list(counts.values())
+        pairs, where = collections.Counter(), collections.defaultdict(set)
+        for i, w in enumerate(words):
+            for pair in zip(w, w[1:]):
+                pairs[pair] += freq[i]
+                where[pair].add(i)
+        heap = [(-n, pair) for pair, n in pairs.items()]  # most frequent first, ties in string order
+        heapq.heapify(heap)
         known, merges = set(_clip_vocab([])), []
-        for a, b in _merge_pairs(json.loads(learner.to_str())["model"]["merges"]):
-            if a + b not in known:
+        while heap:
+            n, pair = heapq.heappop(heap)
+            if -n != pairs[pair] or n == 0:
+                continue  # a count that has changed since it was pushed
+            if pair[0] + pair[1] not in known:  # (a merge may rebuild a known token: it costs no id)
                 if len(known) == vocab_size:  # (known holds SOT and EOT too)
                     break
-                known.add(a + b)
-            merges.append((a, b))
+                known.add(pair[0] + pair[1])
+            merges.append(pair)
+            changed = set()
+            for i in sorted(where.pop(pair)):  # each word that held the pair: merge it there, left to right
+                old, new, j = words[i], [], 0
+                while j < len(old):
+                    if j + 1 < len(old) and (old[j], old[j + 1]) == pair:
+                        new.append(old[j] + old[j + 1])
+                        j += 2
+                    else:
+                        new.append(old[j])
+                        j += 1
+                for p in zip(old, old[1:]):
+                    pairs[p] -= freq[i]
+                    changed.add(p)
+                for p in zip(new, new[1:]):
+                    pairs[p] += freq[i]
+                    where[p].add(i)
+                    changed.add(p)
+                words[i] = new
+            for p in changed - {pair}:
+                heapq.heappush(heap, (-pairs[p], p))
         return cls(_clip_vocab(merges), merges)
 
     def save(self, folder: str | os.PathLike, context_length: int = 77) -> Path:

@@ -14,11 +14,10 @@ cd "$(dirname "$0")/.."
 DEMO=${DEMO:-runs/demo}
 OUT=${OUT:-runs/demo-settings}
 PYTHON=${PYTHON:-python}
-# name: flags. The paper's InfoNCE scale and LoRA alpha, each alone and both; the text tower alone.
+# name: flags. The text tower alone; the paper's InfoNCE scale; the paper's LoRA alpha.
 SETTINGS=${SETTINGS:-"text-tower-only:--freeze vision
 paper-scale-100:--nce-scale 100
-paper-alpha-1:--lora-alpha 1
-paper-both:--nce-scale 100 --lora-alpha 1"}
+paper-alpha-1:--lora-alpha 1"}
 
 [ -f "$DEMO/safeclip/train_config.json" ] || { echo "error: run ./demo.sh first (no $DEMO/safeclip)" >&2; exit 2; }
 eval "RECIPE=($($PYTHON benchmarks/runs.py recipe "$DEMO/safeclip"))"

@@ -1,16 +1,19 @@
 """safeclip.Tokenizer against OpenAI's own tokenizer (clip-anytorch's simple_tokenizer.py)."""
 
 import gzip
+import os
 import json
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 import regex
 import tokenizers
 import torch
 
-from conftest import clip_package_dir, load_reference
+from conftest import ROOT, clip_package_dir, load_reference
 
 import safeclip
 
@@ -309,6 +312,21 @@ def test_training_is_deterministic():
     a = safeclip.Tokenizer.train(TOY_CAPTIONS, vocab_size=600)
     b = safeclip.Tokenizer.train(list(TOY_CAPTIONS), vocab_size=600)
     assert a._merges == b._merges and a._vocab == b._vocab
+
+
+def test_training_is_deterministic_across_processes(tmp_path):
+    # The demo's toy captions tie often: the `tokenizers` trainer broke ties by a hash order drawn
+    # afresh in each process, so two runs of the same small demo learned different ids (3 different
+    # vocabularies in 6 runs on these captions). Each process here also has its own PYTHONHASHSEED.
+    subprocess.run([sys.executable, str(ROOT / "generate_data.py"), "--toy", "600", "--image-size", "16",
+                    "--out", str(tmp_path / "toy")], capture_output=True, check=True)
+    code = ("import json, sys, safeclip; rows = [json.loads(l) for l in open(sys.argv[1])]; "
+            "caps = [r[k] for r in rows if r['split'] == 'train' for k in ('safe', 'unsafe')]; "
+            "print(safeclip.Tokenizer.train(caps, vocab_size=1000)._merges)")
+    runs = [subprocess.run([sys.executable, "-c", code, str(tmp_path / "toy" / "pairs.jsonl")], cwd=ROOT,
+                           capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)]
+    assert len(set(runs)) == 1 and len(runs[0]) > 1000
 
 
 def test_training_stops_when_the_texts_run_out_of_pairs():
