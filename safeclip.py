@@ -1996,7 +1996,7 @@ def train(args):
                                                       args.batch_size, args.workers)
         refs = {"train": {k: v[:n] for k, v in per_row.items()}, "val": {k: v[n:] for k, v in per_row.items()}}
         constants |= {"offset": args.offset} if args.offset is not None else {}
-        constants["scale"] = float(model.logit_scale.exp()) if args.nce_scale == "model" else float(args.nce_scale or 100)
+        constants["scale"] = model.logit_scale.exp().item() if args.nce_scale == "model" else float(args.nce_scale or 100)
         loss_fn = functools.partial(OBJECTIVES[args.objective].loss, lambdas=args.lambdas, **constants)
 
     # What trains: LoRA adapters (the default), or whole towers.
