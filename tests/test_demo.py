@@ -42,7 +42,7 @@ def test_the_demo_recipe_redirects_unsafe_queries_and_keeps_safe_retrieval(tmp_p
     for key in ("T->V", "V->T"):
         assert recall(safe, key) >= recall(clip, key) - 10, key
     # ... and keeps most of what it knew: the colour of lone objects, 12 classes (chance 8.3%), which
-    # the toy CLIP has really learned (this small copy loses about 10 points of it, the demo 10).
+    # the toy CLIP has really learned (this small copy loses about 10 points of it, the demo 4).
     zeroshot = clip["zeroshot"]
     assert zeroshot["classes"] == 12 and zeroshot["n"] == 80
     assert zeroshot["top1"] >= 3 * 100 / 12

@@ -196,6 +196,21 @@ def test_safer_clip_caches_nearest_safe_targets_and_trains_easy_pairs_first(data
 # -- resume, failures ----------------------------------------------------------------------------------
 
 
+def test_nce_scale_model_is_the_original_models_own_and_sets_every_infonce_term(data, base_model, tmp_path):
+    own = safeclip.load(base_model)[0].logit_scale.exp().item()
+    assert abs(own - 100) > 1  # a small CLIP's own scale differs from the paper's
+    records = {}
+    for scale in ("model", str(own), "100"):
+        out = train(data, base_model, tmp_path / scale, "--steps", "1", "--nce-scale", scale)
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        records[scale] = (log[0]["nce_scale"], first_step(out))
+    assert records["model"][0] == pytest.approx(own) and records["100"][0] == 100
+    nce = [k for k in safeclip.LAMBDAS if k.startswith("nce_")]
+    assert all(records["model"][1][k] == pytest.approx(records[str(own)][1][k], rel=1e-6) for k in nce)
+    assert all(abs(records["model"][1][k] - records["100"][1][k]) > 1e-3 for k in nce)
+    assert records["model"][1]["text_safe"] == pytest.approx(records["100"][1]["text_safe"], rel=1e-6)
+
+
 @pytest.mark.parametrize("objective", list(safeclip.OBJECTIVES))
 def test_stopping_and_resuming_gives_the_same_weights_as_one_run(data, base_model, tmp_path, objective):
     # 8 steps cross epochs (and, for safer-clip, curriculum stages of 1, 3 and 4 steps); 5 stops mid-epoch.
@@ -371,6 +386,9 @@ SCRATCH = "width=64,layers=1,embed_dim=16,image_resolution=32,vision_patch_size=
     (["--scratch", "width=200", "--objective", "clip"], ["--scratch", "width=200 does not split"]),
     (["--scratch", "layers=two", "--objective", "clip"], ["--scratch", "layers='two'"]),
     (["--model", "MODEL", "--freeze", "text", "vision"], ["--freeze text vision leaves nothing to train"]),
+    (["--model", "MODEL", "--nce-scale", "0"], ["--nce-scale takes a positive number or 'model'", "'0'"]),
+    (["--model", "MODEL", "--nce-scale", "modle"], ["--nce-scale takes a positive number or 'model'", "'modle'"]),
+    (["--scratch", SCRATCH, "--objective", "clip", "--nce-scale", "50"], ["--nce-scale applies to a fine-tuning"]),
 ])
 def test_meaningless_options_are_refused_before_any_work(data, base_model, tmp_path, capsys, extra, fragments):
     """Bugs: --scratch with the Safe-CLIP objective died in _fingerprint(None) after training a
