@@ -44,7 +44,8 @@ def test_the_demo_recipe_redirects_unsafe_queries_and_keeps_safe_retrieval(tmp_p
     # ... and keeps most of what it knew: the colour of lone objects, 12 classes (chance 8.3%), which
     # the toy CLIP has really learned (this small copy loses about 10 points of it, the demo 4).
     zeroshot = clip["zeroshot"]
-    assert zeroshot["classes"] == 12 and zeroshot["n"] == 80
+    images = [p for p in (tmp_path / "demo" / "data" / "zeroshot").rglob("*.png")]
+    assert zeroshot["classes"] == 12 and zeroshot["n"] == len(images) >= 80
     assert zeroshot["top1"] >= 3 * 100 / 12
     assert safe["zeroshot"]["top1"] >= zeroshot["top1"] - 12
     assert safe["zeroshot"]["top1"] <= safe["zeroshot"]["top5"] <= 100
