@@ -896,7 +896,7 @@ def test_toy_stand_in_is_named_in_the_unsafe_caption_and_drawn_only_in_the_unsaf
         assert safe.count(colour) == 0
         assert unsafe.count(colour) >= 20, (row["unsafe"], unsafe.count(colour))
         same = sum(a == b for a, b in zip(safe, unsafe)) / len(safe)
-        assert 0.45 < same < 0.97, (row["unsafe"], same)  # the same scene, plainly changed
+        assert 0.45 < same < 0.985, (row["unsafe"], same)  # the same scene, changed (a stand-in: ~1/10 of it)
         seen.add(stand_in)
     assert seen == set(toy_world.STAND_INS)
 
