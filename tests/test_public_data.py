@@ -123,7 +123,7 @@ def test_training_without_unsafe_images_uses_six_terms_and_redirects_unsafe_text
     assert "skipped, no row has an unsafe image: image_unsafe, nce_image_unsafe" in err
     log = log_of(out)
     six = [k for k in NAMES if k not in V_UNSAFE_TERMS]
-    assert log[0] == {"step": 0, "terms": {k: 36 for k in six}}
+    assert log[0] == {"step": 0, "terms": {k: 36 for k in six}, "nce_scale": 100.0}
     steps = [r for r in log if "loss" in r]
     assert all(set(r) & set(NAMES) == set(six) for r in steps)
     assert sum(r["loss"] for r in steps[-4:]) < sum(r["loss"] for r in steps[:4])
