@@ -481,15 +481,21 @@ def test_text_only_answers_and_rows_are_committed_in_batches(stub, tmp_path, mon
         assert 1 <= syncs[name] <= 300 // 64 + 1 + seconds, (name, syncs, seconds)
 
 
-def test_a_moved_source_resumes_and_a_changed_one_is_refused(stub, tmp_path, monkeypatch,
-                                                             capsys):
-    captions = [f"a horse number {k} in a field" for k in range(8)]
+def _stopped_after_three_answers(stub, tmp_path, monkeypatch, captions):
+    """A run over `captions` (in tmp_path/a/captions.txt) interrupted after 3 answers: (source, out)."""
     (tmp_path / "a").mkdir()
     source = write_lines(tmp_path / "a" / "captions.txt", captions)
     out = tmp_path / "out"
     _interrupt_after(monkeypatch, 3)
     assert run(*_llm_args(stub, source, out, "--workers", 1)) == 130
     monkeypatch.undo()
+    return source, out
+
+
+def test_a_moved_source_resumes_and_a_changed_one_is_refused(stub, tmp_path, monkeypatch,
+                                                             capsys):
+    captions = [f"a horse number {k} in a field" for k in range(8)]
+    source, out = _stopped_after_three_answers(stub, tmp_path, monkeypatch, captions)
 
     moved = tmp_path / "b" / "renamed.txt"
     moved.parent.mkdir()
@@ -513,12 +519,7 @@ def test_a_moved_source_resumes_and_a_changed_one_is_refused(stub, tmp_path, mon
 def test_a_folder_whose_recipe_names_its_source_by_path_resumes_by_content(
         stub, tmp_path, monkeypatch, capsys, hashed):
     captions = [f"a goat number {k} on a hill" for k in range(8)]
-    (tmp_path / "a").mkdir()
-    source = write_lines(tmp_path / "a" / "captions.txt", captions)
-    out = tmp_path / "out"
-    _interrupt_after(monkeypatch, 3)
-    assert run(*_llm_args(stub, source, out, "--workers", 1)) == 130
-    monkeypatch.undo()
+    source, out = _stopped_after_three_answers(stub, tmp_path, monkeypatch, captions)
     # The manifest as older versions wrote it: the recipe names the file by its path (with its
     # hash, as every earlier version did, or without), and there is no source_file.
     old = manifest(out)
