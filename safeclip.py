@@ -1256,9 +1256,7 @@ def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=Non
         "nce_image_unsafe": info_nce(t_ref_u, v_unsafe, scale) if len(v_unsafe) else None,
     }
     terms = {k: v for k, v in terms.items() if v is not None}
-    norm = sum(lambdas[k] for k in terms)  # renormalised over the terms present
-    total = sum(lambdas[k] / norm * v for k, v in terms.items())
-    return total, terms
+    return weighted_total(terms, lambdas), terms  # renormalised over the terms present
 
 
 # SafeR-CLIP (Yousaf et al., AAAI 2026), as far as its project page, poster and slides show it:
