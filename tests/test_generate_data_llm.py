@@ -588,8 +588,9 @@ def test_ctrl_c_stops_waiting_for_requests_in_flight(stub, tmp_path):
             time.sleep(0.02)
         process.send_signal(signal.SIGINT)
         start = time.monotonic()
-        _, err = process.communicate(timeout=20)
-        assert time.monotonic() - start < 5, "Ctrl-C waited for the requests in flight"
+        _, err = process.communicate(timeout=50)
+        # The hung requests would hold it for the 60 s timeout; 20 s leaves room for a loaded machine.
+        assert time.monotonic() - start < 20, "Ctrl-C waited for the requests in flight"
     finally:
         process.kill()
         process.wait()

@@ -162,7 +162,7 @@ def test_each_term_of_a_step_equals_numpy_over_its_own_rows(dataset, base_model,
 
 def test_mixed_data_trains_all_eight_terms_and_pulls_unsafe_images_to_their_safe_twins(mixed_data, base_model,
                                                                                         tmp_path, capsys):
-    out = train(mixed_data, base_model, tmp_path / "run", "--epochs", "6", "--lr", "5e-3", "--lora-dropout", "0")
+    out = train(mixed_data, base_model, tmp_path / "run", "--epochs", "20", "--lr", "5e-3", "--lora-dropout", "0")
     assert "image_unsafe over the 18 rows with an unsafe image" in capsys.readouterr().err
     steps = [r for r in log_of(out) if "loss" in r]
     assert all(set(NAMES) <= set(r) for r in steps)
@@ -172,7 +172,7 @@ def test_mixed_data_trains_all_eight_terms_and_pulls_unsafe_images_to_their_safe
     v0 = safeclip.encode_images(base, preprocess, [r["safe_image"] for r in rows])
     before, after = (F.cosine_similarity(safeclip.encode_images(m, preprocess, [r["unsafe_image"] for r in rows]),
                                          v0).mean() for m in (base, trained))
-    assert after > before + 0.05, (before, after)
+    assert after > before + 0.1, (before, after)  # 16 random halves: +0.18 at least
 
 
 def _gather_some_on_rank(rank, world, store, present_by_rank, rows, weights):
