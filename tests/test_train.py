@@ -1,6 +1,7 @@
 """The training loop: its data checks, the frozen references, LoRA, resume, failure handling and
 export. Every run here is a tiny CLIP on a few dozen drawn quadruplets."""
 
+import collections
 import dataclasses
 import json
 import os
@@ -209,6 +210,39 @@ def test_nce_scale_model_is_the_original_models_own_and_sets_every_infonce_term(
     assert all(records["model"][1][k] == pytest.approx(records[str(own)][1][k], rel=1e-6) for k in nce)
     assert all(abs(records["model"][1][k] - records["100"][1][k]) > 1e-3 for k in nce)
     assert records["model"][1]["text_safe"] == pytest.approx(records["100"][1]["text_safe"], rel=1e-6)
+
+
+def test_the_dataset_decodes_each_image_once_with_a_cache(data, monkeypatch):
+    rows = safeclip.read_pairs(data, split="train")
+    preprocess = safeclip.image_transform(32)
+    opened = collections.Counter()
+    monkeypatch.setattr(safeclip, "open_image", lambda path, _open=safeclip.open_image: opened.update([path]) or _open(path))
+    cached, plain = safeclip.Quadruplets(rows, preprocess, cache=True), safeclip.Quadruplets(rows, preprocess)
+    order = torch.randperm(len(rows)).tolist()
+    for _ in range(3):
+        for i in order:
+            a, b = cached[i], plain[i]
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2] == i
+    paths = [r[k] for r in rows for k in ("safe_image", "unsafe_image")]
+    assert all(opened[p] == 1 + 3 for p in paths)  # once for the cache, three times without one
+    assert safeclip.image_cache_mib(rows, 32) == len(paths) * 3 * 32 * 32 * 4 / 2 ** 20
+
+
+def test_the_image_cache_changes_no_weight_and_is_skipped_when_the_images_do_not_fit(data, base_model, tmp_path,
+                                                                                   monkeypatch):
+    train_paths = {r[k] for r in safeclip.read_pairs(data, split="train") for k in ("safe_image", "unsafe_image")}
+    opened = collections.Counter()
+    monkeypatch.setattr(safeclip, "open_image", lambda path, _open=safeclip.open_image: opened.update([path]) or _open(path))
+    opens, weights = {}, {}
+    for name, budget in (("cached", 2048), ("too-small", 0.5), ("off", 0)):  # the 72 images take 0.84 MiB
+        opened.clear()
+        out = train(data, base_model, tmp_path / name, "--epochs", "3", "--image-cache", budget)
+        opens[name] = sum(n for p, n in opened.items() if p in train_paths)
+        weights[name] = trainable_state(out)
+    assert opens["too-small"] == opens["off"] > opens["cached"] + len(train_paths)
+    for name in ("cached", "too-small"):
+        assert weights[name].keys() == weights["off"].keys()
+        assert all(torch.equal(weights[name][k], weights["off"][k]) for k in weights["off"])
 
 
 @pytest.mark.parametrize("objective", list(safeclip.OBJECTIVES))
