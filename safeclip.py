@@ -1542,7 +1542,7 @@ class TrainingError(RuntimeError):
 class Quadruplets(torch.utils.data.Dataset):
     """Row i -> (safe pixels, unsafe pixels or None, i); captions are tokenized up front. With
     `cache`, each image is decoded and preprocessed once, in its first epoch, and then kept: on a
-    CPU with small images, decoding was a third of every step."""
+    CPU, the demo's steps (48-pixel images) then run ~12% faster."""
 
     def __init__(self, rows, preprocess, cache=False):
         self.rows, self.preprocess = rows, preprocess
