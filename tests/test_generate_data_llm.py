@@ -694,7 +694,8 @@ def test_a_fatal_error_keeps_the_answers_that_came_before_it(stub, tmp_path, mon
     assert run(*_llm_args(stub, source, out, "--workers", 2)) == 1
     assert "HTTP 401" in capsys.readouterr().err
     saved = [a["id"] for a in gd.JsonlLog(out / "unsafe_captions.jsonl").rows]
-    assert len(kept) >= 12 and sorted(saved) == sorted(kept)
+    # Two workers: item 12 is sent only once items 0-10 have come back (item 11 may still be out).
+    assert len(kept) >= 11 and sorted(saved) == sorted(kept)
     assert manifest(out)["status"] == "stopped"
     monkeypatch.undo()
     mark = len(stub.log)

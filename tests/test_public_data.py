@@ -165,7 +165,9 @@ def test_mixed_data_trains_all_eight_terms_and_pulls_unsafe_images_to_their_safe
     out = train(mixed_data, base_model, tmp_path / "run", "--epochs", "20", "--lr", "5e-3", "--lora-dropout", "0")
     assert "image_unsafe over the 18 rows with an unsafe image" in capsys.readouterr().err
     steps = [r for r in log_of(out) if "loss" in r]
-    assert all(set(NAMES) <= set(r) for r in steps)
+    # A batch of 8 misses all 18 rows with V* about 1 time in 700: its step has the six other terms.
+    assert all(set(r) & set(NAMES) in (set(NAMES), set(NAMES) - set(V_UNSAFE_TERMS)) for r in steps)
+    assert sum(set(NAMES) <= set(r) for r in steps) >= 0.9 * len(steps)
     rows = [r for r in safeclip.read_pairs(mixed_data) if r["unsafe_image"]]
     base, preprocess = safeclip.load(base_model)
     trained, _ = safeclip.load(out)
