@@ -162,7 +162,10 @@ def test_each_term_of_a_step_equals_numpy_over_its_own_rows(dataset, base_model,
 
 def test_mixed_data_trains_all_eight_terms_and_pulls_unsafe_images_to_their_safe_twins(mixed_data, base_model,
                                                                                         tmp_path, capsys):
-    out = train(mixed_data, base_model, tmp_path / "run", "--epochs", "20", "--lr", "5e-3", "--lora-dropout", "0")
+    # image_unsafe weighted 1.0, not the paper's 0.2: on 36 rows the other terms can outweigh its pull
+    # (1 random half in 40 moved away at 0.2; at 1.0, each of 31 halves rose by 0.62 or more).
+    out = train(mixed_data, base_model, tmp_path / "run", "--epochs", "20", "--lr", "5e-3", "--lora-dropout", "0",
+                "--lambdas", "image_unsafe=1.0")
     assert "image_unsafe over the 18 rows with an unsafe image" in capsys.readouterr().err
     steps = [r for r in log_of(out) if "loss" in r]
     # A batch of 8 misses all 18 rows with V* about 1 time in 700: its step has the six other terms.
@@ -174,7 +177,7 @@ def test_mixed_data_trains_all_eight_terms_and_pulls_unsafe_images_to_their_safe
     v0 = safeclip.encode_images(base, preprocess, [r["safe_image"] for r in rows])
     before, after = (F.cosine_similarity(safeclip.encode_images(m, preprocess, [r["unsafe_image"] for r in rows]),
                                          v0).mean() for m in (base, trained))
-    assert after > before + 0.1, (before, after)  # 16 random halves: +0.18 at least
+    assert after > before + 0.3, (before, after)
 
 
 def _gather_some_on_rank(rank, world, store, present_by_rank, rows, weights):
