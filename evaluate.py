@@ -4,6 +4,11 @@
     python evaluate.py --ckpt runs/safeclip --baseline ViT-L/14 --data visu/pairs.jsonl \\
         --zeroshot imagenet/val --json eval.json --markdown eval.md
 
+Reading order: the method first (ranking with its tie rule, R@K and unsafe@K over the eight
+settings, zero-shot accuracy, one model's numbers from its rows); then, below a divider, what
+does not change a number: the reports, the figure, the input readers, the embedding cache and
+the command line.
+
 --ckpt and --baseline take anything `safeclip.load` reads (OpenAI names such as ViT-L/14, this
 project's checkpoint folders, OpenAI .pt files, state-dict files, Hugging Face CLIPModel folders),
 so one command compares ours, the released Safe-CLIP and the original CLIP. The data is a
@@ -101,14 +106,6 @@ DEFAULT_TEMPLATES = (
     "a photo of the small {}.",
     "a drawing of a {}.",
 )
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-CACHE_FORMAT = "safeclip-eval-embeddings-v1"  # bump when the meaning of a cached file changes
-# What safeclip.load reads from a checkpoint folder (ours or Hugging Face's).
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", *safeclip.TOKENIZER_FILES, "vocab.json")
-
-
-class EvalError(Exception):
-    """A problem with the user's inputs: reported as one line and a non-zero exit."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,59 +251,7 @@ def zeroshot_accuracy(image_emb, labels, class_emb, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs: pairs, class folders, templates
-
-
-def read_split(path, split):
-    """Rows of pairs.jsonl in the split ("all" for every row), or an EvalError saying what exists."""
-    if not os.path.isfile(path):
-        raise EvalError(f"data file not found: {path}")
-    rows = safeclip.read_pairs(path)
-    if not rows:
-        raise EvalError(f"{path} holds no pairs")
-    if split == "all":
-        return rows
-    chosen = [r for r in rows if r["split"] == split]
-    if not chosen:
-        present = ", ".join(sorted({r["split"] for r in rows}))
-        raise EvalError(f"{path} has no rows in split {split!r} (splits present: {present}); choose one with --split")
-    return chosen
-
-
-def read_class_folders(root):
-    """(class names, image paths, labels) from root/CLASS/*.jpg; folder name = class, '_' -> ' '."""
-    if not os.path.isdir(root):
-        raise EvalError(f"zero-shot folder not found: {root}")
-    folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(folders) < 2:
-        raise EvalError(f"{root} needs at least two class sub-folders for zero-shot classification, found {len(folders)}")
-    paths, labels = [], []
-    for label, folder in enumerate(folders):
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        paths += [str(p) for p in images]
-        labels += [label] * len(images)
-    if not paths:
-        raise EvalError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class sub-folders")
-    return [f.name.replace("_", " ") for f in folders], paths, torch.tensor(labels)
-
-
-def read_templates(path):
-    """Prompt templates, one per line with '{}' where the class name goes; '#' lines are comments."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise EvalError(f"cannot read templates file {path}: {e.strerror}") from e
-    templates = []
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "{}" not in line:
-            raise EvalError(f"{path}, line {number}: template {line!r} has no '{{}}' for the class name")
-        templates.append(line)
-    if not templates:
-        raise EvalError(f"{path} holds no templates")
-    return templates
+# One model's numbers: its embeddings of the distinct items, then the metrics above
 
 
 def distinct(values):
@@ -315,122 +260,6 @@ def distinct(values):
     position = {}
     index = [-1 if v is None else position.setdefault(v, len(position)) for v in values]
     return list(position), torch.tensor(index, dtype=torch.long)
-
-
-# ---------------------------------------------------------------------------------------------
-# Embeddings: one model, computed once, cached by content
-
-
-def file_digest(path):
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.digest()
-
-
-def checkpoint_digest(path):
-    """sha256 of a weights or tokenizer file, or of the files safeclip.load reads from a folder
-    (a run folder's logs, resume state and reference cache do not change the embeddings)."""
-    path = Path(path)
-    if not path.is_dir():
-        return file_digest(path)
-    h = hashlib.sha256()
-    for name in CHECKPOINT_FILES:
-        if (path / name).is_file():
-            h.update(name.encode() + b"\0" + file_digest(path / name))
-    return h.digest()
-
-
-def image_digest(path):
-    try:
-        return file_digest(path)
-    except OSError as e:
-        raise EvalError(f"cannot read image {path}: {e.strerror}") from e
-
-
-def load_model(ckpt, device, tokenizer=None, quick_gelu=None):
-    """safeclip.load with the failure turned into a message that names the checkpoint."""
-    try:
-        model, preprocess = safeclip.load(ckpt, device=device, tokenizer=tokenizer, quick_gelu=quick_gelu)
-    except Exception as e:  # whatever the loader trips on, the cause is the user's file
-        detail = str(e) if str(ckpt) in str(e) else f"{ckpt}: {type(e).__name__}: {e}"
-        raise EvalError(f"cannot load checkpoint {detail}") from e
-    if model.tokenizer is None:
-        raise EvalError(f"{ckpt} comes without a tokenizer: pass --tokenizer (a tokenizer.json, "
-                        "OpenAI's bpe_simple_vocab_16e6.txt.gz, or a folder holding one)")
-    return model, preprocess
-
-
-class Encoder:
-    """Texts and image files -> embeddings under one checkpoint, through the on-disk cache.
-
-    The model is loaded on the first cache miss only, so a fully cached run never reads it.
-    """
-
-    def __init__(self, ckpt, tokenizer=None, device="cpu", batch_size=64, cache_dir=None, name="model",
-                 quick_gelu=None):
-        self.ckpt, self.tokenizer, self.device, self.name = ckpt, tokenizer, device, name
-        self.quick_gelu = quick_gelu
-        self.batch_size, self.cache_dir = batch_size, cache_dir
-        self._model = self._key = None
-
-    def model(self):
-        if self._model is None:
-            self._model = load_model(self.ckpt, self.device, self.tokenizer, self.quick_gelu)
-        return self._model
-
-    def texts(self, texts, desc):
-        digests = (hashlib.sha256(t.encode()).digest() for t in texts)
-        encode = lambda model, _: safeclip.encode_texts(model, texts, self.batch_size, self.device, f"{self.name}: {desc}")
-        return self._embed("text", len(texts), digests, encode)
-
-    def images(self, paths, desc):
-        digests = (image_digest(p) for p in paths)
-        encode = lambda model, preprocess: safeclip.encode_images(
-            model, preprocess, paths, self.batch_size, self.device, f"{self.name}: {desc}")
-        return self._embed("image", len(paths), digests, encode)
-
-    def _model_key(self):
-        """What the embeddings depend on besides the inputs: weights, tokenizer, our code, and the
-        device type (safeclip encodes in bfloat16 on CUDA, in float32 on the CPU), the activation
-        (--quick-gelu, or the sidecar JSON that records it beside a plain state dict)."""
-        if self._key is None:
-            h = hashlib.sha256(f"{CACHE_FORMAT} {torch.device(self.device).type} {self.quick_gelu}".encode())
-            sidecar = Path(self.ckpt).with_suffix(".json")
-            for path in (self.ckpt, self.tokenizer, safeclip.__file__, sidecar if sidecar.is_file() else None):
-                h.update(checkpoint_digest(path) if path else b"none")
-            self._key = h.hexdigest()
-        return self._key
-
-    def _embed(self, what, n, digests, encode):
-        if self.cache_dir is None:
-            return self._checked(encode(*self.model()))
-        h = hashlib.sha256(f"{what} {self._model_key()}".encode())
-        for d in digests:  # fixed-size digests, so the concatenation is unambiguous
-            h.update(d)
-        path = Path(self.cache_dir) / f"{h.hexdigest()}.safetensors"
-        if path.is_file():
-            try:
-                emb = load_file(path)["embeddings"]
-                if len(emb) == n:
-                    return emb
-            except Exception as e:  # a damaged cache file is recomputed, never trusted
-                print(f"warning: ignoring unreadable cache file {path}: {e}", file=sys.stderr)
-        emb = self._checked(encode(*self.model()))
-        with atomic_path(path) as tmp:
-            save_file({"embeddings": emb.contiguous()}, tmp)
-        return emb
-
-    def _checked(self, emb):
-        if not torch.isfinite(emb).all():
-            raise EvalError(f"{self.ckpt} produced non-finite embeddings (NaN or inf)")
-        return emb.float().cpu()
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluating one model
 
 
 def evaluate_model(encoder, rows, zeroshot_set=None, templates=DEFAULT_TEMPLATES):
@@ -456,41 +285,15 @@ def evaluate_model(encoder, rows, zeroshot_set=None, templates=DEFAULT_TEMPLATES
             "zeroshot": zeroshot, "per_category": metrics["per_category"], "n": len(rows)}
 
 
-def checkpoints_of(args):
-    """{report name: path}: --ckpt as "model", each --compare under its NAME, then --baseline."""
-    return {"model": args.ckpt, **dict(args.compare), **({"baseline": args.baseline} if args.baseline else {})}
+# =============================================================================================
+# The plumbing. Nothing below changes what is computed from the rows and the models: it writes
+# the reports and the figure, reads the inputs, caches the embeddings and parses the command
+# line. A reader who stops here has seen every rule behind every number.
+# =============================================================================================
 
 
-def evaluate(args):
-    """The whole report, {"models": {"model": .., NAME: .., "baseline": ..}, "data": .., "split": ..}."""
-    # Names become their verified files (downloaded if need be), and every path must exist: fail
-    # now, not after an hour spent on the first model.
-    for flag in ("ckpt", "baseline"):
-        if getattr(args, flag):
-            try:
-                setattr(args, flag, str(safeclip.resolve_model(getattr(args, flag), f"--{flag}")))
-            except (FileNotFoundError, safeclip.DownloadError) as e:
-                raise EvalError(f"--{flag}: {e}") from None
-    if args.tokenizer and not os.path.exists(args.tokenizer):
-        raise EvalError(f"--tokenizer: not found: {args.tokenizer}")
-    for name, path in args.compare:
-        if not os.path.exists(path):
-            raise EvalError(f"--compare {name}: not found: {path}")
-    checkpoints = checkpoints_of(args)
-    rows = read_split(args.data, args.split)
-    zeroshot_set = read_class_folders(args.zeroshot) if args.zeroshot else None
-    templates = read_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError as e:
-        raise EvalError(f"--device {device}: {e}") from e
-    cache_dir = None if args.no_cache else args.cache_dir
-    models = {}
-    for name, ckpt in checkpoints.items():
-        encoder = Encoder(ckpt, args.tokenizer, device, args.batch_size, cache_dir, name, args.quick_gelu)
-        models[name] = evaluate_model(encoder, rows, zeroshot_set, templates)
-    return {"models": models, "data": args.data, "split": args.split}
+class EvalError(Exception):
+    """A problem with the user's inputs: reported as one line and a non-zero exit."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,6 +419,9 @@ FIGURE_QUERIES = 4  # unsafe caption queries shown, and as many unsafe image que
 FIGURE_TOP = 3      # retrieved items shown per query and model
 THUMB, FRAME, GAP = 96, 4, 8  # pixels
 SAFE_COLOUR, UNSAFE_COLOUR, INK = (30, 150, 60), (215, 30, 30), (20, 20, 20)
+CELL = THUMB + 2 * FRAME                             # a framed thumbnail
+COLUMN = FIGURE_TOP * CELL + (FIGURE_TOP - 1) * GAP  # one model's results
+QUERY_WIDTH, LINE_HEIGHT = 260, 16                   # pixels
 
 
 def figure_queries(rows, n=FIGURE_QUERIES):
@@ -677,70 +483,77 @@ def _thumbnail(path, unsafe):
     return ImageOps.expand(image, FRAME, UNSAFE_COLOUR if unsafe else SAFE_COLOUR)
 
 
+def _model_x(m):
+    """Where model m's column of results starts, left of it the queries and the earlier models."""
+    return 2 * GAP + QUERY_WIDTH + m * (2 * GAP + COLUMN) + GAP
+
+
+def _title_band(text, bold):
+    """A band of the figure, as every _*_band returns it: (height, paint(draw, canvas, y));
+    draw_figure stacks the bands top to bottom."""
+    def paint(d, canvas, y):
+        d.text((GAP, y + 6), text, fill=INK, font=bold)
+    return 30, paint
+
+
+def _header_band(labels, bold):
+    """The models' titles above their columns."""
+    def paint(d, canvas, y):
+        for m, label in enumerate(labels):
+            d.text((_model_x(m), y), label, fill=INK, font=bold)
+    return 24, paint
+
+
+def _caption_band(caption, found, font, measure):
+    """An unsafe caption and, for each model, the framed images it retrieves for it."""
+    lines = _wrap(measure, caption, font, QUERY_WIDTH)
+
+    def paint(d, canvas, y):
+        for i, line in enumerate(lines):
+            d.text((GAP, y + i * LINE_HEIGHT), line, fill=UNSAFE_COLOUR, font=font)
+        for m, retrieved in enumerate(found):
+            for j, (path, unsafe) in enumerate(retrieved):
+                canvas.paste(_thumbnail(path, unsafe), (_model_x(m) + j * (CELL + GAP), y))
+    return max(CELL, len(lines) * LINE_HEIGHT) + GAP, paint
+
+
+def _image_band(image, found, font, measure):
+    """An unsafe image and, for each model, the captions it retrieves for it, red or green."""
+    wrapped = [[(_wrap(measure, text, font, COLUMN - 14), unsafe) for text, unsafe in retrieved]
+               for retrieved in found]
+    height = max(sum(len(lines) * LINE_HEIGHT + 4 for lines, _ in w) for w in wrapped)
+
+    def paint(d, canvas, y):
+        canvas.paste(_thumbnail(image, True), (GAP, y))
+        for m, captions in enumerate(wrapped):
+            x, ty = _model_x(m), y
+            for lines, unsafe in captions:
+                colour = UNSAFE_COLOUR if unsafe else SAFE_COLOUR
+                d.rectangle((x, ty + 3, x + 8, ty + 11), fill=colour)  # the same code as the frames
+                for i, line in enumerate(lines):
+                    d.text((x + 14, ty + i * LINE_HEIGHT), line, fill=colour, font=font)
+                ty += len(lines) * LINE_HEIGHT + 4
+    return max(CELL, height) + GAP, paint
+
+
 def draw_figure(caption_queries, image_queries, results, labels):
     """The figure as a PIL image. results: {model name: figure_retrievals(..)}; labels: their titles."""
     font, bold = _font(13), _font(16)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    cell = THUMB + 2 * FRAME
-    column = FIGURE_TOP * cell + (FIGURE_TOP - 1) * GAP  # one model's results
-    query_width = 260
-    width = GAP + query_width + len(results) * (2 * GAP + column) + GAP
-    line_height = 16
-    blocks = []  # (height, draw(draw, canvas, y)) of each band, stacked top to bottom
+    header = _header_band([labels[name] for name in results], bold)
+    bands = [_title_band(f"Unsafe captions (T*) and the top {FIGURE_TOP} images of the gallery of safe and unsafe"
+                         " images (frame: red unsafe, green safe)", bold), header]
+    bands += [_caption_band(row["unsafe"], [r["T*->V+V*"][i] for r in results.values()], font, measure)
+              for i, row in enumerate(caption_queries)]
+    bands += [_title_band(f"Unsafe images (V*) and the top {FIGURE_TOP} captions of the gallery of safe and unsafe"
+                          " captions", bold), header]
+    bands += [_image_band(row["unsafe_image"], [r["V*->T+T*"][i] for r in results.values()], font, measure)
+              for i, row in enumerate(image_queries)]
 
-    def title(text):
-        def paint(d, canvas, y):
-            d.text((GAP, y + 6), text, fill=INK, font=bold)
-        blocks.append((30, paint))
-
-    def header():
-        def paint(d, canvas, y):
-            for m, name in enumerate(results):
-                d.text((2 * GAP + query_width + m * (2 * GAP + column) + GAP, y), labels[name], fill=INK, font=bold)
-        blocks.append((24, paint))
-
-    def caption_row(row, found):
-        lines = _wrap(measure, row["unsafe"], font, query_width)
-
-        def paint(d, canvas, y):
-            for i, line in enumerate(lines):
-                d.text((GAP, y + i * line_height), line, fill=UNSAFE_COLOUR, font=font)
-            for m, name in enumerate(results):
-                x = 2 * GAP + query_width + m * (2 * GAP + column) + GAP
-                for j, (path, unsafe) in enumerate(found[name]):
-                    canvas.paste(_thumbnail(path, unsafe), (x + j * (cell + GAP), y))
-        blocks.append((max(cell, len(lines) * line_height) + GAP, paint))
-
-    def image_row(row, found):
-        wrapped = {name: [(_wrap(measure, text, font, column - 14), unsafe) for text, unsafe in found[name]]
-                   for name in results}
-        height = max(sum(len(lines) * line_height + 4 for lines, _ in w) for w in wrapped.values())
-
-        def paint(d, canvas, y):
-            canvas.paste(_thumbnail(row["unsafe_image"], True), (GAP, y))
-            for m, name in enumerate(results):
-                x, ty = 2 * GAP + query_width + m * (2 * GAP + column) + GAP, y
-                for lines, unsafe in wrapped[name]:
-                    colour = UNSAFE_COLOUR if unsafe else SAFE_COLOUR
-                    d.rectangle((x, ty + 3, x + 8, ty + 11), fill=colour)  # the same code as the frames
-                    for i, line in enumerate(lines):
-                        d.text((x + 14, ty + i * line_height), line, fill=colour, font=font)
-                    ty += len(lines) * line_height + 4
-        blocks.append((max(cell, height) + GAP, paint))
-
-    title(f"Unsafe captions (T*) and the top {FIGURE_TOP} images of the gallery of safe and unsafe images"
-          " (frame: red unsafe, green safe)")
-    header()
-    for i, row in enumerate(caption_queries):
-        caption_row(row, {name: r["T*->V+V*"][i] for name, r in results.items()})
-    title(f"Unsafe images (V*) and the top {FIGURE_TOP} captions of the gallery of safe and unsafe captions")
-    header()
-    for i, row in enumerate(image_queries):
-        image_row(row, {name: r["V*->T+T*"][i] for name, r in results.items()})
-
-    canvas = Image.new("RGB", (width, sum(h for h, _ in blocks) + GAP), "white")
+    width = GAP + QUERY_WIDTH + len(results) * (2 * GAP + COLUMN) + GAP
+    canvas = Image.new("RGB", (width, sum(h for h, _ in bands) + GAP), "white")
     d, y = ImageDraw.Draw(canvas), GAP
-    for height, paint in blocks:
+    for height, paint in bands:
         paint(d, canvas, y)
         y += height
     return canvas
@@ -761,6 +574,221 @@ def write_figure(args):
     figure = draw_figure(caption_queries, image_queries, results, labels)
     with atomic_path(args.figure) as tmp:
         figure.save(tmp, format="PNG")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: pairs, class folders, templates
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def read_split(path, split):
+    """Rows of pairs.jsonl in the split ("all" for every row), or an EvalError saying what exists."""
+    if not os.path.isfile(path):
+        raise EvalError(f"data file not found: {path}")
+    rows = safeclip.read_pairs(path)
+    if not rows:
+        raise EvalError(f"{path} holds no pairs")
+    if split == "all":
+        return rows
+    chosen = [r for r in rows if r["split"] == split]
+    if not chosen:
+        present = ", ".join(sorted({r["split"] for r in rows}))
+        raise EvalError(f"{path} has no rows in split {split!r} (splits present: {present}); choose one with --split")
+    return chosen
+
+
+def read_class_folders(root):
+    """(class names, image paths, labels) from root/CLASS/*.jpg; folder name = class, '_' -> ' '."""
+    if not os.path.isdir(root):
+        raise EvalError(f"zero-shot folder not found: {root}")
+    folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        raise EvalError(f"{root} needs at least two class sub-folders for zero-shot classification, found {len(folders)}")
+    paths, labels = [], []
+    for label, folder in enumerate(folders):
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += [str(p) for p in images]
+        labels += [label] * len(images)
+    if not paths:
+        raise EvalError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class sub-folders")
+    return [f.name.replace("_", " ") for f in folders], paths, torch.tensor(labels)
+
+
+def read_templates(path):
+    """Prompt templates, one per line with '{}' where the class name goes; '#' lines are comments."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise EvalError(f"cannot read templates file {path}: {e.strerror}") from e
+    templates = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "{}" not in line:
+            raise EvalError(f"{path}, line {number}: template {line!r} has no '{{}}' for the class name")
+        templates.append(line)
+    if not templates:
+        raise EvalError(f"{path} holds no templates")
+    return templates
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings: one model, computed once, cached by content
+
+CACHE_FORMAT = "safeclip-eval-embeddings-v1"  # bump when the meaning of a cached file changes
+# What safeclip.load reads from a checkpoint folder (ours or Hugging Face's).
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", *safeclip.TOKENIZER_FILES, "vocab.json")
+
+
+def file_digest(path):
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.digest()
+
+
+def checkpoint_digest(path):
+    """sha256 of a weights or tokenizer file, or of the files safeclip.load reads from a folder
+    (a run folder's logs, resume state and reference cache do not change the embeddings)."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_digest(path)
+    h = hashlib.sha256()
+    for name in CHECKPOINT_FILES:
+        if (path / name).is_file():
+            h.update(name.encode() + b"\0" + file_digest(path / name))
+    return h.digest()
+
+
+def image_digest(path):
+    try:
+        return file_digest(path)
+    except OSError as e:
+        raise EvalError(f"cannot read image {path}: {e.strerror}") from e
+
+
+def load_model(ckpt, device, tokenizer=None, quick_gelu=None):
+    """safeclip.load with the failure turned into a message that names the checkpoint."""
+    try:
+        model, preprocess = safeclip.load(ckpt, device=device, tokenizer=tokenizer, quick_gelu=quick_gelu)
+    except Exception as e:  # whatever the loader trips on, the cause is the user's file
+        detail = str(e) if str(ckpt) in str(e) else f"{ckpt}: {type(e).__name__}: {e}"
+        raise EvalError(f"cannot load checkpoint {detail}") from e
+    if model.tokenizer is None:
+        raise EvalError(f"{ckpt} comes without a tokenizer: pass --tokenizer (a tokenizer.json, "
+                        "OpenAI's bpe_simple_vocab_16e6.txt.gz, or a folder holding one)")
+    return model, preprocess
+
+
+class Encoder:
+    """Texts and image files -> embeddings under one checkpoint, through the on-disk cache.
+
+    The model is loaded on the first cache miss only, so a fully cached run never reads it.
+    """
+
+    def __init__(self, ckpt, tokenizer=None, device="cpu", batch_size=64, cache_dir=None, name="model",
+                 quick_gelu=None):
+        self.ckpt, self.tokenizer, self.device, self.name = ckpt, tokenizer, device, name
+        self.quick_gelu = quick_gelu
+        self.batch_size, self.cache_dir = batch_size, cache_dir
+        self._model = self._key = None
+
+    def model(self):
+        if self._model is None:
+            self._model = load_model(self.ckpt, self.device, self.tokenizer, self.quick_gelu)
+        return self._model
+
+    def texts(self, texts, desc):
+        digests = (hashlib.sha256(t.encode()).digest() for t in texts)
+        encode = lambda model, _: safeclip.encode_texts(model, texts, self.batch_size, self.device, f"{self.name}: {desc}")
+        return self._embed("text", len(texts), digests, encode)
+
+    def images(self, paths, desc):
+        digests = (image_digest(p) for p in paths)
+        encode = lambda model, preprocess: safeclip.encode_images(
+            model, preprocess, paths, self.batch_size, self.device, f"{self.name}: {desc}")
+        return self._embed("image", len(paths), digests, encode)
+
+    def _model_key(self):
+        """What the embeddings depend on besides the inputs: weights, tokenizer, our code, and the
+        device type (safeclip encodes in bfloat16 on CUDA, in float32 on the CPU), the activation
+        (--quick-gelu, or the sidecar JSON that records it beside a plain state dict)."""
+        if self._key is None:
+            h = hashlib.sha256(f"{CACHE_FORMAT} {torch.device(self.device).type} {self.quick_gelu}".encode())
+            sidecar = Path(self.ckpt).with_suffix(".json")
+            for path in (self.ckpt, self.tokenizer, safeclip.__file__, sidecar if sidecar.is_file() else None):
+                h.update(checkpoint_digest(path) if path else b"none")
+            self._key = h.hexdigest()
+        return self._key
+
+    def _embed(self, what, n, digests, encode):
+        if self.cache_dir is None:
+            return self._checked(encode(*self.model()))
+        h = hashlib.sha256(f"{what} {self._model_key()}".encode())
+        for d in digests:  # fixed-size digests, so the concatenation is unambiguous
+            h.update(d)
+        path = Path(self.cache_dir) / f"{h.hexdigest()}.safetensors"
+        if path.is_file():
+            try:
+                emb = load_file(path)["embeddings"]
+                if len(emb) == n:
+                    return emb
+            except Exception as e:  # a damaged cache file is recomputed, never trusted
+                print(f"warning: ignoring unreadable cache file {path}: {e}", file=sys.stderr)
+        emb = self._checked(encode(*self.model()))
+        with atomic_path(path) as tmp:
+            save_file({"embeddings": emb.contiguous()}, tmp)
+        return emb
+
+    def _checked(self, emb):
+        if not torch.isfinite(emb).all():
+            raise EvalError(f"{self.ckpt} produced non-finite embeddings (NaN or inf)")
+        return emb.float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# One run: every model on the same rows
+
+
+def checkpoints_of(args):
+    """{report name: path}: --ckpt as "model", each --compare under its NAME, then --baseline."""
+    return {"model": args.ckpt, **dict(args.compare), **({"baseline": args.baseline} if args.baseline else {})}
+
+
+def evaluate(args):
+    """The whole report, {"models": {"model": .., NAME: .., "baseline": ..}, "data": .., "split": ..}."""
+    # Names become their verified files (downloaded if need be), and every path must exist: fail
+    # now, not after an hour spent on the first model.
+    for flag in ("ckpt", "baseline"):
+        if getattr(args, flag):
+            try:
+                setattr(args, flag, str(safeclip.resolve_model(getattr(args, flag), f"--{flag}")))
+            except (FileNotFoundError, safeclip.DownloadError) as e:
+                raise EvalError(f"--{flag}: {e}") from None
+    if args.tokenizer and not os.path.exists(args.tokenizer):
+        raise EvalError(f"--tokenizer: not found: {args.tokenizer}")
+    for name, path in args.compare:
+        if not os.path.exists(path):
+            raise EvalError(f"--compare {name}: not found: {path}")
+    checkpoints = checkpoints_of(args)
+    rows = read_split(args.data, args.split)
+    zeroshot_set = read_class_folders(args.zeroshot) if args.zeroshot else None
+    templates = read_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as e:
+        raise EvalError(f"--device {device}: {e}") from e
+    cache_dir = None if args.no_cache else args.cache_dir
+    models = {}
+    for name, ckpt in checkpoints.items():
+        encoder = Encoder(ckpt, args.tokenizer, device, args.batch_size, cache_dir, name, args.quick_gelu)
+        models[name] = evaluate_model(encoder, rows, zeroshot_set, templates)
+    return {"models": models, "data": args.data, "split": args.split}
 
 
 # ---------------------------------------------------------------------------------------------

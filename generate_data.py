@@ -7,6 +7,12 @@ script makes such quadruplets from whatever you have and writes them in the form
 `safeclip.py train` and `evaluate.py` read. It needs only the standard library, Pillow and tqdm;
 `diffusers` is imported only when asked for.
 
+Reading order: what the data is comes first (the categories and the rewriting prompt, the checks
+an LLM's answer must pass, the quadruplet and how its split, category and seeds are chosen, the
+toy world's rows); below a divider, the plumbing that does not change it (reading the sources,
+HTTP with retries, the LLM and text-to-image servers, the resumable output folder, the worker
+threads and the command line).
+
 Sources (pick one)
   --toy N               an offline toy world drawn with Pillow (toy_world.py): N scenes of shapes
                         and things with a truthful caption, each with an unsafe twin (the same
@@ -113,9 +119,6 @@ CATEGORIES = (
     "theft", "vandalism", "weapons", "child abuse", "brutality", "cruelty",
 )
 SPLITS = ("train", "val", "test")
-COCO_FOLDERS = ("train2017", "val2017", "test2017")  # where --coco-root looks for an image
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-               "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 
 # Bump PROMPT_VERSION whenever the prompt changes: it is part of every dataset's recipe, so a
 # resumed run never mixes answers to two different prompts.
@@ -138,6 +141,226 @@ FEW_SHOT = (
 )
 LLM_TEMPERATURE = 0.8  # above zero, so that a retried request can get a different answer
 
+
+def build_messages(caption: str, category: str) -> list[dict]:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for example_category, example_caption, answer in FEW_SHOT:
+        messages.append({"role": "user", "content": USER_PROMPT.format(
+            category=example_category, caption=example_caption)})
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": USER_PROMPT.format(category=category,
+                                                                   caption=caption)})
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------
+# The answer checks: strip what a chat model wraps around its answer, reject what is no caption
+# ---------------------------------------------------------------------------------------------
+
+# A caption never speaks in the first person to apologise, decline or cite a policy; a refusal
+# almost always does. The patterns are checked on the answer's own words (_own_words), so a
+# caption may quote someone who does: a sign that says "I can't breathe" is not a refusal.
+_REFUSAL = re.compile(
+    r"^(?:sorry\b|(?:my )?apologies\b|unfortunately\b|regrettably\b|no[,.!]|nope\b)"
+    r"|\bi(?:'m| am)(?: really| so| very| truly)? (?:sorry|afraid|unable|not able|not comfortable"
+    r"|uncomfortable|not going to|programmed|designed)\b"
+    r"|\bi (?:can't|cannot|can not|won't|will not|couldn't|could not|wouldn't|would not|don't"
+    r"|do not|must not|shouldn't|should not|refuse|decline|apologi[sz]e|regret)\b"
+    r"|\bi (?:must|have to|need to|will have to)(?: respectfully| politely)? (?:decline|refuse)\b"
+    r"|\bi(?:'d| would)(?: much)? (?:rather not|prefer not)\b"
+    r"|\b(?:as an ai|language model|ai assistant|content polic(?:y|ies)|usage polic(?:y|ies))\b"
+    r"|\b(?:against|violates?|breach(?:es)?) (?:my|the|our|openai's|community) (?:guidelines"
+    r"|polic(?:y|ies)|principles|programming|rules|terms)\b"
+    r"|\bnot (?:something i|appropriate for me|able to (?:help|assist|comply))\b")
+# Quoted text: in double quotes, guillemets or corner brackets, or in single quotes that stand
+# apart from words (so the apostrophes of "can't" and "dogs'" open or close nothing).
+_QUOTED = re.compile(r'"[^"\n]*"|\u201c[^\u201d\n]*\u201d|\u00ab[^\u00bb\n]*\u00bb'
+                     r"|\u300c[^\u300d\n]*\u300d|(?<!\w)'[^\n]*?'(?!\w)")
+# Wrappers that chat models put around an answer, removed in this order.
+_REASONING = re.compile(r"<(think|thinking|reasoning)>.*?</\1>", re.DOTALL | re.IGNORECASE)
+_LEAD_IN = re.compile(  # "Sure! Here is the rewritten caption:", "Unsafe caption:", "Output:"
+    r"^(?:(?:sure|certainly|of course|okay|ok|absolutely)\b[^\n:]{0,20}?[,.!]\s*)?"
+    r"(?:here(?:'s|\u2019s| is| are)\b[^\n:]{0,60}"
+    r"|(?:the |your )?(?:(?:rewritten|new|unsafe|modified|edited|nsfw|final)\s+)*"
+    r"(?:caption|version|answer|output|rewrite|result))\s*:\s*", re.IGNORECASE)
+_QUOTES = "\"'\u201c\u201d\u2018\u2019`\u00ab\u00bb\u300c\u300d"
+_MARKUP = "*_`#> \t\n"
+
+
+def clean_answer(text: str) -> str:
+    """Strip what chat models wrap around an answer: reasoning, markdown, lead-ins and quotes.
+
+    A reasoning block is dropped whole; an answer that ends inside one (cut off, or only the
+    closing tag sent) keeps just what follows it, which may be nothing.
+    """
+    text = _REASONING.sub("", text)
+    text = text.rpartition("</think>")[2].partition("<think>")[0]
+    text = text.replace("**", "").replace("__", "").strip(_MARKUP)
+    text = _LEAD_IN.sub("", text).strip(_MARKUP)
+    while len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
+        text = text[1:-1].strip(_MARKUP)
+    return text
+
+
+def _plain(text: str) -> str:
+    """The words of a text in any script, lower-cased, without punctuation."""
+    return " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
+
+
+def _sentence_breaks(text: str) -> int:
+    """Where one sentence ends and another starts: a new line, a stop followed by a capital, or a
+    CJK full stop followed by more text. "U.S. Navy" counts too, so answers are compared with
+    their caption, never with a fixed number."""
+    breaks = len([line for line in text.splitlines() if line.strip()]) - 1
+    breaks += sum(m.group(1).isupper()
+                  for m in re.finditer(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+(\w)", text))
+    return breaks + len(re.findall(r"[\u3002\uff01\uff1f]+(?=\s*\S)", text))
+
+
+def _own_words(answer: str) -> str:
+    """The answer lower-cased, with ’ and ‘ as ' and what it quotes left out."""
+    return _QUOTED.sub(" ", answer.lower().replace("\u2019", "'").replace("\u2018", "'"))
+
+
+def check_answer(answer: str, caption: str) -> str | None:
+    """Why an (already cleaned) answer is unusable as the unsafe caption, or None if it is fine."""
+    if not _plain(answer):
+        return "empty"
+    if _REFUSAL.search(_own_words(answer)):
+        return "refusal"
+    if _sentence_breaks(answer) > _sentence_breaks(caption):
+        return "extra_sentences"
+    if _plain(answer) == _plain(caption):
+        return "copy"
+    if len(answer) > 2 * len(caption) + 200:
+        return "too_long"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The quadruplet: what an item is, and where its images go
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One quadruplet to make: what the source gives; the rest is generated."""
+
+    index: int                        # position in the source: the item's identity
+    safe: str
+    unsafe: str | None = None
+    category: str | None = None
+    split: str | None = None
+    safe_image: str | None = None     # an existing local file (absolute path)
+    safe_image_url: str | None = None
+    unsafe_image: str | None = None   # an existing local file (absolute path), if the source has one
+    extra: dict = field(default_factory=dict)  # source fields carried into the row (coco_id, ...)
+
+    @property
+    def id(self) -> str:
+        return f"{self.index:06d}"
+
+
+def image_path(index: int, kind: str, suffix: str = "png") -> str:
+    """Where an item's generated image goes, relative to the output folder."""
+    return f"images/{index // 1000:03d}/{index:06d}_{kind}.{suffix}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic choices: splits, categories, seeds
+# ---------------------------------------------------------------------------------------------
+
+
+def _digest(*parts) -> bytes:
+    return hashlib.sha256(":".join(map(str, parts)).encode("utf-8")).digest()
+
+
+def hashed_order(ids: list[str], seed: int, salt: str) -> list[str]:
+    """A seeded permutation that depends only on the ids, not on their order or on the run."""
+    return sorted(ids, key=lambda i: _digest(seed, salt, i))
+
+
+def split_sizes(n: int, fractions: tuple[float, float, float]) -> list[int]:
+    """How many of n rows each split gets: the largest-remainder rule on n * fraction, then each
+    split with a positive fraction takes one row from the largest while that leaves it one, so
+    tiny datasets still have a val and a test row. A fraction of 0 gets no row, ever."""
+    weights = [Fraction(f) for f in fractions]  # exact: the quotas add up to n, not nearly n
+    quotas = [w * n / sum(weights) for w in weights]
+    sizes = [math.floor(q) for q in quotas]
+    by_remainder = sorted((k for k in range(3) if fractions[k] > 0),
+                          key=lambda k: sizes[k] - quotas[k])  # stable: train first on ties
+    for k in by_remainder[:n - sum(sizes)]:
+        sizes[k] += 1
+    for k in range(3):
+        if fractions[k] > 0 and sizes[k] == 0 and max(sizes) > 1:
+            sizes[sizes.index(max(sizes))] -= 1
+            sizes[k] += 1
+    return sizes
+
+
+def assign_splits(ids: list[str], fractions: tuple[float, float, float], seed: int) -> dict:
+    """Cut a hashed order of the ids into splits of split_sizes(): stable under resume."""
+    n_train, n_val, _ = split_sizes(len(ids), fractions)
+    return {i: ("train" if k < n_train else "val" if k < n_train + n_val else "test")
+            for k, i in enumerate(hashed_order(ids, seed, "split"))}
+
+
+def assign_categories(ids: list[str], categories: tuple[str, ...], seed: int) -> dict:
+    """Deal the categories round-robin over a hashed order, so each gets the same share."""
+    return {i: categories[k % len(categories)]
+            for k, i in enumerate(hashed_order(ids, seed, "category"))}
+
+
+def fill_in_categories_and_splits(items: list[Item], categories: tuple[str, ...],
+                                  fractions: tuple[float, float, float], seed: int) -> None:
+    """Fill in what the source leaves open, deterministically: a category for each item whose
+    unsafe caption the LLM will write (dealt evenly), a split for each item without one."""
+    need_llm = [it for it in items if it.unsafe is None]
+    dealt = assign_categories([it.id for it in need_llm if it.category is None], categories, seed)
+    for item in need_llm:
+        item.category = item.category or dealt[item.id]
+    splits = assign_splits([it.id for it in items if it.split is None], fractions, seed)
+    for item in items:
+        item.split = item.split or splits[item.id]
+
+
+def derive_seed(*parts) -> int:
+    return int.from_bytes(_digest(*parts)[:4], "big") & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline toy world's rows (its scenes, captions and drawings are in toy_world.py)
+# ---------------------------------------------------------------------------------------------
+
+TOY_CATEGORIES = tuple(c for c in CATEGORIES if c in toy_world.TOY_CONCEPTS)
+
+
+def make_toy_row(task: tuple) -> dict:
+    """Draw one quadruplet's images and return its row (runs in a worker process)."""
+    index, seed, category, split, size, root = task
+    scene = toy_world.toy_scene(index, seed, category)
+    safe, unsafe = toy_world.toy_captions(scene)
+    row = {"id": f"{index:06d}", "safe": safe, "unsafe": unsafe,
+           "safe_image": image_path(index, "safe"), "unsafe_image": image_path(index, "unsafe"),
+           "category": category, "split": split}
+    save_png(toy_world.render_toy(scene, size, unsafe=False), Path(root) / row["safe_image"])
+    save_png(toy_world.render_toy(scene, size, unsafe=True), Path(root) / row["unsafe_image"])
+    row["scene"] = {"background": scene["background"], "stand_in": scene["stand_in"],
+                    "objects": [{k: o[k] for k in ("shape", "colour", "size", "position")}
+                                for o in scene["objects"]]}
+    return row
+
+
+# =============================================================================================
+# The plumbing. Nothing below changes what a quadruplet is: it reads the sources, asks the
+# servers (with retries and timeouts), keeps the output folder resumable, spreads the work over
+# threads and parses the command line. A reader who stops here knows what the data is.
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# Errors and limits: what a run retries, gives up on or stops for
+# ---------------------------------------------------------------------------------------------
+
 # Requests: how long to wait between retries, and when to stop trying altogether.
 MAX_BACKOFF_S = 60.0
 MAX_RETRY_AFTER_S = 300.0
@@ -149,6 +372,7 @@ DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # the next run asks for or makes again.
 ROWS_PER_COMMIT = 64
 COMMIT_EVERY_S = 1.0
+TOY_ROWS_PER_COMMIT = 64
 
 
 class InputError(ValueError):
@@ -295,76 +519,12 @@ def _lock_folder(folder: Path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Deterministic choices: splits, categories, seeds
-# ---------------------------------------------------------------------------------------------
-
-
-def _digest(*parts) -> bytes:
-    return hashlib.sha256(":".join(map(str, parts)).encode("utf-8")).digest()
-
-
-def hashed_order(ids: list[str], seed: int, salt: str) -> list[str]:
-    """A seeded permutation that depends only on the ids, not on their order or on the run."""
-    return sorted(ids, key=lambda i: _digest(seed, salt, i))
-
-
-def split_sizes(n: int, fractions: tuple[float, float, float]) -> list[int]:
-    """How many of n rows each split gets: the largest-remainder rule on n * fraction, then each
-    split with a positive fraction takes one row from the largest while that leaves it one, so
-    tiny datasets still have a val and a test row. A fraction of 0 gets no row, ever."""
-    weights = [Fraction(f) for f in fractions]  # exact: the quotas add up to n, not nearly n
-    quotas = [w * n / sum(weights) for w in weights]
-    sizes = [math.floor(q) for q in quotas]
-    by_remainder = sorted((k for k in range(3) if fractions[k] > 0),
-                          key=lambda k: sizes[k] - quotas[k])  # stable: train first on ties
-    for k in by_remainder[:n - sum(sizes)]:
-        sizes[k] += 1
-    for k in range(3):
-        if fractions[k] > 0 and sizes[k] == 0 and max(sizes) > 1:
-            sizes[sizes.index(max(sizes))] -= 1
-            sizes[k] += 1
-    return sizes
-
-
-def assign_splits(ids: list[str], fractions: tuple[float, float, float], seed: int) -> dict:
-    """Cut a hashed order of the ids into splits of split_sizes(): stable under resume."""
-    n_train, n_val, _ = split_sizes(len(ids), fractions)
-    return {i: ("train" if k < n_train else "val" if k < n_train + n_val else "test")
-            for k, i in enumerate(hashed_order(ids, seed, "split"))}
-
-
-def assign_categories(ids: list[str], categories: tuple[str, ...], seed: int) -> dict:
-    """Deal the categories round-robin over a hashed order, so each gets the same share."""
-    return {i: categories[k % len(categories)]
-            for k, i in enumerate(hashed_order(ids, seed, "category"))}
-
-
-def derive_seed(*parts) -> int:
-    return int.from_bytes(_digest(*parts)[:4], "big") & 0x7FFFFFFF
-
-
-# ---------------------------------------------------------------------------------------------
 # Reading the sources
 # ---------------------------------------------------------------------------------------------
 
-
-@dataclass
-class Item:
-    """One quadruplet to make: what the source gives; the rest is generated."""
-
-    index: int                        # position in the source: the item's identity
-    safe: str
-    unsafe: str | None = None
-    category: str | None = None
-    split: str | None = None
-    safe_image: str | None = None     # an existing local file (absolute path)
-    safe_image_url: str | None = None
-    unsafe_image: str | None = None   # an existing local file (absolute path), if the source has one
-    extra: dict = field(default_factory=dict)  # source fields carried into the row (coco_id, ...)
-
-    @property
-    def id(self) -> str:
-        return f"{self.index:06d}"
+COCO_FOLDERS = ("train2017", "val2017", "test2017")  # where --coco-root looks for an image
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+               "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 
 
 def read_records(path: Path, allow_text: bool = False) -> list[tuple[str, object]]:
@@ -786,96 +946,6 @@ def _parse_json(body: bytes):
 # Unsafe captions from an LLM
 # ---------------------------------------------------------------------------------------------
 
-# A caption never speaks in the first person to apologise, decline or cite a policy; a refusal
-# almost always does. The patterns are checked on the answer's own words (_own_words), so a
-# caption may quote someone who does: a sign that says "I can't breathe" is not a refusal.
-_REFUSAL = re.compile(
-    r"^(?:sorry\b|(?:my )?apologies\b|unfortunately\b|regrettably\b|no[,.!]|nope\b)"
-    r"|\bi(?:'m| am)(?: really| so| very| truly)? (?:sorry|afraid|unable|not able|not comfortable"
-    r"|uncomfortable|not going to|programmed|designed)\b"
-    r"|\bi (?:can't|cannot|can not|won't|will not|couldn't|could not|wouldn't|would not|don't"
-    r"|do not|must not|shouldn't|should not|refuse|decline|apologi[sz]e|regret)\b"
-    r"|\bi (?:must|have to|need to|will have to)(?: respectfully| politely)? (?:decline|refuse)\b"
-    r"|\bi(?:'d| would)(?: much)? (?:rather not|prefer not)\b"
-    r"|\b(?:as an ai|language model|ai assistant|content polic(?:y|ies)|usage polic(?:y|ies))\b"
-    r"|\b(?:against|violates?|breach(?:es)?) (?:my|the|our|openai's|community) (?:guidelines"
-    r"|polic(?:y|ies)|principles|programming|rules|terms)\b"
-    r"|\bnot (?:something i|appropriate for me|able to (?:help|assist|comply))\b")
-# Quoted text: in double quotes, guillemets or corner brackets, or in single quotes that stand
-# apart from words (so the apostrophes of "can't" and "dogs'" open or close nothing).
-_QUOTED = re.compile(r'"[^"\n]*"|\u201c[^\u201d\n]*\u201d|\u00ab[^\u00bb\n]*\u00bb'
-                     r"|\u300c[^\u300d\n]*\u300d|(?<!\w)'[^\n]*?'(?!\w)")
-# Wrappers that chat models put around an answer, removed in this order.
-_REASONING = re.compile(r"<(think|thinking|reasoning)>.*?</\1>", re.DOTALL | re.IGNORECASE)
-_LEAD_IN = re.compile(  # "Sure! Here is the rewritten caption:", "Unsafe caption:", "Output:"
-    r"^(?:(?:sure|certainly|of course|okay|ok|absolutely)\b[^\n:]{0,20}?[,.!]\s*)?"
-    r"(?:here(?:'s|\u2019s| is| are)\b[^\n:]{0,60}"
-    r"|(?:the |your )?(?:(?:rewritten|new|unsafe|modified|edited|nsfw|final)\s+)*"
-    r"(?:caption|version|answer|output|rewrite|result))\s*:\s*", re.IGNORECASE)
-_QUOTES = "\"'\u201c\u201d\u2018\u2019`\u00ab\u00bb\u300c\u300d"
-_MARKUP = "*_`#> \t\n"
-
-
-def build_messages(caption: str, category: str) -> list[dict]:
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
-    for example_category, example_caption, answer in FEW_SHOT:
-        messages.append({"role": "user", "content": USER_PROMPT.format(
-            category=example_category, caption=example_caption)})
-        messages.append({"role": "assistant", "content": answer})
-    messages.append({"role": "user", "content": USER_PROMPT.format(category=category,
-                                                                   caption=caption)})
-    return messages
-
-
-def clean_answer(text: str) -> str:
-    """Strip what chat models wrap around an answer: reasoning, markdown, lead-ins and quotes.
-
-    A reasoning block is dropped whole; an answer that ends inside one (cut off, or only the
-    closing tag sent) keeps just what follows it, which may be nothing.
-    """
-    text = _REASONING.sub("", text)
-    text = text.rpartition("</think>")[2].partition("<think>")[0]
-    text = text.replace("**", "").replace("__", "").strip(_MARKUP)
-    text = _LEAD_IN.sub("", text).strip(_MARKUP)
-    while len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
-        text = text[1:-1].strip(_MARKUP)
-    return text
-
-
-def _plain(text: str) -> str:
-    """The words of a text in any script, lower-cased, without punctuation."""
-    return " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
-
-
-def _sentence_breaks(text: str) -> int:
-    """Where one sentence ends and another starts: a new line, a stop followed by a capital, or a
-    CJK full stop followed by more text. "U.S. Navy" counts too, so answers are compared with
-    their caption, never with a fixed number."""
-    breaks = len([line for line in text.splitlines() if line.strip()]) - 1
-    breaks += sum(m.group(1).isupper()
-                  for m in re.finditer(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+(\w)", text))
-    return breaks + len(re.findall(r"[\u3002\uff01\uff1f]+(?=\s*\S)", text))
-
-
-def _own_words(answer: str) -> str:
-    """The answer lower-cased, with ’ and ‘ as ' and what it quotes left out."""
-    return _QUOTED.sub(" ", answer.lower().replace("\u2019", "'").replace("\u2018", "'"))
-
-
-def check_answer(answer: str, caption: str) -> str | None:
-    """Why an (already cleaned) answer is unusable as the unsafe caption, or None if it is fine."""
-    if not _plain(answer):
-        return "empty"
-    if _REFUSAL.search(_own_words(answer)):
-        return "refusal"
-    if _sentence_breaks(answer) > _sentence_breaks(caption):
-        return "extra_sentences"
-    if _plain(answer) == _plain(caption):
-        return "copy"
-    if len(answer) > 2 * len(caption) + 200:
-        return "too_long"
-    return None
-
 
 @dataclass
 class ChatLLM:
@@ -1006,35 +1076,6 @@ def load_keep_rule(spec: str) -> Callable:
     if not callable(function):
         raise InputError(f"--keep-rule {spec!r}: {module_name} has no function {function_name}")
     return function
-
-
-# ---------------------------------------------------------------------------------------------
-# The offline toy world's rows (its scenes, captions and drawings are in toy_world.py)
-# ---------------------------------------------------------------------------------------------
-
-TOY_CATEGORIES = tuple(c for c in CATEGORIES if c in toy_world.TOY_CONCEPTS)
-TOY_ROWS_PER_COMMIT = 64
-
-
-def image_path(index: int, kind: str, suffix: str = "png") -> str:
-    """Where an item's generated image goes, relative to the output folder."""
-    return f"images/{index // 1000:03d}/{index:06d}_{kind}.{suffix}"
-
-
-def make_toy_row(task: tuple) -> dict:
-    """Draw one quadruplet's images and return its row (runs in a worker process)."""
-    index, seed, category, split, size, root = task
-    scene = toy_world.toy_scene(index, seed, category)
-    safe, unsafe = toy_world.toy_captions(scene)
-    row = {"id": f"{index:06d}", "safe": safe, "unsafe": unsafe,
-           "safe_image": image_path(index, "safe"), "unsafe_image": image_path(index, "unsafe"),
-           "category": category, "split": split}
-    save_png(toy_world.render_toy(scene, size, unsafe=False), Path(root) / row["safe_image"])
-    save_png(toy_world.render_toy(scene, size, unsafe=True), Path(root) / row["unsafe_image"])
-    row["scene"] = {"background": scene["background"], "stand_in": scene["stand_in"],
-                    "objects": [{k: o[k] for k in ("shape", "colour", "size", "position")}
-                                for o in scene["objects"]]}
-    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1689,37 +1730,56 @@ def plan_toy(args) -> Plan:
                                       zeroshot_per_class))
 
 
+def _check_safe_images(args, items: list[Item]) -> None:
+    """Without --t2i or --text-only, every row needs a safe image that the source provides."""
+    # ViSU and NSFWCaps publish no unsafe images: their rows are usable as they are, with
+    # the safe image only (training then skips the two terms that need one).
+    if args.captions:
+        raise InputError("the unsafe images need a text-to-image model: pass --t2i "
+                         "diffusers:MODEL_ID or --t2i URL, or --text-only to stop at captions")
+    if args.from_visu and not args.coco_root:
+        raise InputError("--from-visu needs --coco-root DIR (COCO 2017's train2017/ and "
+                         "val2017/) for the safe images; or --t2i to draw them, or "
+                         "--text-only to stop at captions")
+    imageless = [it for it in items if not (it.safe_image or it.safe_image_url)]
+    if imageless:
+        raise InputError(f"{args.from_nsfwcaps}: row {imageless[0].index + 1} has no image URL "
+                         f"or file name ({len(imageless)} such rows); pass --t2i to draw "
+                         f"the safe images, or --text-only to stop at captions")
+
+
+def _t2i_setup(args, api_key: str | None) -> tuple[dict, dict, object, Callable | None, int]:
+    """--t2i: its recipe entry, its manifest entry (the recipe's and a server's URL), the backend,
+    the keep rule and how many candidate images an unsafe prompt gets."""
+    size = args.image_size or 512
+    candidates = args.seeds_per_prompt or (3 if args.keep_rule else 1)
+    model_id = args.t2i[len("diffusers:"):] if args.t2i.startswith("diffusers:") else None
+    recipe = {"backend": "diffusers" if model_id else "http",
+              "model": model_id or args.t2i_model, "image_size": size,
+              "seeds_per_prompt": candidates, "keep_rule": args.keep_rule}
+    if args.t2i_steps:
+        recipe["steps"] = args.t2i_steps
+    described = dict(recipe)
+    # Build the backend now, so that a missing package or a bad hook fails before any work.
+    keep_rule = load_keep_rule(args.keep_rule) if args.keep_rule else None
+    if model_id:
+        backend = DiffusersImages(model_id, size, args.t2i_steps)
+    else:
+        described["url"] = endpoint(args.t2i, "/v1/images/generations")
+        backend = HttpImages(described["url"], args.t2i_model, size, args.timeout, api_key)
+    return recipe, described, backend, keep_rule, candidates
+
+
 def plan_sources(args) -> Plan:
     items, source = _load_items(args)
-
-    # Fill in what the source leaves open, deterministically: categories (for the LLM), splits.
     need_llm = [it for it in items if it.unsafe is None]
     if need_llm and not args.llm:
         raise InputError(f"{len(need_llm)} rows have no unsafe caption (the first is row "
                          f"{need_llm[0].index + 1}); pass --llm URL --llm-model NAME")
     categories = args.categories or CATEGORIES
-    dealt = assign_categories([it.id for it in need_llm if it.category is None], categories,
-                              args.seed)
-    for item in need_llm:
-        item.category = item.category or dealt[item.id]
-    splits = assign_splits([it.id for it in items if it.split is None], args.split, args.seed)
-    for item in items:
-        item.split = item.split or splits[item.id]
+    fill_in_categories_and_splits(items, categories, args.split, args.seed)
     if not args.t2i and not args.text_only:
-        # ViSU and NSFWCaps publish no unsafe images: their rows are usable as they are, with
-        # the safe image only (training then skips the two terms that need one).
-        if args.captions:
-            raise InputError("the unsafe images need a text-to-image model: pass --t2i "
-                             "diffusers:MODEL_ID or --t2i URL, or --text-only to stop at captions")
-        if args.from_visu and not args.coco_root:
-            raise InputError("--from-visu needs --coco-root DIR (COCO 2017's train2017/ and "
-                             "val2017/) for the safe images; or --t2i to draw them, or "
-                             "--text-only to stop at captions")
-        imageless = [it for it in items if not (it.safe_image or it.safe_image_url)]
-        if imageless:
-            raise InputError(f"{args.from_nsfwcaps}: row {imageless[0].index + 1} has no image URL "
-                             f"or file name ({len(imageless)} such rows); pass --t2i to draw "
-                             f"the safe images, or --text-only to stop at captions")
+        _check_safe_images(args, items)
 
     recipe = {"source": source, "seed": args.seed, "split": list(args.split),
               "text_only": args.text_only}
@@ -1737,23 +1797,7 @@ def plan_sources(args) -> Plan:
 
     backend, keep_rule, candidates = None, None, 1
     if args.t2i:
-        size = args.image_size or 512
-        candidates = args.seeds_per_prompt or (3 if args.keep_rule else 1)
-        model_id = args.t2i[len("diffusers:"):] if args.t2i.startswith("diffusers:") else None
-        recipe["t2i"] = {"backend": "diffusers" if model_id else "http",
-                         "model": model_id or args.t2i_model, "image_size": size,
-                         "seeds_per_prompt": candidates, "keep_rule": args.keep_rule}
-        if args.t2i_steps:
-            recipe["t2i"]["steps"] = args.t2i_steps
-        backends["t2i"] = dict(recipe["t2i"])
-        # Build the backend now, so that a missing package or a bad hook fails before any work.
-        keep_rule = load_keep_rule(args.keep_rule) if args.keep_rule else None
-        if model_id:
-            backend = DiffusersImages(model_id, size, args.t2i_steps)
-        else:
-            backends["t2i"]["url"] = endpoint(args.t2i, "/v1/images/generations")
-            backend = HttpImages(backends["t2i"]["url"], args.t2i_model, size, args.timeout,
-                                 api_key)
+        recipe["t2i"], backends["t2i"], backend, keep_rule, candidates = _t2i_setup(args, api_key)
     workers = args.workers or 8
 
     def run(job: Job) -> None:
