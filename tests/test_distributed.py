@@ -45,8 +45,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(data, base_m
     assert a.keys() == b.keys()
     for k in a:
         # Adam divides by sqrt(v): where a gradient is ~0 it magnifies the float32 rounding of the
-        # different reduction order, so a few values differ by up to ~1e-5 (an update is ~1e-2).
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=5e-5), k
+        # different reduction order, so a few values differ (an update is ~1e-2). Measured for the
+        # --accum case, the worse one, with ATEN_CPU_CAPABILITY default / avx2 / avx512: max |a - b|
+        # 4.7e-5 / 2.8e-5 / 7.3e-5 (AVX-512 failed the old 5e-5), while the median stays ~2e-8:
+        # 2e-4 leaves 2.7x margin, and the median below still catches any real difference.
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=2e-4), k
         assert (a[k] - b[k]).abs().median() < 1e-6, k
     assert a[k].abs().max() > 0  # training did change the adapters
     # Only rank 0 wrote: one log line per step, one final model.
