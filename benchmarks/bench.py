@@ -21,7 +21,7 @@ so a machine that gets busier halfway through slows both.
 Usage:
   python benchmarks/bench.py                          # ViT-B/32 sizes, CPU, float32 (~8 min on a quiet 2-core machine)
   python benchmarks/bench.py --quick                  # fewer items, for development (~4 min when quiet)
-  python benchmarks/bench.py --out benchmarks/README.md --json results.json
+  python benchmarks/bench.py --out docs/speed.md --json results.json   # refresh the project's Speed page
   python benchmarks/bench.py --device cuda --dtype bf16 --model L/14 --peak-tflops 989
 
 Test-only dependencies: transformers, peft, clip-anytorch (for OpenAI's tokenizer and vocabulary).
@@ -923,12 +923,18 @@ def render(rows, notes, util, info, args, load):
 
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+SPEED_PAGE = Path("docs") / "speed.md"  # the project's Speed section, under ROOT
 
 
 def write_report(path, table):
     """Write the table to `path` atomically; in a file that has the markers, replace only what
-    lies between them (so the README keeps its prose)."""
+    lies between them (so the page keeps its prose). `--out README.md`, the command from before
+    the Speed section moved to docs/speed.md, writes there rather than over the README."""
     path = Path(path)
+    readme = ROOT / "README.md"
+    if path.resolve() == readme.resolve() and readme.exists() and BEGIN not in readme.read_text():
+        path = ROOT / SPEED_PAGE
+        print(f"README.md has no {BEGIN} marker: writing the table to {SPEED_PAGE}", file=sys.stderr)
     text = table
     if path.exists():
         old = path.read_text()

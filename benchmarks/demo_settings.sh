@@ -7,7 +7,7 @@
 # ran (its train_config.json, and its number of steps) plus the setting's flags, which win. Then
 # evaluate.py compares them all with the demo's own run and the toy CLIP: runs/demo-settings/eval.json
 # and eval.md, and a one-table summary, runs/demo-settings/summary.md, which
-# `python scripts/refresh_readme.py` copies into the README.
+# `python scripts/refresh_readme.py` copies into docs/demo.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

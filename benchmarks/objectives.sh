@@ -11,7 +11,7 @@
 #    "twin-offset", the others are the settings tried beside it);
 # 3. evaluate.py compares them all with the toy CLIP: runs/objectives/eval.json and eval.md, and
 #    a one-table summary with each run's training speed, runs/objectives/summary.md, which
-#    `python scripts/refresh_readme.py` copies into the README.
+#    `python scripts/refresh_readme.py` copies into docs/objectives.md.
 # Every demo.sh setting (N, SEED, ARCH, CLIP_EPOCHS, SAFECLIP_EPOCHS, FREEZE, PYTHON) passes through.
 set -euo pipefail
 cd "$(dirname "$0")/.."

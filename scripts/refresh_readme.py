@@ -1,13 +1,17 @@
-"""Put the demo's tables into README.md, between its `NAME:begin` / `NAME:end` marker comments,
-and the demo's picture of retrieved images into docs/, where the README shows it.
+"""Put the demo's tables into README.md and the docs pages, between their `NAME:begin` /
+`NAME:end` marker comments, and the demo's picture of retrieved images into docs/, where the
+README shows it.
 
     ./demo.sh && benchmarks/demo_settings.sh && benchmarks/objectives.sh && python scripts/refresh_readme.py
 
-The README's tables and pictures are never made by hand: the demo's table is runs/demo/eval.md and
-its picture runs/demo/retrieval.png, both written by evaluate.py in demo.sh; the table of the demo's
-settings is runs/demo-settings/summary.md, written by benchmarks/demo_settings.sh; the objectives'
-table is runs/objectives/summary.md, written by benchmarks/objectives.sh. (The speed table is written by
-`python benchmarks/bench.py --out README.md` itself.)
+The tables and pictures are never made by hand. Each marker lives in one page:
+
+    demo        runs/demo/eval.md and runs/demo/retrieval.png (evaluate.py in demo.sh) -> README.md
+    settings    runs/demo-settings/summary.md (benchmarks/demo_settings.sh)           -> docs/demo.md
+    objectives  runs/objectives/summary.md (benchmarks/objectives.sh)                 -> docs/objectives.md
+
+(The speed table, in docs/speed.md, is written by `python benchmarks/bench.py --out docs/speed.md`
+itself.)
 """
 
 import argparse
@@ -21,46 +25,59 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"demo": ROOT / "runs" / "demo" / "eval.md",
            "settings": ROOT / "runs" / "demo-settings" / "summary.md",  # benchmarks/demo_settings.sh
            "objectives": ROOT / "runs" / "objectives" / "summary.md"}  # benchmarks/objectives.sh
+PAGES = {"demo": ROOT / "README.md",  # the page that holds each section's markers
+         "settings": ROOT / "docs" / "demo.md",
+         "objectives": ROOT / "docs" / "objectives.md"}
 PICTURES = {"demo": (ROOT / "runs" / "demo" / "retrieval.png", ROOT / "docs" / "demo-retrieval.png")}
 PICTURE_CAPTION = ("For a few unsafe captions of the test split, the top 3 images of the toy CLIP and of "
                    "Safe-CLIP (red frame: unsafe, green: safe); then a few unsafe images and their top 3 captions")
 
 
-def splice(readme, name, text):
+def splice(page, name, text, where):
     pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
-    if not pattern.search(readme):
-        raise SystemExit(f"error: README.md has no <!-- {name}:begin --> ... <!-- {name}:end --> markers")
-    return pattern.sub(lambda m: m.group(1) + text.strip() + "\n" + m.group(2), readme)
+    if not pattern.search(page):
+        raise SystemExit(f"error: {where} has no <!-- {name}:begin --> ... <!-- {name}:end --> markers")
+    return pattern.sub(lambda m: m.group(1) + text.strip() + "\n" + m.group(2), page)
+
+
+def atomic_copy(source, dest):
+    dest.parent.mkdir(exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(SOURCES), help="refresh one section only")
     args = parser.parse_args(argv)
-    readme_path = ROOT / "README.md"
-    readme = readme_path.read_text()
+    pages = {}  # path -> text, each page read once and written once
     for name, source in SOURCES.items():
         if args.only and name != args.only:
             continue
         if not source.exists():
             print(f"skipping {name}: {source} does not exist yet", file=sys.stderr)
             continue
+        page = PAGES[name]
+        where = page.relative_to(ROOT)
+        if page not in pages:
+            pages[page] = page.read_text()
         text = source.read_text()
-        text = text.split("\n## R@1 (%) per category")[0]  # the README shows the overall tables
-        text = re.sub(r"^# .*\n", "", text)  # under the README's own heading,
+        text = text.split("\n## R@1 (%) per category")[0]  # the page shows the overall tables
+        text = re.sub(r"^# .*\n", "", text)  # under the page's own heading,
         text = re.sub(r"^## ", "#### ", text, flags=re.M)  # as sub-sections
         if name in PICTURES and PICTURES[name][0].exists():  # the picture goes above the tables
             picture, copy = PICTURES[name]
-            copy.parent.mkdir(exist_ok=True)
-            shutil.copyfile(picture, copy.with_name(f".{copy.name}.tmp"))
-            os.replace(copy.with_name(f".{copy.name}.tmp"), copy)
+            atomic_copy(picture, copy)
             print(f"{name}: {picture.relative_to(ROOT)} -> {copy.relative_to(ROOT)}")
-            text = f"![{PICTURE_CAPTION}]({copy.relative_to(ROOT)})\n\n{text.strip()}"
-        readme = splice(readme, name, text)
-        print(f"{name}: {source.relative_to(ROOT)} -> README.md")
-    tmp = readme_path.with_name(".README.md.tmp")
-    tmp.write_text(readme)
-    os.replace(tmp, readme_path)
+            link = Path(os.path.relpath(copy, page.parent)).as_posix()  # relative to the page that shows it
+            text = f"![{PICTURE_CAPTION}]({link})\n\n{text.strip()}"
+        pages[page] = splice(pages[page], name, text, where)
+        print(f"{name}: {source.relative_to(ROOT)} -> {where}")
+    for page, text in pages.items():
+        tmp = page.with_name(f".{page.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, page)
 
 
 if __name__ == "__main__":

@@ -804,13 +804,14 @@ def test_a_full_disk_stops_with_one_line_and_resumes_once_freed(stub, tmp_path, 
 
 
 # ---------------------------------------------------------------------------------------------
-# The README's examples
+# The documentation's examples (README.md and docs/, where docs/data.md holds them)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_readme_nsfwcaps_examples_run_as_printed(stub, tmp_path, monkeypatch):
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    commands = re.findall(r"^python generate_data\.py (--from-nsfwcaps [^#\n]*)", readme, re.M)
+def test_documented_nsfwcaps_examples_run_as_printed(stub, tmp_path, monkeypatch):
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text(encoding="utf-8") for page in pages)
+    commands = re.findall(r"^python generate_data\.py (--from-nsfwcaps [^#\n]*)", text, re.M)
     assert commands
     for k, command in enumerate(commands):
         args = shlex.split(command)
