@@ -5,12 +5,15 @@ where its *safe* counterpart lands, while safe inputs keep the place the origina
 Downstream models that read CLIP's embeddings (Stable Diffusion, LLaVA, retrieval) become safer
 without any change of their own.
 
-Reading order:
-  1. configuration               6. LoRA
-  2. the model                  7. the Safe-CLIP objective
-  3. tokenizer                  8. data
-  4. image transform            9. training loop
-  5. loading and saving        10. export, downloads and the command line
+The file has two parts. Part I is the method, to read top to bottom:
+  1. configuration               5. the inputs: image transform and token ids
+  2. the model                   6. the objectives: Safe-CLIP, SafeR-CLIP, twin-offset
+  3. building it from weights    7. the data and the frozen targets
+  4. LoRA                        8. one training step, and the loop
+Part II is the plumbing (after the divider): it reads, writes, checks and fetches, and changes
+nothing that is computed: the full tokenizer, every weight format, exports, downloads, reading
+pairs.jsonl, distributed set-up, the run's bookkeeping (resume, checkpoints, log, validation)
+and the command line. docs/method.md maps each piece of the paper to the function here.
 
 Usage:
   python safeclip.py train --data pairs.jsonl       # ViT-L/14, the paper's settings, into runs/safeclip
@@ -64,12 +67,18 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 
+# =============================================================================================
+# PART I. THE METHOD
+# =============================================================================================
+
 # ---------------------------------------------------------------------------------------------
 # 1. Configuration
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
+
+
 class CLIPConfig:
     """Every size of a ViT CLIP. `load` infers all of them from the weights; nobody types them."""
 
@@ -128,26 +137,34 @@ class Attention(nn.Module):
         self.out_proj = Linear(width, width)
         self.lora_k = self.lora_v = None  # LoRA on keys and values only, as in the public recipe
 
-    def forward(self, x, causal, query=None):
-        """(B, L, C) -> (B, L, C); or, given `query` (B,) positions, only their outputs (B, 1, C)."""
+    def forward(self, x, causal):
+        B, L, C = x.shape  # (batch, positions, width)
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        k, v = self.adapt(x, k, v)
+        q, k, v = (t.view(B, L, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, C))  # (B, L, C)
+
+    def adapt(self, x, k, v):
+        """Keys and values plus their LoRA adapters' contributions (section 4), if any."""
+        if self.lora_k is None:
+            return k, v
+        return k + self.lora_k(x), v + self.lora_v(x)
+
+    # -- same result, less work ----------------------------------------------------------------
+    def pooled(self, x, causal, query):
+        """forward(x)[i, query[i]] for each row i, computing only those outputs: (B, L, C) -> (B, C).
+        Keys and values still come from every position; the query from one position per row."""
         B, L, C = x.shape
-        if query is None:
-            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-            mask = None
-        else:  # keys and values still come from every position; the query from one per row
-            w_q, w_kv = self.in_proj_weight.split([C, 2 * C])
-            b_q, b_kv = self.in_proj_bias.split([C, 2 * C])
-            k, v = F.linear(x, w_kv, b_kv).chunk(2, dim=-1)
-            q = F.linear(x[torch.arange(B, device=x.device), query][:, None], w_q, b_q)  # (B, 1, C)
-            # The causal mask, seen from the one query: positions up to and including its own.
-            mask = (torch.arange(L, device=x.device) <= query[:, None])[:, None, None] if causal else None
-            causal = False
-        if self.lora_k is not None:
-            k = k + self.lora_k(x)
-            v = v + self.lora_v(x)
-        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        return self.out_proj(y.transpose(1, 2).reshape(B, -1, C))  # (B, L or 1, C)
+        w_q, w_kv = self.in_proj_weight.split([C, 2 * C])
+        b_q, b_kv = self.in_proj_bias.split([C, 2 * C])
+        k, v = self.adapt(x, *F.linear(x, w_kv, b_kv).chunk(2, dim=-1))
+        q = F.linear(x[torch.arange(B, device=x.device), query][:, None], w_q, b_q)  # (B, 1, C)
+        # The causal mask, seen from the one query: positions up to and including its own.
+        mask = (torch.arange(L, device=x.device) <= query[:, None])[:, None, None] if causal else None
+        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, 1|L, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(y.reshape(B, C))  # (B, C)
 
 
 class MLP(nn.Module):
@@ -172,10 +189,17 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = MLP(width, quick_gelu)
 
     def forward(self, x, causal=False, query=None):
-        if query is not None:  # only the outputs at `query` are wanted: (B, L, C) -> (B, C)
-            x = x[torch.arange(x.shape[0], device=x.device), query] + self.attn(self.ln_1(x), causal, query)[:, 0]
-            return x + self.mlp(self.ln_2(x))
+        if query is not None:
+            return self.pooled(x, causal, query)
         x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+    # -- same result, less work ----------------------------------------------------------------
+    def pooled(self, x, causal, query):
+        """forward(x)[i, query[i]] for each row i: (B, L, C) -> (B, C). CLIP reads one token per row
+        (the class token, the EOT token), so the last block needs its query, output projection and
+        MLP at that token alone: ~1/layers of a tower's work saved."""
+        x = x[torch.arange(x.shape[0], device=x.device), query] + self.attn.pooled(self.ln_1(x), causal, query)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -186,13 +210,9 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x, causal=False, pool=None):
-        """(B, L, C) -> (B, L, C); or, given `pool` (B,) positions, the outputs there only (B, C).
-
-        CLIP reads one token per row (the class token, the EOT token), so the last block needs its
-        query, output projection and MLP at that token alone: ~1/layers of the tower's work saved.
-        """
+        """(B, L, C) -> (B, L, C); or, given `pool` (B,) positions, the outputs there only (B, C)."""
         for i, block in enumerate(self.resblocks):
-            query = pool if i == len(self.resblocks) - 1 else None
+            query = pool if i == len(self.resblocks) - 1 else None  # (see ResidualAttentionBlock.pooled)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Recompute activations in the backward pass instead of storing them: less memory
                 # for large towers, about a third more compute.
@@ -299,7 +319,782 @@ class CLIP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Tokenizer: OpenAI's byte-level BPE, run by the `tokenizers` library
+# 3. Building the model from weights: every size inferred from the tensors' shapes
+# ---------------------------------------------------------------------------------------------
+# Weights arrive as one OpenAI-named state dict, whatever file they came from (Part II reads
+# OpenAI's TorchScript releases, plain state dicts, Hugging Face folders and our own folders).
+# As in OpenAI's `build_model`, nobody has to say which CLIP a file holds.
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be read, or whose tensors do not make a ViT CLIP."""
+
+
+# OpenCLIP's large vision towers use heads wider than OpenAI's 64; the head count leaves no trace
+# in the weights, so it is looked up by width.
+OPENCLIP_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
+
+
+def infer_config(sd):
+    """Every size of the model from the shapes in an OpenAI-named state dict (as OpenAI's
+    `build_model` does), so a user never has to say which CLIP a file holds."""
+    if any(k.startswith("visual.layer1.") or k.startswith("visual.attnpool.") for k in sd):
+        raise CheckpointError("this is a ResNet CLIP; only ViT models are supported")
+    for key in ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
+                "positional_embedding", "token_embedding.weight", "ln_final.weight"):
+        if key not in sd:
+            raise CheckpointError(f"missing key {key!r}; not a ViT CLIP state dict")
+
+    def layers(prefix):
+        return len({k.split(".")[len(prefix.split("."))] for k in sd if k.startswith(prefix + "resblocks.")})
+
+    vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+    return CLIPConfig(
+        embed_dim=sd["text_projection"].shape[1],
+        image_resolution=patch * grid,
+        vision_layers=layers("visual.transformer."),
+        vision_width=vision_width,
+        vision_patch_size=patch,
+        # max(1, ...): our own scratch models narrower than 64 have one head (see `scratch_config`).
+        vision_heads=max(1, vision_width // OPENCLIP_HEAD_WIDTH.get(vision_width, 64)),
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        text_width=text_width,
+        text_heads=max(1, text_width // 64),
+        text_layers=layers("transformer."),
+        # No OpenAI model is this wide; OpenCLIP's are, and they were trained with exact GELU.
+        quick_gelu=vision_width < 1280,
+    )
+
+
+def build_model(sd, config, source):
+    """A CLIP with exactly these weights: every tensor used, every shape checked."""
+    model = CLIP(config)
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - sd.keys())
+    unexpected = sorted(sd.keys() - expected.keys())
+    if missing or unexpected:
+        problem = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise CheckpointError(f"{source}: {problem} ({len(missing)} missing, {len(unexpected)} unexpected "
+                              f"for a {config.vision_layers}+{config.text_layers}-layer ViT CLIP)")
+    for key, value in sd.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{source}: {key!r} has shape {tuple(value.shape)}, "
+                                  f"expected {tuple(expected[key].shape)}")
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. LoRA: low-rank adapters, W x + (alpha / r) B A dropout(x)
+# ---------------------------------------------------------------------------------------------
+# The public recipe adapts the attention keys, values and output, both MLP layers and the patch
+# embedding of both towers (rank 16, alpha 1, dropout 0.1), and freezes everything else.
+
+
+class LoRA(nn.Module):
+    def __init__(self, in_features, out_features, rank, alpha, dropout):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))  # zero: step 0 is the original model
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scale
+
+    def conv(self, pixels, stride):
+        """The same adapter over image patches: A is a patch-sized convolution, B a 1x1 one."""
+        a = self.A.view(self.A.shape[0], 3, *stride)
+        y = F.conv2d(self.dropout(pixels), a.to(pixels.dtype), stride=stride)  # (B, r, grid, grid)
+        return torch.einsum("or,brhw->bohw", self.B.to(y.dtype), y) * self.scale
+
+    def delta(self):
+        """The weight update this adapter stands for, to fold into the base weight."""
+        return (self.B @ self.A) * self.scale
+
+
+def add_lora(model, rank=16, alpha=1.0, dropout=0.1, towers=("text", "vision")):
+    """Attach fresh adapters to `towers` and freeze every other parameter. Returns the adapters'
+    parameters (the only ones to train)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    roots = {"text": model.transformer, "vision": model.visual.transformer}
+    adapters = []
+
+    def make(i, o):
+        adapters.append(LoRA(i, o, rank, alpha, dropout).to(model.logit_scale.device))
+        return adapters[-1]
+
+    for tower in towers:
+        for block in roots[tower].resblocks:
+            width = block.attn.out_proj.in_features
+            block.attn.lora_k, block.attn.lora_v = make(width, width), make(width, width)
+            for linear in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
+                linear.lora = make(linear.in_features, linear.out_features)
+        if tower == "vision":
+            conv = model.visual.conv1
+            conv.lora = make(3 * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels)
+    return [p for a in adapters for p in a.parameters()]
+
+
+def lora_modules(model):
+    """The adapters of a model, by a stable name (used to save and resume them)."""
+    found = {}
+    for name, module in model.named_modules():
+        for attr in ("lora", "lora_k", "lora_v"):
+            if isinstance(getattr(module, attr, None), LoRA):
+                found[f"{name}.{attr}"] = getattr(module, attr)
+    return found
+
+
+def _plain_state_dict(model):
+    """Model weights in OpenAI naming with every LoRA adapter folded into its base weight."""
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if ".lora" not in k}
+    for name, module in model.named_modules():
+        if getattr(module, "lora", None) is not None:
+            w = sd[f"{name}.weight"]
+            sd[f"{name}.weight"] = w + module.lora.delta().float().cpu().view_as(w)
+        if isinstance(module, Attention) and module.lora_k is not None:
+            w = sd[f"{name}.in_proj_weight"].clone()
+            width = w.shape[1]
+            w[width:2 * width] += module.lora_k.delta().float().cpu()
+            w[2 * width:] += module.lora_v.delta().float().cpu()
+            sd[f"{name}.in_proj_weight"] = w
+    return sd
+
+
+def choose_trainable(model, args):
+    """Freeze what does not train: LoRA adapters on the unfrozen towers (the default), or, with
+    --full or --scratch, every weight of those towers (the temperature only for `--objective clip`,
+    since the Safe-CLIP objective has a fixed scale)."""
+    towers = [t for t in ("text", "vision") if t not in (args.freeze or [])]
+    if not (args.full or args.scratch is not None):
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, towers)
+    else:
+        text = [model.token_embedding, model.transformer, model.ln_final]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in (text if "text" in towers else []) + ([model.visual] if "vision" in towers else []):
+            module.requires_grad_(True)
+        model.text_projection.requires_grad_("text" in towers)
+        model.positional_embedding.requires_grad_("text" in towers)
+        model.logit_scale.requires_grad_(args.objective == "clip")
+    for t in towers:
+        (model.transformer if t == "text" else model.visual.transformer).grad_checkpointing = args.grad_checkpointing
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The inputs: OpenAI's image transform, and token ids
+# ---------------------------------------------------------------------------------------------
+# Text enters the model as token ids: `model.tokenizer(texts)` -> LongTensor (N, context_length),
+# each row SOT, the caption's byte-level BPE ids, EOT, then zeros. EOT has the highest id in the
+# vocabulary, which is how `encode_text` finds it (argmax). A caption too long is cut and still
+# ends with EOT. The tokenizer itself (OpenAI's text cleaning, BPE, files) is in Part II.
+#
+# Images: OpenAI's Compose([Resize(R, BICUBIC), CenterCrop(R), convert("RGB"), ToTensor(),
+# Normalize(mean, std)]). torchvision resizes PIL images with PIL itself, in the image's own mode,
+# so the order matters: palette images resize with nearest neighbour (PIL's rule for "P"), RGBA
+# with premultiplied alpha.
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_transform(resolution: int):
+    """The preprocessing of a CLIP with input size `resolution`: PIL.Image -> FloatTensor[3, R, R]."""
+    if not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+    return functools.partial(preprocess_image, resolution=resolution)  # a partial pickles, for DataLoader workers
+
+
+def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side to `resolution`, center crop, RGB, [0, 1], normalise: FloatTensor[3, R, R]."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
+    image = _resize_short_side(image, resolution)
+    image = _center_crop(image, resolution)
+    pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))  # (R, R, 3)
+    pixels = pixels.permute(2, 0, 1).float().div(255)  # (3, R, R), the same float32 ops as ToTensor
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return pixels.sub(mean).div(std)
+
+
+def _resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    # torchvision.transforms.Resize(size): the short side becomes `size`, the long one is truncated.
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_size = (new_short, new_long) if w <= h else (new_long, new_short)
+    return image if new_size == (w, h) else image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    # torchvision.transforms.CenterCrop(size): the offset is round((side - size) / 2), Python's round
+    # (halves to even); a side shorter than `size` is padded with zeros, the odd pixel after it.
+    # PIL fills the part of a crop box outside the image with zeros, which is that padding.
+    def offset(side: int) -> int:
+        return -((size - side) // 2) if side < size else int(round((side - size) / 2.0))
+
+    left, top = offset(image.size[0]), offset(image.size[1])
+    return image.crop((left, top, left + size, top + size))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The objectives: Safe-CLIP, SafeR-CLIP and twin-offset
+# ---------------------------------------------------------------------------------------------
+# Each objective is a pure function of the embeddings of a batch of quadruplets (T, T*, V, V*)
+# and of references from the frozen original model, and returns `(total, terms)`. Preserve terms
+# keep safe inputs where the original put them; redirect terms move the unsafe ones.
+#
+# Safe-CLIP: eight terms. `t_ref` = T0(T) and `v_ref` = V0(V): every target is the *safe* input's
+# original embedding.
+# The public datasets (ViSU-Text, NSFWCaps) ship no unsafe images: Safe-CLIP's two terms on V*
+# are then computed over the rows that have one, or skipped.
+
+LAMBDAS = {
+    "text_safe": 0.10,  # d(T(T), T0(T))              preserve
+    "text_unsafe": 0.10,  # d(T(T*), T0(T))           redirect
+    "image_safe": 0.10,  # d(V(V), V0(V))             preserve
+    "image_unsafe": 0.20,  # d(V(V*), V0(V))          redirect
+    "nce_text_safe": 0.25,  # NCE(T(T), V0(V))        preserve
+    "nce_text_unsafe": 0.25,  # NCE(T(T*), V0(V))     redirect
+    "nce_image_safe": 0.25,  # NCE(T0(T), V(V))       preserve
+    "nce_image_unsafe": 0.50,  # NCE(T0(T), V(V*))    redirect
+}
+UNSAFE_IMAGE_TERMS = ("image_unsafe", "nce_image_unsafe")  # the terms that need V*
+
+
+def cosine_distance(a, b):
+    """Mean over the batch of 1 - cos(a_i, b_i)."""
+    return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
+
+
+def info_nce(a, b, scale=100.0):
+    """Symmetric in-batch InfoNCE: row i of `a` should pick row i of `b` and vice versa."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = scale * a @ b.t()  # (B, B)
+    labels = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def weighted_total(terms, lambdas):
+    """sum(l_i / sum(l) * term_i) over the terms."""
+    norm = sum(lambdas[k] for k in terms)
+    return sum(lambdas[k] / norm * v for k, v in terms.items())
+
+
+def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *, scale=100.0):
+    """The Safe-CLIP objective. Returns `(total, terms)`, with `total = sum(l_i / sum(l) * term_i)`
+    over the terms present.
+
+    t_safe = T(T), t_unsafe = T(T*), v_safe = V(V), v_unsafe = V(V*): the model being trained.
+    t_ref = T0(T), v_ref = V0(V): the original model (constants). All (B, E).
+    has_unsafe_image: (B,) bool, for a batch where not every row has V*; `v_unsafe` then holds
+    only those rows, (M, E). The terms on V* are computed over them, and left out when M = 0.
+    scale: the InfoNCE logit scale (the paper's fixed 100).
+    """
+    lambdas = {**LAMBDAS, **(lambdas or {})}
+    t_ref_u, v_ref_u = (t_ref, v_ref) if has_unsafe_image is None else (t_ref[has_unsafe_image], v_ref[has_unsafe_image])
+    terms = {
+        "text_safe": cosine_distance(t_safe, t_ref),
+        "text_unsafe": cosine_distance(t_unsafe, t_ref),
+        "image_safe": cosine_distance(v_safe, v_ref),
+        "image_unsafe": cosine_distance(v_unsafe, v_ref_u) if len(v_unsafe) else None,
+        "nce_text_safe": info_nce(t_safe, v_ref, scale),
+        "nce_text_unsafe": info_nce(t_unsafe, v_ref, scale),
+        "nce_image_safe": info_nce(t_ref, v_safe, scale),
+        "nce_image_unsafe": info_nce(t_ref_u, v_unsafe, scale) if len(v_unsafe) else None,
+    }
+    terms = {k: v for k, v in terms.items() if v is not None}
+    return weighted_total(terms, lambdas), terms  # renormalised over the terms present
+
+
+# SafeR-CLIP (Yousaf et al., AAAI 2026), as far as its project page, poster and slides show it:
+# the unsafe inputs go to the *nearest* safe item under the frozen model (t_near = T0(t^), v_near =
+# V0(v^), where t^ is the training split's safe caption closest to T0(T*)), and the unsafe
+# InfoNCE terms become "relative" ones whose only negative is the input's own unsafe twin, with no
+# temperature. The preserve terms are Safe-CLIP's. INFERRED here (unpublished): the weights, which
+# reuse Safe-CLIP's for the matching terms.
+SAFER_LAMBDAS = {
+    "text_safe": 0.10,  # d(T(T), T0(T))                                        preserve
+    "text_unsafe": 0.10,  # d(T(T*), T0(t^))                                    redirect
+    "image_safe": 0.10,  # d(V(V), V0(V))                                       preserve
+    "image_unsafe": 0.20,  # d(V(V*), V0(v^))                                   redirect
+    "nce_text_safe": 0.25,  # NCE(T(T), V0(V))                                  preserve
+    "rel_text_unsafe": 0.25,  # softplus(cos(T(T*), V0(V*)) - cos(T(T*), V0(v^)))  redirect
+    "nce_image_safe": 0.25,  # NCE(T0(T), V(V))                                 preserve
+    "rel_image_unsafe": 0.50,  # softplus(cos(V(V*), T0(T*)) - cos(V(V*), T0(t^)))  redirect
+}
+
+
+def _require_unsafe_images(has_unsafe_image, objective):
+    """safer-clip and twin-offset need V* on every row (rows without one: --objective safeclip)."""
+    if has_unsafe_image is not None and not bool(has_unsafe_image.all()):
+        raise DataError(f"--objective {objective} needs an unsafe image on every row; rows without one "
+                        "train with --objective safeclip")
+
+
+def relative_loss(x, unsafe_target, safe_target):
+    """Mean of softplus(cos(x, unsafe_target) - cos(x, safe_target)): prefer the safe target to
+    the unsafe one, with the unsafe one as the only negative."""
+    x = x.float()
+    return F.softplus(F.cosine_similarity(x, unsafe_target.float(), dim=-1)
+                      - F.cosine_similarity(x, safe_target.float(), dim=-1)).mean()
+
+
+def safer_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
+                    t_unsafe_ref, v_unsafe_ref, t_near, v_near, scale=100.0):
+    """The SafeR-CLIP objective. Returns `(total, terms)` like `safe_clip_loss`.
+
+    t_unsafe_ref = T0(T*), v_unsafe_ref = V0(V*); t_near = T0(t^), v_near = V0(v^): the nearest
+    safe caption of the training split and the image of its row. All (B, E) constants.
+    """
+    _require_unsafe_images(has_unsafe_image, "safer-clip")
+    lambdas = {**SAFER_LAMBDAS, **(lambdas or {})}
+    terms = {
+        "text_safe": cosine_distance(t_safe, t_ref),
+        "text_unsafe": cosine_distance(t_unsafe, t_near),
+        "image_safe": cosine_distance(v_safe, v_ref),
+        "image_unsafe": cosine_distance(v_unsafe, v_near),
+        "nce_text_safe": info_nce(t_safe, v_ref, scale),
+        "rel_text_unsafe": relative_loss(t_unsafe, v_unsafe_ref, v_near),
+        "nce_image_safe": info_nce(t_ref, v_safe, scale),
+        "rel_image_unsafe": relative_loss(v_unsafe, t_unsafe_ref, t_near),
+    }
+    return weighted_total(terms, lambdas), terms
+
+
+# twin-offset (ours, beyond both papers). Safe-CLIP lands an unsafe item exactly on its safe
+# twin, so in a gallery holding both they tie, for unsafe *and* safe queries. twin-offset lands it
+# on the twin plus a step along an "unsafe" direction u that the safe data hardly use (the one in
+# which the frozen unsafe embeddings exceed the safe ones most, computed once), with opposite
+# signs for text and images:
+#     T(T*) -> normalize(T0(T) + a u),      V(V*) -> normalize(V0(V) - a u).
+# For a safe item x (x . u ~ 0) every cosine with an unsafe item is then its cosine with the
+# twin times 1/sqrt(1 + a^2): a safe query ranks each unsafe item just below its safe twin, and
+# the ranking among safe items is unchanged. Between an unsafe caption and an unsafe image the
+# offsets cancel (cos -> (c - a^2) / (1 + a^2)), so unsafe queries rank unsafe items lower still.
+# The redirect InfoNCE terms see only the component orthogonal to u, so they align the unsafe
+# item with its twin's partner without fighting the offset. u . x is also an unsafe-content score.
+TWIN_OFFSET = 1.0  # a: the offset's length (chosen by measurement, see docs/objectives.md)
+TWIN_OFFSET_LAMBDAS = dict(LAMBDAS)  # Safe-CLIP's weights for the same eight terms
+
+
+def twin_offset_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *, unsafe_dir, offset=TWIN_OFFSET, scale=100.0):
+    """The twin-offset objective. Returns `(total, terms)` like `safe_clip_loss`; the unsafe
+    targets are offset along `unsafe_dir` (E,), +offset for text, -offset for images."""
+    _require_unsafe_images(has_unsafe_image, "twin-offset")
+    lambdas = {**TWIN_OFFSET_LAMBDAS, **(lambdas or {})}
+    u = F.normalize(unsafe_dir.float().to(t_ref.device), dim=-1)
+    t_target = F.normalize(F.normalize(t_ref.float(), dim=-1) + offset * u, dim=-1)
+    v_target = F.normalize(F.normalize(v_ref.float(), dim=-1) - offset * u, dim=-1)
+
+    def off_u(x):  # the part of x in the safe subspace
+        x = F.normalize(x.float(), dim=-1)
+        return x - (x @ u)[:, None] * u
+
+    terms = {
+        "text_safe": cosine_distance(t_safe, t_ref),
+        "text_unsafe": cosine_distance(t_unsafe, t_target),
+        "image_safe": cosine_distance(v_safe, v_ref),
+        "image_unsafe": cosine_distance(v_unsafe, v_target),
+        "nce_text_safe": info_nce(t_safe, v_ref, scale),
+        "nce_text_unsafe": info_nce(off_u(t_unsafe), v_ref, scale),
+        "nce_image_safe": info_nce(t_ref, v_safe, scale),
+        "nce_image_unsafe": info_nce(t_ref, off_u(v_unsafe), scale),
+    }
+    return weighted_total(terms, lambdas), terms
+
+
+@dataclass(frozen=True)
+
+
+class Objective:
+    loss: object  # f(t_safe, t_unsafe, v_safe, v_unsafe, **references, lambdas=..) -> (total, terms)
+    lambdas: dict  # the terms and their default weights
+    references: tuple = ("t_ref", "v_ref")  # per-row references from the frozen model it takes
+    constants: tuple = ()  # references that are one tensor for the whole data
+    curriculum: bool = False  # epochs grow from the easiest pairs to all (SafeR-CLIP)
+    recipe: dict = None  # its paper's training options, used where the command line gives none
+
+
+OBJECTIVES = {
+    "safeclip": Objective(safe_clip_loss, LAMBDAS),
+    "safer-clip": Objective(safer_clip_loss, SAFER_LAMBDAS,
+                            ("t_ref", "v_ref", "t_unsafe_ref", "v_unsafe_ref", "t_near", "v_near"), curriculum=True,
+                            recipe={"lr": 1e-4, "batch_size": 48}),  # and LoRA r16, our default
+    "twin-offset": Objective(twin_offset_loss, TWIN_OFFSET_LAMBDAS, constants=("unsafe_dir",)),
+}
+
+
+def clip_loss(text, image, logit_scale):
+    """CLIP's own objective (symmetric InfoNCE, learnable temperature), for pre-training."""
+    return info_nce(text, image, scale=logit_scale.exp().clamp(max=100))
+
+
+def active_terms(rows):
+    """Each Safe-CLIP term that `rows` give inputs to -> over how many rows it is computed."""
+    with_v_unsafe = sum(r["unsafe_image"] is not None for r in rows)
+    return {k: with_v_unsafe if k in UNSAFE_IMAGE_TERMS else len(rows) for k in LAMBDAS
+            if with_v_unsafe or k not in UNSAFE_IMAGE_TERMS}
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The data and the frozen targets
+# ---------------------------------------------------------------------------------------------
+# A row of pairs.jsonl is a quadruplet: a safe caption T, its unsafe twin T*, a safe image V and,
+# optionally, its unsafe twin V* (the public datasets publish none). Part II reads and checks the
+# file; here a row becomes tensors.
+#
+# Every target of the objectives comes from the original, frozen model: T0(T), V0(V) and, for
+# some objectives, T0(T*), V0(V*) and what is derived from them. They never move, so they are
+# computed once, before the first step (Part II caches them across runs and splits the work over
+# ranks), instead of running frozen encoders at every step.
+
+
+class Quadruplets(torch.utils.data.Dataset):
+    """Row i -> (safe pixels, unsafe pixels or None, i); captions are tokenized up front. With
+    `cache`, each image is decoded and preprocessed once, in its first epoch, and then kept: on a
+    CPU, the demo's steps (48-pixel images) then run ~12% faster."""
+
+    def __init__(self, rows, preprocess, cache=False):
+        self.rows, self.preprocess = rows, preprocess
+        self.cache = {} if cache else None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        unsafe = self.pixels(row["unsafe_image"]) if row["unsafe_image"] else None
+        return self.pixels(row["safe_image"]), unsafe, i
+
+    def pixels(self, path):
+        if self.cache is None:
+            return self.preprocess(open_image(path))
+        if path not in self.cache:
+            self.cache[path] = self.preprocess(open_image(path))
+        return self.cache[path]
+
+
+def collate_quadruplets(batch):
+    """-> safe pixels (B, 3, R, R), the unsafe pixels of the rows that have them (M, 3, R, R),
+    which rows those are (B,) bool, and the row indices (B,)."""
+    safe, unsafe, idx = zip(*batch)
+    present = [u for u in unsafe if u is not None]
+    return (torch.stack(safe), torch.stack(present) if present else torch.empty(0, *safe[0].shape),
+            torch.tensor([u is not None for u in unsafe]), torch.tensor(idx))
+
+
+def frozen_targets(objective, emb, n_train):
+    """`emb` (the frozen embeddings of every row, by name) with what `objective` derives from them
+    once: SafeR-CLIP's nearest safe caption of each row and its curriculum order, twin-offset's
+    unsafe direction. Rows [0, n_train) are the training split; only they are drawn on."""
+    spec, out, t_ref = OBJECTIVES[objective], dict(emb), emb["t_ref"]
+    if "t_near" in spec.references:  # the pool: every safe caption of the training split
+        out["near"] = nearest_safe(emb["t_unsafe_ref"], t_ref[:n_train])
+    if spec.curriculum:
+        out["order"] = curriculum_order(t_ref[:n_train], emb["t_unsafe_ref"][:n_train])
+    if "unsafe_dir" in spec.constants:
+        out["unsafe_dir"] = unsafe_direction(torch.cat([t_ref[:n_train], emb["v_ref"][:n_train]]),
+                                             torch.cat([emb["t_unsafe_ref"][:n_train], emb["v_unsafe_ref"][:n_train]]))
+    return out
+
+
+def nearest_safe(queries, pool, chunk=4096):
+    """(Q,) index of the pool row with the highest cosine to each query (SafeR-CLIP's t^)."""
+    pool = F.normalize(pool.float(), dim=-1)
+    return torch.cat([(F.normalize(q.float(), dim=-1) @ pool.t()).argmax(1) for q in queries.split(chunk)])
+
+
+def curriculum_order(t_safe, t_unsafe):
+    """Training rows from easy to hard: by decreasing cosine between the frozen embeddings of a
+    pair's safe and unsafe captions (an unsafe caption close to its safe one needs the smallest
+    move). INFERRED: SafeR-CLIP says "easy to hard by the safe-unsafe similarity"; the direction
+    is our reading of it. Ties keep row order."""
+    cos = F.cosine_similarity(t_safe.float(), t_unsafe.float(), dim=-1)
+    return cos.argsort(descending=True, stable=True)
+
+
+def curriculum_rows(order, epoch):
+    """Rows of an epoch under the curriculum: the easiest third in epoch 0, two thirds in epoch 1,
+    all from epoch 2 on. INFERRED: SafeR-CLIP publishes "easy, then adds medium, then all", not
+    the bins; equal thirds are our choice."""
+    return order[: math.ceil(len(order) * min(epoch + 1, 3) / 3)]
+
+
+def unsafe_direction(safe, unsafe):
+    """twin-offset's "unsafe" direction u: the unit vector along which the frozen model's unsafe
+    embeddings (normalised) have the most second moment *more* than its safe ones, the top
+    eigenvector of M(unsafe) - M(safe) with M(x) = mean of x x^T. The safe data hardly use it, and
+    the towers can produce it (their unsafe inputs already do; the direction of least safe
+    variance cannot serve: the final LayerNorm makes some directions unreachable). Signed so its
+    largest entry is positive (eigh's sign is arbitrary)."""
+    moment = lambda x: (lambda y: y.t() @ y / len(y))(F.normalize(x.double(), dim=-1))
+    u = torch.linalg.eigh(moment(unsafe) - moment(safe)).eigenvectors[:, -1]
+    return (u * u[u.abs().argmax()].sign()).float()
+
+
+class Schedule:
+    """Which rows each step trains on. An epoch is a seeded permutation of its rows (all training
+    rows, or a curriculum's share of them) cut into global batches of batch x accum rows; a row
+    left over at an epoch's end waits for the next epoch's permutation."""
+
+    def __init__(self, n_rows, batch, accum, seed, order=None):
+        self.n_rows, self.batch, self.accum, self.seed, self.order = n_rows, batch, accum, seed, order
+
+    def rows(self, epoch):
+        return torch.arange(self.n_rows) if self.order is None else curriculum_rows(self.order, epoch)
+
+    def steps_in(self, epoch):
+        return len(self.rows(epoch)) // (self.batch * self.accum)
+
+    def total(self, epochs):
+        return sum(self.steps_in(epoch) for epoch in range(epochs))
+
+    def locate(self, step):
+        """(epoch, steps already done in it) of a global step."""
+        epoch = 0
+        while step >= self.steps_in(epoch):
+            step, epoch = step - self.steps_in(epoch), epoch + 1
+        return epoch, step
+
+    def batches(self, epoch):
+        """(steps x accum, batch) row indices: the micro-batches of every step of `epoch`, in order."""
+        rows, steps = self.rows(epoch), self.steps_in(epoch)
+        shuffled = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed + epoch))]
+        return shuffled[: steps * self.batch * self.accum].view(steps * self.accum, self.batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. One training step, and the loop
+# ---------------------------------------------------------------------------------------------
+# A step runs the text tower once over the safe and unsafe captions together and the vision tower
+# once over the safe and unsafe images together, gathers the embeddings over ranks, computes
+# every term of the objective from them, and takes one optimizer step. Mixed precision (AMP) is
+# the same code on every device; on CUDA it is bf16 by default.
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device, precision=None):
+    """Autocast to `precision` ("bf16" or "fp16"; "fp32" turns it off) on any device, so a CPU runs
+    the same mixed-precision code as a GPU. Matmuls and attention run in the low precision; the
+    weights, LayerNorm's statistics (see LayerNorm), the loss and the optimizer stay float32.
+    Default: bf16 on CUDA; float32 on the CPU, where bf16 pays only with native bf16 instructions."""
+    device = torch.device(device)
+    dtype = PRECISIONS[precision or ("bf16" if device.type == "cuda" else "fp32")]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+class Towers(nn.Module):
+    """The fused forward pass: both captions through the text tower in one batch, both images
+    through the vision tower in another. A frozen tower runs without building a graph.
+    (A module of its own so DistributedDataParallel can wrap it.) Build it after deciding what
+    trains: which towers do is read once, here, not at every step."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.text_trains = any(p.requires_grad for p in model.transformer.parameters())
+        self.vision_trains = any(p.requires_grad for p in model.visual.parameters())
+
+    def forward(self, ids, pixels):
+        with torch.set_grad_enabled(self.text_trains and torch.is_grad_enabled()):
+            text = self.model.encode_text(ids)
+        with torch.set_grad_enabled(self.vision_trains and torch.is_grad_enabled()):
+            image = self.model.encode_image(pixels)
+        return text, image
+
+
+# -- distributed helpers: no-ops in a single process ------------------------------------------
+
+
+def gather(x):
+    """Concatenate `x` from all ranks, keeping gradients, so InfoNCE sees the global batch's
+    negatives. Every rank then computes the same global loss; the backward sums the gradients of
+    all ranks' copies of that loss, and DDP's average over ranks undoes that sum."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    return _AllGather.apply(x)  # (Part II)
+
+
+def embed(towers, ids, device, precision, batch):
+    """A micro-batch -> the embeddings [T, T*, V, V*, which rows have V*] of its rows (V* only for
+    those) on all ranks, and those rows' indices. `ids` holds the (safe, unsafe) token ids of the
+    training rows."""
+    safe_pix, unsafe_pix, has_v_unsafe, idx = batch
+    with autocast(device, precision):
+        t_ids = torch.cat([ids[0][idx], ids[1][idx]]).to(device)
+        pixels = torch.cat([safe_pix, unsafe_pix]).to(device, non_blocking=True)  # only the V* that exist
+        text, image = towers(t_ids, pixels)
+    t_safe, t_unsafe = text.float().chunk(2)
+    v_safe, v_unsafe = image.float().split([len(idx), len(unsafe_pix)])
+    v_unsafe, has_v_unsafe = gather_some(v_unsafe, has_v_unsafe.to(device))
+    return [gather(t_safe), gather(t_unsafe), gather(v_safe), v_unsafe, has_v_unsafe], gather(idx.to(device)).cpu()
+
+
+def batch_loss(loss_fn, refs, logit_scale, emb, idx):
+    """The loss of a batch from its embeddings and row indices: (total, terms). `loss_fn` is the
+    objective with its settings bound, `refs` its per-row frozen references; None is CLIP's own
+    loss (pre-training), over every caption-image pair the batch holds."""
+    t_safe, t_unsafe, v_safe, v_unsafe, has_v_unsafe = emb
+    if loss_fn is None:
+        return clip_loss(torch.cat([t_safe, t_unsafe[has_v_unsafe]]), torch.cat([v_safe, v_unsafe]), logit_scale), {}
+    return loss_fn(t_safe, t_unsafe, v_safe, v_unsafe, has_unsafe_image=has_v_unsafe,
+                   **{k: v[idx].to(t_safe.device) for k, v in refs.items()})
+
+
+def forward_backward(micro_batches, embed_batch, loss_of, scaler, check, no_sync=None):
+    """The loss of one optimizer step's batch and its gradients in the parameters' .grad:
+    (loss, terms). `embed_batch` and `loss_of` are `embed` and `batch_loss` with the run's
+    settings bound; `check` sees the loss before any backward (a non-finite one stops the run)."""
+    if len(micro_batches) > 1:
+        return accumulate(micro_batches, embed_batch, loss_of, scaler, check, no_sync)
+    loss, terms = loss_of(*embed_batch(micro_batches[0]))
+    check(loss, terms)
+    scaler.scale(loss).backward()  # fp16: scaled up, so small gradients do not underflow
+    return loss, terms
+
+
+def accumulate(micro_batches, embed_batch, loss_of, scaler, check, no_sync=None):
+    """--accum N as one batch N times larger, as open_clip's --accum-freq does it: embed every
+    micro-batch without a graph, compute the whole batch's loss on those embeddings, then
+    recompute each micro-batch with its graph against the others' cached embeddings and
+    backpropagate. The gradients add up to the whole batch's, InfoNCE negatives included, for
+    one more forward pass per micro-batch and the memory of one micro-batch's graph. `no_sync`
+    (DDP's) holds back the gradient all-reduce until the last micro-batch."""
+    rng, cached, idx = [], [], []
+    with torch.no_grad():
+        for batch in micro_batches:
+            rng.append(_rng_state())  # the recomputation replays these dropout masks
+            emb, i = embed_batch(batch)
+            cached.append(emb)
+            idx.append(i)
+        idx = torch.cat(idx)
+        loss, terms = loss_of([torch.cat(e) for e in zip(*cached)], idx)
+    check(loss, terms)
+    for j, batch in enumerate(micro_batches):
+        _set_rng_state(rng[j])
+        last = j == len(micro_batches) - 1
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            emb = list(cached)
+            emb[j] = embed_batch(batch)[0]
+            scaler.scale(loss_of([torch.cat(e) for e in zip(*emb)], idx)[0]).backward()
+    return loss, terms
+
+
+def update(optimizer, scaler, params, grad_clip):
+    """Clip the gradients' norm (unscaled first under fp16), step, clear the gradients. Returns the
+    loss scale the step used: under fp16 a step with non-finite gradients is skipped and the
+    scale halved, which is how a caller sees a skip."""
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return scale
+
+
+def lr_at(step, args, total_steps):
+    """Linear warmup, then constant or cosine decay to zero."""
+    warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
+    if args.schedule == "cosine":
+        return args.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return args.lr * warm
+
+
+def train(args):
+    """Fine-tune a CLIP with `args.objective` (or, with --objective clip --scratch, pre-train one)
+    into the folder args.out; returns the trained model. Each set-up step is a function of Part II;
+    what happens after a step (log, validation, checkpoints) is the `Run`'s."""
+    # -- set-up ---------------------------------------------------------------------------------
+    device, (rank, world, _) = setup_device(args), dist_info()
+    torch.manual_seed(args.seed)  # adapters' initialisation and dropout; data order has its own generator
+    run = Run(args, main_process=rank == 0)  # refuses a folder that holds a run, unless --resume
+    train_rows, val_rows, skipped = training_rows(args, world, verbose=rank == 0)
+    model, preprocess, model_path = initial_model(args, train_rows)
+    model.to(device)
+    ctx = model.config.context_length
+    ids = {split: (model.tokenizer([r["safe"] for r in rows], context_length=ctx),
+                   model.tokenizer([r["unsafe"] for r in rows], context_length=ctx))
+           for split, rows in (("train", train_rows), ("val", val_rows))}
+    # The frozen targets, from the original weights: before any adapter exists.
+    refs, loss_fn, order = prepare_objective(args, model, preprocess, train_rows, val_rows, model_path, device)
+
+    choose_trainable(model, args)  # LoRA adapters (the default), or whole towers
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    towers = Towers(model)
+    if torch.distributed.is_initialized():
+        towers = nn.parallel.DistributedDataParallel(towers, device_ids=[device] if device.type == "cuda" else None)
+    # fp16's narrow range needs the loss scaled up before backward; a step whose gradients
+    # overflow anyway is skipped and the scale halved. bf16 has float32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    embed_batch = functools.partial(embed, torch.compile(towers) if args.compile else towers, ids["train"],
+                                    device, args.precision)
+    loss_of = functools.partial(batch_loss, loss_fn, refs["train"], model.logit_scale)
+    no_sync = towers.no_sync if world > 1 else None
+    schedule = Schedule(len(train_rows), args.batch_size, args.accum, args.seed, order)
+    total_steps = args.steps or schedule.total(args.epochs)
+    run.begin(model, trainable, optimizer, scaler, schedule, total_steps, train_rows, loss_fn,
+              validation=lambda: validate(model, val_rows, ids["val"], preprocess, refs["val"], loss_fn, args, device)
+              if val_rows else None)
+    # Decoded images are kept when they fit in --image-cache and are loaded in this process (a
+    # worker's copy would die with the epoch's DataLoader).
+    cache = args.workers == 0 and image_cache_mib(train_rows, model.config.image_resolution) <= args.image_cache
+    dataset = Quadruplets(train_rows, preprocess, cache=cache)
+
+    # -- the loop -------------------------------------------------------------------------------
+    towers.train()
+    while run.step < total_steps and not run.stopped:
+        epoch, done = schedule.locate(run.step)
+        batches = schedule.batches(epoch)[done * args.accum:]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b[rank::world].tolist() for b in batches],
+                                             num_workers=args.workers, collate_fn=collate_quadruplets,
+                                             generator=torch.Generator().manual_seed(args.seed))
+        micro_batches = iter(loader)
+        for _ in range(len(batches) // args.accum):
+            lr = lr_at(run.step, args, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step = [next(micro_batches) for _ in range(args.accum)]
+            loss, terms = forward_backward(step, embed_batch, loss_of, scaler, run.check_finite, no_sync)
+            scale = update(optimizer, scaler, trainable.values(), args.grad_clip)
+            if args.objective == "clip":  # CLIP's own temperature, capped at 100 as OpenAI's is
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+            if run.after_step(epoch, lr, loss, terms, scale):  # log, validate, checkpoint; True: stop here
+                break
+
+    # -- finish: the best model by validation (or the last one) becomes the run's model ------------
+    run.finish(model, skipped)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return model
+
+
+# =============================================================================================
+# PART II. THE PLUMBING
+# =============================================================================================
+# Nothing below changes what is computed: it reads, writes, checks and fetches. A reader who
+# stops here has seen all of Safe-CLIP; what follows makes it run on real files, real machines
+# and real command lines: the full tokenizer (OpenAI's text cleaning, the BPE trainer, Hugging
+# Face files), every weight format behind `load`, exports, verified downloads, pairs.jsonl,
+# distributed set-up, the run's bookkeeping (resume, checkpoints, log, the reference cache,
+# validation) and the command line.
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Tokenizer: OpenAI's byte-level BPE, run by the `tokenizers` library
 # ---------------------------------------------------------------------------------------------
 # OpenAI's clip/simple_tokenizer.py does four things: clean the text (ftfy, HTML entities,
 # whitespace, lower case), split it with a regex into words, punctuation runs and single digits,
@@ -674,73 +1469,13 @@ def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}  # a merge may rebuild a known token
 
 
-
 # ---------------------------------------------------------------------------------------------
-# 4. Image transform: OpenAI's torchvision preprocessing, in PIL and torch
-# ---------------------------------------------------------------------------------------------
-# OpenAI: Compose([Resize(R, BICUBIC), CenterCrop(R), convert("RGB"), ToTensor(), Normalize(mean, std)]).
-# torchvision resizes PIL images with PIL itself, in the image's own mode, so the order matters:
-# palette images resize with nearest neighbour (PIL's rule for "P"), RGBA with premultiplied alpha.
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def image_transform(resolution: int):
-    """The preprocessing of a CLIP with input size `resolution`: PIL.Image -> FloatTensor[3, R, R]."""
-    if not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
-    return functools.partial(preprocess_image, resolution=resolution)  # a partial pickles, for DataLoader workers
-
-
-def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the short side to `resolution`, center crop, RGB, [0, 1], normalise: FloatTensor[3, R, R]."""
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
-    image = _resize_short_side(image, resolution)
-    image = _center_crop(image, resolution)
-    pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))  # (R, R, 3)
-    pixels = pixels.permute(2, 0, 1).float().div(255)  # (3, R, R), the same float32 ops as ToTensor
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return pixels.sub(mean).div(std)
-
-
-def _resize_short_side(image: Image.Image, size: int) -> Image.Image:
-    # torchvision.transforms.Resize(size): the short side becomes `size`, the long one is truncated.
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_size = (new_short, new_long) if w <= h else (new_long, new_short)
-    return image if new_size == (w, h) else image.resize(new_size, Image.Resampling.BICUBIC)
-
-
-def _center_crop(image: Image.Image, size: int) -> Image.Image:
-    # torchvision.transforms.CenterCrop(size): the offset is round((side - size) / 2), Python's round
-    # (halves to even); a side shorter than `size` is padded with zeros, the odd pixel after it.
-    # PIL fills the part of a crop box outside the image with zeros, which is that padding.
-    def offset(side: int) -> int:
-        return -((size - side) // 2) if side < size else int(round((side - size) / 2.0))
-
-    left, top = offset(image.size[0]), offset(image.size[1])
-    return image.crop((left, top, left + size, top + size))
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Loading and saving weights
+# 10. Reading and saving weights
 # ---------------------------------------------------------------------------------------------
 # Four kinds of file hold CLIP weights: OpenAI's releases (TorchScript archives), plain state
 # dicts in OpenAI/OpenCLIP naming, Hugging Face `CLIPModel` folders, and this project's folders.
-# All of them become one OpenAI-named state dict, from which every size is inferred.
-
-
-class CheckpointError(ValueError):
-    """A weight file that cannot be read, or whose tensors do not make a ViT CLIP."""
-
-
-# OpenCLIP's large vision towers use heads wider than OpenAI's 64; the head count leaves no trace
-# in the weights, so it is looked up by width.
-OPENCLIP_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
+# All of them become one OpenAI-named state dict, from which `build_model` (section 3) makes the
+# model.
 
 
 class _TensorOnlyUnpickler(pickle.Unpickler):
@@ -925,40 +1660,6 @@ def to_hf_state_dict(sd):
     return hf
 
 
-def infer_config(sd):
-    """Every size of the model from the shapes in an OpenAI-named state dict (as OpenAI's
-    `build_model` does), so a user never has to say which CLIP a file holds."""
-    if any(k.startswith("visual.layer1.") or k.startswith("visual.attnpool.") for k in sd):
-        raise CheckpointError("this is a ResNet CLIP; only ViT models are supported")
-    for key in ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
-                "positional_embedding", "token_embedding.weight", "ln_final.weight"):
-        if key not in sd:
-            raise CheckpointError(f"missing key {key!r}; not a ViT CLIP state dict")
-
-    def layers(prefix):
-        return len({k.split(".")[len(prefix.split("."))] for k in sd if k.startswith(prefix + "resblocks.")})
-
-    vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    text_width = sd["ln_final.weight"].shape[0]
-    return CLIPConfig(
-        embed_dim=sd["text_projection"].shape[1],
-        image_resolution=patch * grid,
-        vision_layers=layers("visual.transformer."),
-        vision_width=vision_width,
-        vision_patch_size=patch,
-        # max(1, ...): our own scratch models narrower than 64 have one head (see `scratch_config`).
-        vision_heads=max(1, vision_width // OPENCLIP_HEAD_WIDTH.get(vision_width, 64)),
-        context_length=sd["positional_embedding"].shape[0],
-        vocab_size=sd["token_embedding.weight"].shape[0],
-        text_width=text_width,
-        text_heads=max(1, text_width // 64),
-        text_layers=layers("transformer."),
-        # No OpenAI model is this wide; OpenCLIP's are, and they were trained with exact GELU.
-        quick_gelu=vision_width < 1280,
-    )
-
-
 def _config_from_hf(path, hf_config):
     try:
         text, vision = hf_config["text_config"], hf_config["vision_config"]
@@ -969,24 +1670,6 @@ def _config_from_hf(path, hf_config):
                     quick_gelu=text.get("hidden_act", "quick_gelu") == "quick_gelu")
     except KeyError as e:
         raise CheckpointError(f"{path}: key {e} missing from a Hugging Face CLIP config") from None
-
-
-def _build(sd, config, source):
-    """A CLIP with exactly these weights: every tensor used, every shape checked."""
-    model = CLIP(config)
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - expected.keys())
-    if missing or unexpected:
-        problem = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-        raise CheckpointError(f"{source}: {problem} ({len(missing)} missing, {len(unexpected)} unexpected "
-                              f"for a {config.vision_layers}+{config.text_layers}-layer ViT CLIP)")
-    for key, value in sd.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(f"{source}: {key!r} has shape {tuple(value.shape)}, "
-                                  f"expected {tuple(expected[key].shape)}")
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
-    return model
 
 
 def load(path, device="cpu", tokenizer=None, quick_gelu=None):
@@ -1029,7 +1712,7 @@ def load(path, device="cpu", tokenizer=None, quick_gelu=None):
             config = _recorded_config(sidecar, meta, sd) if "safeclip" in meta else infer_config(sd)
         if quick_gelu is not None:
             config = replace(config, quick_gelu=quick_gelu)
-        model = _build(sd, config, path)
+        model = build_model(sd, config, path)
     except CheckpointError as e:
         raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     except (zipfile.BadZipFile, SafetensorError, EOFError, RuntimeError, OSError, json.JSONDecodeError,
@@ -1096,22 +1779,6 @@ def _write_json(path, obj):
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def _plain_state_dict(model):
-    """Model weights in OpenAI naming with any LoRA folded in (see section 6)."""
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if ".lora" not in k}
-    for name, module in model.named_modules():
-        if getattr(module, "lora", None) is not None:
-            w = sd[f"{name}.weight"]
-            sd[f"{name}.weight"] = w + module.lora.delta().float().cpu().view_as(w)
-        if isinstance(module, Attention) and module.lora_k is not None:
-            w = sd[f"{name}.in_proj_weight"].clone()
-            width = w.shape[1]
-            w[width:2 * width] += module.lora_k.delta().float().cpu()
-            w[2 * width:] += module.lora_v.delta().float().cpu()
-            sd[f"{name}.in_proj_weight"] = w
-    return sd
-
-
 def save(model, folder, tokenizer=None):
     """Write `folder/model.safetensors`, the tokenizer's files (see `Tokenizer.save`) and
     `folder/config.json`, each atomically; config.json goes last, so a folder with one is
@@ -1126,269 +1793,252 @@ def save(model, folder, tokenizer=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. LoRA: low-rank adapters, W x + (alpha / r) B A dropout(x)
+# 11. Export: Hugging Face folders and OpenAI state dicts
 # ---------------------------------------------------------------------------------------------
-# The public recipe adapts the attention keys, values and output, both MLP layers and the patch
-# embedding of both towers (rank 16, alpha 1, dropout 0.1), and freezes everything else.
 
 
-class LoRA(nn.Module):
-    def __init__(self, in_features, out_features, rank, alpha, dropout):
-        super().__init__()
-        self.A = nn.Parameter(torch.empty(rank, in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, rank))  # zero: step 0 is the original model
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.scale = alpha / rank
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scale
-
-    def conv(self, pixels, stride):
-        """The same adapter over image patches: A is a patch-sized convolution, B a 1x1 one."""
-        a = self.A.view(self.A.shape[0], 3, *stride)
-        y = F.conv2d(self.dropout(pixels), a.to(pixels.dtype), stride=stride)  # (B, r, grid, grid)
-        return torch.einsum("or,brhw->bohw", self.B.to(y.dtype), y) * self.scale
-
-    def delta(self):
-        """The weight update this adapter stands for, to fold into the base weight."""
-        return (self.B @ self.A) * self.scale
-
-
-def add_lora(model, rank=16, alpha=1.0, dropout=0.1, towers=("text", "vision")):
-    """Attach fresh adapters to `towers` and freeze every other parameter. Returns the adapters'
-    parameters (the only ones to train)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    roots = {"text": model.transformer, "vision": model.visual.transformer}
-    adapters = []
-
-    def make(i, o):
-        adapters.append(LoRA(i, o, rank, alpha, dropout).to(model.logit_scale.device))
-        return adapters[-1]
-
-    for tower in towers:
-        for block in roots[tower].resblocks:
-            width = block.attn.out_proj.in_features
-            block.attn.lora_k, block.attn.lora_v = make(width, width), make(width, width)
-            for linear in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
-                linear.lora = make(linear.in_features, linear.out_features)
-        if tower == "vision":
-            conv = model.visual.conv1
-            conv.lora = make(3 * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels)
-    return [p for a in adapters for p in a.parameters()]
+def export_hf(model, folder):
+    """A Hugging Face CLIPModel folder laid out like openai/clip-vit-large-patch14's:
+    `transformers.CLIPModel.from_pretrained(folder)` loads it, `CLIPProcessor.from_pretrained`
+    finds the tokenizer and image preprocessing, its text tower serves as Stable Diffusion's
+    `text_encoder` (with its `tokenizer`), its vision tower as LLaVA's."""
+    c, folder = model.config, Path(folder)
+    act = "quick_gelu" if c.quick_gelu else "gelu"
+    eot = model.tokenizer.eot_id if model.tokenizer is not None else c.vocab_size - 1
+    config = {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": c.embed_dim,
+        "logit_scale_init_value": float(model.logit_scale), "initializer_factor": 1.0,
+        "text_config": {"model_type": "clip_text_model", "hidden_size": c.text_width,
+                        "intermediate_size": 4 * c.text_width, "num_attention_heads": c.text_heads,
+                        "num_hidden_layers": c.text_layers, "max_position_embeddings": c.context_length,
+                        "vocab_size": c.vocab_size, "hidden_act": act, "projection_dim": c.embed_dim,
+                        "bos_token_id": eot - 1, "eos_token_id": eot, "pad_token_id": eot, "layer_norm_eps": 1e-5},
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": c.vision_width,
+                          "intermediate_size": 4 * c.vision_width, "num_attention_heads": c.vision_heads,
+                          "num_hidden_layers": c.vision_layers, "image_size": c.image_resolution,
+                          "patch_size": c.vision_patch_size, "hidden_act": act, "projection_dim": c.embed_dim,
+                          "num_channels": 3, "layer_norm_eps": 1e-5},
+    }
+    sd = to_hf_state_dict(_plain_state_dict(model))
+    _atomic_write(folder / "model.safetensors", lambda tmp: save_safetensors(sd, tmp, metadata={"format": "pt"}))
+    if model.tokenizer is not None:
+        model.tokenizer.save(folder, c.context_length)
+    # CLIPImageProcessor's version of image_transform: the same steps, up to a pixel (section 4).
+    R = c.image_resolution
+    _write_json(folder / "preprocessor_config.json", {
+        "image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
+        "do_resize": True, "size": {"shortest_edge": R}, "resample": 3,  # PIL's bicubic
+        "do_center_crop": True, "crop_size": {"height": R, "width": R},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True})
+    _write_json(folder / "config.json", config)
 
 
-def lora_modules(model):
-    """The adapters of a model, by a stable name (used to save and resume them)."""
-    found = {}
-    for name, module in model.named_modules():
-        for attr in ("lora", "lora_k", "lora_v"):
-            if isinstance(getattr(module, attr, None), LoRA):
-                found[f"{name}.{attr}"] = getattr(module, attr)
-    return found
+def export_openai(model, path):
+    """An OpenAI-named state dict, as OpenAI's `clip.model.build_model` expects, and beside it
+    `path` with the suffix .json: the head counts and activation, which the tensors do not show
+    (`load` reads it; without it a model with exact GELU would come back as QuickGELU)."""
+    path = Path(path)
+    sd = _plain_state_dict(model)
+    _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    _write_json(path.with_suffix(".json"), {"safeclip": {"config": asdict(model.config)}})
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. The objectives: Safe-CLIP, SafeR-CLIP and twin-offset
+# 12. Downloads: OpenAI's weights and vocabulary, resumed when cut, verified before they appear
 # ---------------------------------------------------------------------------------------------
-# Each objective is a pure function of the embeddings of a batch of quadruplets (T, T*, V, V*)
-# and of references from the frozen original model, and returns `(total, terms)`. Preserve terms
-# keep safe inputs where the original put them; redirect terms move the unsafe ones.
-#
-# Safe-CLIP: eight terms. `t_ref` = T0(T) and `v_ref` = V0(V): every target is the *safe* input's
-# original embedding.
-# The public datasets (ViSU-Text, NSFWCaps) ship no unsafe images: Safe-CLIP's two terms on V*
-# are then computed over the rows that have one, or skipped.
 
-LAMBDAS = {
-    "text_safe": 0.10,  # d(T(T), T0(T))              preserve
-    "text_unsafe": 0.10,  # d(T(T*), T0(T))           redirect
-    "image_safe": 0.10,  # d(V(V), V0(V))             preserve
-    "image_unsafe": 0.20,  # d(V(V*), V0(V))          redirect
-    "nce_text_safe": 0.25,  # NCE(T(T), V0(V))        preserve
-    "nce_text_unsafe": 0.25,  # NCE(T(T*), V0(V))     redirect
-    "nce_image_safe": 0.25,  # NCE(T0(T), V(V))       preserve
-    "nce_image_unsafe": 0.50,  # NCE(T0(T), V(V*))    redirect
+# OpenAI stores each file under a folder named for its SHA-256: every URL carries its own checksum.
+OPENAI_MODELS = {
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
-UNSAFE_IMAGE_TERMS = ("image_unsafe", "nce_image_unsafe")  # the terms that need V*
+# The BPE vocabulary lives in OpenAI's CLIP repository, not beside the weights: its hash is ours.
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_URL = f"https://raw.githubusercontent.com/openai/CLIP/main/clip/{VOCAB_FILE}"
+VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+DOWNLOAD_TIMEOUT = 30  # seconds to wait for a connection or the next bytes before giving up
 
 
-def cosine_distance(a, b):
-    """Mean over the batch of 1 - cos(a_i, b_i)."""
-    return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
+class DownloadError(RuntimeError):
+    """A file could not be fetched or failed its checksum; the message says which and what to do."""
 
 
-def info_nce(a, b, scale=100.0):
-    """Symmetric in-batch InfoNCE: row i of `a` should pick row i of `b` and vice versa."""
-    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    logits = scale * a @ b.t()  # (B, B)
-    labels = torch.arange(len(a), device=a.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+def weights_folder():
+    """Where OpenAI's models live when named: $SAFECLIP_WEIGHTS, else weights/ beside this file."""
+    return Path(os.environ.get("SAFECLIP_WEIGHTS") or HERE / "weights")
 
 
-def weighted_total(terms, lambdas):
-    """sum(l_i / sum(l) * term_i) over the terms."""
-    norm = sum(lambdas[k] for k in terms)
-    return sum(lambdas[k] / norm * v for k, v in terms.items())
+def resolve_model(model, flag=None):
+    """The path of `model`: an existing file or folder as it is; an OpenAI name ("ViT-L/14", or
+    the file's name, "ViT-L-14") as its file in `weights_folder()`, verified against its SHA-256
+    as clip.load does, and downloaded there first when missing or wrong. `flag` (e.g. "--model")
+    names the option the value came from, for the error messages."""
+    path = Path(model)
+    if path.exists():
+        return path
+    try:
+        url = _model_url(str(model))
+    except ValueError:
+        raise FileNotFoundError(f"{model}: no such file or folder, nor a model name "
+                                f"({', '.join(model_table())})") from None
+    sha256, filename = url.split("/")[-2:]
+    folder = weights_folder()
+    path = folder / filename
+    if path.is_file() and (folder / VOCAB_FILE).is_file() and sha256_file(path) == sha256:
+        return path
+    try:
+        return download(model, folder)
+    except DownloadError as e:
+        instead = f"give the path of weights you have ({flag} PATH)" if flag else "load weights you have by their path"
+        raise DownloadError(f"{model} is not in {folder} and could not be downloaded: {e} Two ways out: run "
+                            f"`python safeclip.py download {model}` on a machine with network access and copy "
+                            f"its weights/ folder to {folder}, or {instead}.") from None
 
 
-def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *, scale=100.0):
-    """The Safe-CLIP objective. Returns `(total, terms)`, with `total = sum(l_i / sum(l) * term_i)`
-    over the terms present.
+def download(name, folder=None, base_url=None, progress=True):
+    """Fetch OpenAI's CLIP `name` and the BPE vocabulary into `folder` (default: the weights
+    folder, see `weights_folder`); return the weights' Path.
 
-    t_safe = T(T), t_unsafe = T(T*), v_safe = V(V), v_unsafe = V(V*): the model being trained.
-    t_ref = T0(T), v_ref = V0(V): the original model (constants). All (B, E).
-    has_unsafe_image: (B,) bool, for a batch where not every row has V*; `v_unsafe` then holds
-    only those rows, (M, E). The terms on V* are computed over them, and left out when M = 0.
-    scale: the InfoNCE logit scale (the paper's fixed 100).
+    `name` is a key of `model_table()` ("ViT-B/32") or its file name ("ViT-B-32", "ViT-B-32.pt").
+    `base_url` (default: the SAFECLIP_BASE_URL environment variable) is a mirror laid out like
+    OpenAI's `.../clip/models/`: `{base_url}/{sha256}/ViT-B-32.pt`, and the vocabulary at
+    `{base_url}/bpe_simple_vocab_16e6.txt.gz`. `progress=False` silences bars and messages.
     """
-    lambdas = {**LAMBDAS, **(lambdas or {})}
-    t_ref_u, v_ref_u = (t_ref, v_ref) if has_unsafe_image is None else (t_ref[has_unsafe_image], v_ref[has_unsafe_image])
-    terms = {
-        "text_safe": cosine_distance(t_safe, t_ref),
-        "text_unsafe": cosine_distance(t_unsafe, t_ref),
-        "image_safe": cosine_distance(v_safe, v_ref),
-        "image_unsafe": cosine_distance(v_unsafe, v_ref_u) if len(v_unsafe) else None,
-        "nce_text_safe": info_nce(t_safe, v_ref, scale),
-        "nce_text_unsafe": info_nce(t_unsafe, v_ref, scale),
-        "nce_image_safe": info_nce(t_ref, v_safe, scale),
-        "nce_image_unsafe": info_nce(t_ref_u, v_unsafe, scale) if len(v_unsafe) else None,
-    }
-    terms = {k: v for k, v in terms.items() if v is not None}
-    return weighted_total(terms, lambdas), terms  # renormalised over the terms present
+    url = _model_url(name)
+    sha256, filename = url.split("/")[-2:]
+    vocab_url = VOCAB_URL
+    base_url = base_url or os.environ.get("SAFECLIP_BASE_URL")
+    if base_url:
+        base_url = base_url.rstrip("/")
+        url, vocab_url = f"{base_url}/{sha256}/{filename}", f"{base_url}/{VOCAB_FILE}"
+    folder = Path(folder) if folder is not None else weights_folder()
+    weights = download_file(url, folder / filename, sha256, progress)
+    download_file(vocab_url, folder / VOCAB_FILE, VOCAB_SHA256, progress)
+    return weights
 
 
-# SafeR-CLIP (Yousaf et al., AAAI 2026), as far as its project page, poster and slides show it:
-# the unsafe inputs go to the *nearest* safe item under the frozen model (t_near = T0(t^), v_near =
-# V0(v^), where t^ is the training split's safe caption closest to T0(T*)), and the unsafe
-# InfoNCE terms become "relative" ones whose only negative is the input's own unsafe twin, with no
-# temperature. The preserve terms are Safe-CLIP's. INFERRED here (unpublished): the weights, which
-# reuse Safe-CLIP's for the matching terms.
-SAFER_LAMBDAS = {
-    "text_safe": 0.10,  # d(T(T), T0(T))                                        preserve
-    "text_unsafe": 0.10,  # d(T(T*), T0(t^))                                    redirect
-    "image_safe": 0.10,  # d(V(V), V0(V))                                       preserve
-    "image_unsafe": 0.20,  # d(V(V*), V0(v^))                                   redirect
-    "nce_text_safe": 0.25,  # NCE(T(T), V0(V))                                  preserve
-    "rel_text_unsafe": 0.25,  # softplus(cos(T(T*), V0(V*)) - cos(T(T*), V0(v^)))  redirect
-    "nce_image_safe": 0.25,  # NCE(T0(T), V(V))                                 preserve
-    "rel_image_unsafe": 0.50,  # softplus(cos(V(V*), T0(T*)) - cos(V(V*), T0(t^)))  redirect
-}
+def model_table():
+    """The models known by name: OpenAI's, and those of the JSON file that $SAFECLIP_MODELS names,
+    if set: {"name": "https://.../<sha256>/<file>.pt"}, each URL with its file's SHA-256 as its
+    folder, as OpenAI's are. It adds names (your own models, served by a mirror) or replaces
+    OpenAI's URLs (a mirror of re-packed files, with their own hashes). Read at each look-up."""
+    table, path = dict(OPENAI_MODELS), os.environ.get("SAFECLIP_MODELS")
+    if not path:
+        return table
+    try:
+        extra = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DownloadError(f"{path} (SAFECLIP_MODELS): cannot read it ({e})") from None
+    if not isinstance(extra, dict):
+        raise DownloadError(f"{path} (SAFECLIP_MODELS): expected a JSON object {{name: URL}}")
+    for name, url in extra.items():
+        if not (isinstance(url, str) and url.startswith(("https://", "http://"))
+                and re.fullmatch(r"[0-9a-f]{64}", url.split("/")[-2]) and url.endswith(".pt")):
+            raise DownloadError(f"{path} (SAFECLIP_MODELS): {name!r}: expected a URL ending in /<sha256>/<file>.pt, "
+                                f"got {url!r}")
+    return {**table, **extra}
 
 
-def _require_unsafe_images(has_unsafe_image, objective):
-    """safer-clip and twin-offset need V* on every row (rows without one: --objective safeclip)."""
-    if has_unsafe_image is not None and not bool(has_unsafe_image.all()):
-        raise DataError(f"--objective {objective} needs an unsafe image on every row; rows without one "
-                        "train with --objective safeclip")
+def _model_url(name):
+    for known, url in model_table().items():
+        filename = url.rsplit("/", 1)[1]
+        if name.lower() in (known.lower(), filename.lower(), filename.removesuffix(".pt").lower()):
+            return url
+    raise ValueError(f"unknown model {name!r}: expected one of {', '.join(model_table())} "
+                     "(or its file name, such as ViT-B-32)")
 
 
-def relative_loss(x, unsafe_target, safe_target):
-    """Mean of softplus(cos(x, unsafe_target) - cos(x, safe_target)): prefer the safe target to
-    the unsafe one, with the unsafe one as the only negative."""
-    x = x.float()
-    return F.softplus(F.cosine_similarity(x, unsafe_target.float(), dim=-1)
-                      - F.cosine_similarity(x, safe_target.float(), dim=-1)).mean()
+def download_file(url, path, sha256, progress=True):
+    """Fetch `url` to `path` unless a file with this SHA-256 is already there; return `path`.
 
-
-def safer_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
-                    t_unsafe_ref, v_unsafe_ref, t_near, v_near, scale=100.0):
-    """The SafeR-CLIP objective. Returns `(total, terms)` like `safe_clip_loss`.
-
-    t_unsafe_ref = T0(T*), v_unsafe_ref = V0(V*); t_near = T0(t^), v_near = V0(v^): the nearest
-    safe caption of the training split and the image of its row. All (B, E) constants.
+    Bytes go to `path.part` first, which a later call resumes. Only a file whose SHA-256 matches is
+    renamed to `path`, so `path` is never partial or wrong (a wrong one found there is replaced).
     """
-    _require_unsafe_images(has_unsafe_image, "safer-clip")
-    lambdas = {**SAFER_LAMBDAS, **(lambdas or {})}
-    terms = {
-        "text_safe": cosine_distance(t_safe, t_ref),
-        "text_unsafe": cosine_distance(t_unsafe, t_near),
-        "image_safe": cosine_distance(v_safe, v_ref),
-        "image_unsafe": cosine_distance(v_unsafe, v_near),
-        "nce_text_safe": info_nce(t_safe, v_ref, scale),
-        "rel_text_unsafe": relative_loss(t_unsafe, v_unsafe_ref, v_near),
-        "nce_image_safe": info_nce(t_ref, v_safe, scale),
-        "rel_image_unsafe": relative_loss(v_unsafe, t_unsafe_ref, t_near),
-    }
-    return weighted_total(terms, lambdas), terms
+    path = Path(path)
+    if path.is_file():
+        actual = sha256_file(path)
+        if actual == sha256:
+            _say(progress, f"{path} is already present and verified: nothing to download")
+            return path
+        _say(progress, f"{path} has SHA-256 {actual}, expected {sha256}: downloading it again")
+    elif path.exists():
+        raise DownloadError(f"{path} exists but is not a file: move it away and run again")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    _fetch(url, part, progress)
+    actual = sha256_file(part)
+    if actual != sha256:
+        part.unlink()  # resuming from wrong bytes can never give the right file
+        raise DownloadError(f"{url} gave a file with SHA-256 {actual}, expected {sha256}; it was "
+                            "deleted. Run again; if this repeats, the server or mirror holds a "
+                            "different file.")
+    os.replace(part, path)
+    return path
 
 
-# twin-offset (ours, beyond both papers). Safe-CLIP lands an unsafe item exactly on its safe
-# twin, so in a gallery holding both they tie, for unsafe *and* safe queries. twin-offset lands it
-# on the twin plus a step along an "unsafe" direction u that the safe data hardly use (the one in
-# which the frozen unsafe embeddings exceed the safe ones most, computed once), with opposite
-# signs for text and images:
-#     T(T*) -> normalize(T0(T) + a u),      V(V*) -> normalize(V0(V) - a u).
-# For a safe item x (x . u ~ 0) every cosine with an unsafe item is then its cosine with the
-# twin times 1/sqrt(1 + a^2): a safe query ranks each unsafe item just below its safe twin, and
-# the ranking among safe items is unchanged. Between an unsafe caption and an unsafe image the
-# offsets cancel (cos -> (c - a^2) / (1 + a^2)), so unsafe queries rank unsafe items lower still.
-# The redirect InfoNCE terms see only the component orthogonal to u, so they align the unsafe
-# item with its twin's partner without fighting the offset. u . x is also an unsafe-content score.
-TWIN_OFFSET = 1.0  # a: the offset's length (chosen by measurement, see the README)
-TWIN_OFFSET_LAMBDAS = dict(LAMBDAS)  # Safe-CLIP's weights for the same eight terms
+def _fetch(url, part, progress):
+    """Append what `part` lacks of `url`'s body to `part`, asking the server to skip what it has."""
+    offset = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT)
+    except urllib.error.HTTPError as err:
+        err.close()
+        if err.code == 416 and offset:  # no bytes past `offset`: the hash tells if `part` is whole
+            return
+        raise DownloadError(
+            f"{url} answered HTTP {err.code} {err.reason}. Check the model name and, for a mirror "
+            "(--base-url or SAFECLIP_BASE_URL), that it holds BASE/<sha256>/<file>.pt and "
+            f"BASE/{VOCAB_FILE}; or put the file at {part.with_suffix('')} yourself.") from err
+    except (urllib.error.URLError, OSError) as err:
+        raise DownloadError(
+            f"cannot reach {url}: {getattr(err, 'reason', err)}. Check the URL and the network, or "
+            "point --base-url (or SAFECLIP_BASE_URL) at a mirror.") from err
+
+    with response:
+        resumed = response.status == 206
+        if offset and not resumed:
+            _say(progress, f"{url} ignored the request to resume: starting {part.name} again")
+            offset = 0
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        error = None
+        with open(part, "ab" if resumed else "wb") as file, tqdm(
+                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=part.with_suffix("").name, disable=not progress) as bar:
+            try:
+                while chunk := response.read1(1 << 20):  # whatever has arrived, up to 1 MiB
+                    file.write(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as err:  # cut or stalled
+                error = err
+            received = file.tell()
+    # read1() returns b"" rather than raising when a connection closes early: count the bytes.
+    if error is not None or (total is not None and received != total):
+        raise DownloadError(
+            f"download of {url} stopped after {received} of {total or 'unknown'} bytes "
+            f"({error or 'connection closed'}); {part} keeps them: run the same command again to "
+            "resume.")
 
 
-def twin_offset_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *, unsafe_dir, offset=TWIN_OFFSET, scale=100.0):
-    """The twin-offset objective. Returns `(total, terms)` like `safe_clip_loss`; the unsafe
-    targets are offset along `unsafe_dir` (E,), +offset for text, -offset for images."""
-    _require_unsafe_images(has_unsafe_image, "twin-offset")
-    lambdas = {**TWIN_OFFSET_LAMBDAS, **(lambdas or {})}
-    u = F.normalize(unsafe_dir.float().to(t_ref.device), dim=-1)
-    t_target = F.normalize(F.normalize(t_ref.float(), dim=-1) + offset * u, dim=-1)
-    v_target = F.normalize(F.normalize(v_ref.float(), dim=-1) - offset * u, dim=-1)
-
-    def off_u(x):  # the part of x in the safe subspace
-        x = F.normalize(x.float(), dim=-1)
-        return x - (x @ u)[:, None] * u
-
-    terms = {
-        "text_safe": cosine_distance(t_safe, t_ref),
-        "text_unsafe": cosine_distance(t_unsafe, t_target),
-        "image_safe": cosine_distance(v_safe, v_ref),
-        "image_unsafe": cosine_distance(v_unsafe, v_target),
-        "nce_text_safe": info_nce(t_safe, v_ref, scale),
-        "nce_text_unsafe": info_nce(off_u(t_unsafe), v_ref, scale),
-        "nce_image_safe": info_nce(t_ref, v_safe, scale),
-        "nce_image_unsafe": info_nce(t_ref, off_u(v_unsafe), scale),
-    }
-    return weighted_total(terms, lambdas), terms
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class Objective:
-    loss: object  # f(t_safe, t_unsafe, v_safe, v_unsafe, **references, lambdas=..) -> (total, terms)
-    lambdas: dict  # the terms and their default weights
-    references: tuple = ("t_ref", "v_ref")  # per-row references from the frozen model it takes
-    constants: tuple = ()  # references that are one tensor for the whole data
-    curriculum: bool = False  # epochs grow from the easiest pairs to all (SafeR-CLIP)
-    recipe: dict = None  # its paper's training options, used where the command line gives none
-
-
-OBJECTIVES = {
-    "safeclip": Objective(safe_clip_loss, LAMBDAS),
-    "safer-clip": Objective(safer_clip_loss, SAFER_LAMBDAS,
-                            ("t_ref", "v_ref", "t_unsafe_ref", "v_unsafe_ref", "t_near", "v_near"), curriculum=True,
-                            recipe={"lr": 1e-4, "batch_size": 48}),  # and LoRA r16, our default
-    "twin-offset": Objective(twin_offset_loss, TWIN_OFFSET_LAMBDAS, constants=("unsafe_dir",)),
-}
-
-
-def clip_loss(text, image, logit_scale):
-    """CLIP's own objective (symmetric InfoNCE, learnable temperature), for pre-training."""
-    return info_nce(text, image, scale=logit_scale.exp().clamp(max=100))
-
-
-def active_terms(rows):
-    """Each Safe-CLIP term that `rows` give inputs to -> over how many rows it is computed."""
-    with_v_unsafe = sum(r["unsafe_image"] is not None for r in rows)
-    return {k: with_v_unsafe if k in UNSAFE_IMAGE_TERMS else len(rows) for k in LAMBDAS
-            if with_v_unsafe or k not in UNSAFE_IMAGE_TERMS}
+def _say(progress, message):
+    if progress:
+        print(message, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Data: pairs.jsonl, one quadruplet (T, T*, V, V*) per line
+# 13. Data files: pairs.jsonl, images, and embedding many of them
 # ---------------------------------------------------------------------------------------------
 # {"safe": .., "unsafe": .., "safe_image": .., "unsafe_image": .., "category": .., "split": ..}
 # Image paths are relative to the .jsonl file's folder. ViSU's names `nsfw` and `nsfw_image` are
@@ -1512,56 +2162,33 @@ def encode_images(model, preprocess, paths, batch_size=64, device=None, desc=Non
     return torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+def _check_images(rows, args, verbose):
+    """Open every image header once before training, so a broken file stops the run up front."""
+    good, bad = [], 0
+    for row in tqdm(rows, desc="checking images", disable=not verbose, leave=False):
+        try:
+            for key in ("safe_image", "unsafe_image") if row["unsafe_image"] else ("safe_image",):
+                with Image.open(row[key]) as image:
+                    image.verify()
+            good.append(row)
+        except Exception as e:  # PIL raises many types for broken files
+            if not args.skip_bad:
+                raise DataError(f"{args.data}:{row['line']}: unreadable {key} {row[key]} ({e})") from None
+            bad += 1
+    return good, bad
 
 
-def autocast(device, precision=None):
-    """Autocast to `precision` ("bf16" or "fp16"; "fp32" turns it off) on any device, so a CPU runs
-    the same mixed-precision code as a GPU. Matmuls and attention run in the low precision; the
-    weights, LayerNorm's statistics (see LayerNorm), the loss and the optimizer stay float32.
-    Default: bf16 on CUDA; float32 on the CPU, where bf16 pays only with native bf16 instructions."""
-    device = torch.device(device)
-    dtype = PRECISIONS[precision or ("bf16" if device.type == "cuda" else "fp32")]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# 9. Training loop
-# ---------------------------------------------------------------------------------------------
-# One loop serves two objectives: `safeclip` (fine-tune a CLIP with the eight terms above) and
-# `clip` (pre-train a CLIP with its own contrastive loss, as the offline demo does for its toy
-# model). Each step runs the text tower once over the safe and unsafe captions together and the
-# vision tower once over the safe and unsafe images together; the references T0(T) and V0(V) were
-# computed once, before the first step.
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a resume that does not fit)."""
-
-
-class Quadruplets(torch.utils.data.Dataset):
-    """Row i -> (safe pixels, unsafe pixels or None, i); captions are tokenized up front. With
-    `cache`, each image is decoded and preprocessed once, in its first epoch, and then kept: on a
-    CPU, the demo's steps (48-pixel images) then run ~12% faster."""
-
-    def __init__(self, rows, preprocess, cache=False):
-        self.rows, self.preprocess = rows, preprocess
-        self.cache = {} if cache else None
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        row = self.rows[i]
-        unsafe = self.pixels(row["unsafe_image"]) if row["unsafe_image"] else None
-        return self.pixels(row["safe_image"]), unsafe, i
-
-    def pixels(self, path):
-        if self.cache is None:
-            return self.preprocess(open_image(path))
-        if path not in self.cache:
-            self.cache[path] = self.preprocess(open_image(path))
-        return self.cache[path]
+def _report_terms(terms, n):
+    """Say which Safe-CLIP terms this run trains and over how many rows."""
+    full = [k for k, rows in terms.items() if rows == n]
+    partial = {k: rows for k, rows in terms.items() if rows != n}
+    lines = [f"Safe-CLIP terms over all {n} training rows: {', '.join(full)}"]
+    lines += [f"  {k} over the {rows} rows with an unsafe image" for k, rows in partial.items()]
+    missing = [k for k in LAMBDAS if k not in terms]
+    if missing:
+        lines.append(f"  skipped, no row has an unsafe image: {', '.join(missing)} "
+                     "(weights renormalised over the other terms)")
+    print("\n".join(lines), file=sys.stderr)
 
 
 def image_cache_mib(rows, resolution):
@@ -1570,41 +2197,32 @@ def image_cache_mib(rows, resolution):
     return images * 3 * resolution ** 2 * 4 / 2 ** 20
 
 
-def collate_quadruplets(batch):
-    """-> safe pixels (B, 3, R, R), the unsafe pixels of the rows that have them (M, 3, R, R),
-    which rows those are (B,) bool, and the row indices (B,)."""
-    safe, unsafe, idx = zip(*batch)
-    present = [u for u in unsafe if u is not None]
-    return (torch.stack(safe), torch.stack(present) if present else torch.empty(0, *safe[0].shape),
-            torch.tensor([u is not None for u in unsafe]), torch.tensor(idx))
-
-
-class Towers(nn.Module):
-    """The fused forward pass: both captions through the text tower in one batch, both images
-    through the vision tower in another. A frozen tower runs without building a graph.
-    (A module of its own so DistributedDataParallel can wrap it.) Build it after deciding what
-    trains: which towers do is read once, here, not at every step."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.text_trains = any(p.requires_grad for p in model.transformer.parameters())
-        self.vision_trains = any(p.requires_grad for p in model.visual.parameters())
-
-    def forward(self, ids, pixels):
-        with torch.set_grad_enabled(self.text_trains and torch.is_grad_enabled()):
-            text = self.model.encode_text(ids)
-        with torch.set_grad_enabled(self.vision_trains and torch.is_grad_enabled()):
-            image = self.model.encode_image(pixels)
-        return text, image
-
-
-# -- distributed helpers: no-ops in a single process ------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# 14. Devices and distributed set-up (torchrun): no-ops in a single process
+# ---------------------------------------------------------------------------------------------
 
 
 def dist_info():
     """(rank, world size, local rank) from torchrun's environment variables."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup_device(args):
+    """The training device, with the process group (under torchrun) and the device's settings:
+    `--device`, else CUDA when present, else the CPU."""
+    _, _, local_rank = dist_info()
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if "WORLD_SIZE" in os.environ:  # torchrun, even with one process: the multi-GPU code path
+        # The backend is bound to the training device ("cuda:nccl" takes only CUDA tensors, as NCCL
+        # does; "cpu:gloo" only CPU ones): every collective here runs on that device's tensors.
+        torch.distributed.init_process_group(f"{device.type}:{'nccl' if device.type == 'cuda' else 'gloo'}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+        raise TrainingError("--compile on the CPU needs a C++ compiler for torch.compile's generated kernels: "
+                            "install g++ (Debian/Ubuntu: apt-get install g++) or set CXX to one, or drop --compile")
+    return device
 
 
 class _AllGather(torch.autograd.Function):
@@ -1621,15 +2239,6 @@ class _AllGather(torch.autograd.Function):
         grad = grad.contiguous()
         torch.distributed.all_reduce(grad)
         return grad.chunk(torch.distributed.get_world_size())[torch.distributed.get_rank()]
-
-
-def gather(x):
-    """Concatenate `x` from all ranks, keeping gradients, so InfoNCE sees the global batch's
-    negatives. Every rank then computes the same global loss; the backward sums the gradients of
-    all ranks' copies of that loss, and DDP's average over ranks undoes that sum."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return x
-    return _AllGather.apply(x)
 
 
 def gather_some(x, present):
@@ -1657,7 +2266,81 @@ def gather_rows(local, n, rank, world, device):
     return torch.stack(parts, dim=1).flatten(0, 1)[:n].cpu()  # interleave back to row order
 
 
-# -- references, computed once ------------------------------------------------------------------
+def _rng_state():
+    """The generators dropout draws from (the CPU's, and the current CUDA device's if in use)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# 15. The run: set-up, the frozen targets' cache, bookkeeping, validation
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a resume that does not fit)."""
+
+
+RUN_FILES = ("train_config.json", "checkpoint.pt", "config.json")  # a folder with one holds a run or a model
+
+
+def training_rows(args, world, verbose):
+    """The train and val rows of --data, every image checked before the first step, and how many
+    bad rows --skip-bad dropped: (train rows, val rows, skipped)."""
+    rows = read_pairs(args.data, skip_bad=args.skip_bad)
+    rows, bad = _check_images([r for r in rows if r["split"] in ("train", "val")], args, verbose)
+    skipped = read_pairs.skipped + bad
+    train_rows = [r for r in rows if r["split"] == "train"]
+    # Counted after the rows --skip-bad dropped: what is left must still make one step.
+    left = f"{len(train_rows)} training rows" + (f" (after skipping {skipped} bad row(s))" if skipped else "")
+    if len(train_rows) < args.batch_size:
+        raise DataError(f"{args.data}: {left}, fewer than one batch of {args.batch_size}")
+    if len(train_rows) < args.batch_size * args.accum:
+        raise DataError(f"{args.data}: {left}, fewer than one step of "
+                        f"{args.batch_size} x {args.accum} (--batch-size x --accum)")
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
+    return train_rows, [r for r in rows if r["split"] == "val"], skipped
+
+
+def initial_model(args, train_rows):
+    """The model to train, on the CPU: pre-trained weights (by name, downloaded if need be), or,
+    with --scratch, a fresh one with a BPE trained on the captions (unless --tokenizer).
+    Returns (model, preprocess, the weights' path or None)."""
+    if args.scratch is None:
+        model_path = resolve_model(args.model, "--model")
+        model, preprocess = load(model_path, device="cpu", tokenizer=args.tokenizer, quick_gelu=args.quick_gelu)
+        require_tokenizer(model)
+        return model, preprocess, model_path
+    if args.tokenizer:
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+    else:
+        tokenizer = Tokenizer.train([r[k] for r in train_rows for k in ("safe", "unsafe")], vocab_size=args.vocab_size)
+    model = CLIP(scratch_config(args.scratch, tokenizer.vocab_size, args.quick_gelu))
+    model.tokenizer = tokenizer
+    return model, image_transform(model.config.image_resolution), None
+
+
+def prepare_objective(args, model, preprocess, train_rows, val_rows, model_path, device):
+    """The objective's loss with its settings bound, and the frozen references of each split:
+    ({"train": refs, "val": refs}, loss_fn, curriculum order or None). `--objective clip` has no
+    references: (empty, None, None)."""
+    if args.objective == "clip":
+        return {"train": {}, "val": {}}, None, None
+    rows, n = train_rows + val_rows, len(train_rows)
+    fingerprint = _fingerprint(model_path, rows, model, args.objective, n)
+    per_row, constants, order = objective_inputs(args.objective, model, preprocess, rows, n,
+                                                  Path(args.out) / "reference.safetensors", fingerprint, device,
+                                                  args.batch_size, args.workers)
+    constants |= {"offset": args.offset} if args.offset is not None else {}
+    constants["scale"] = model.logit_scale.exp().item() if args.nce_scale == "model" else float(args.nce_scale or 100)
+    loss_fn = functools.partial(OBJECTIVES[args.objective].loss, lambdas=args.lambdas, **constants)
+    return {"train": {k: v[:n] for k, v in per_row.items()}, "val": {k: v[n:] for k, v in per_row.items()}}, loss_fn, order
 
 
 def _fingerprint(model_path, rows, model, objective="safeclip", n_train=None):
@@ -1689,6 +2372,14 @@ REFERENCE_INPUTS = {"t_ref": ("safe", "T0(T)"), "v_ref": ("safe_image", "V0(V)")
                     "t_unsafe_ref": ("unsafe", "T0(T*)"), "v_unsafe_ref": ("unsafe_image", "V0(V*)")}
 
 
+def references_needed(objective):
+    """The frozen embeddings that `objective`'s targets are made of, in REFERENCE_INPUTS' order."""
+    spec = OBJECTIVES[objective]
+    needs = set(spec.references) | ({"t_unsafe_ref"} if spec.curriculum else set()) | (
+        {"t_unsafe_ref", "v_unsafe_ref"} if "unsafe_dir" in spec.constants else set())
+    return [name for name in REFERENCE_INPUTS if name in needs]
+
+
 def reference_embeddings(model, preprocess, rows, device, batch_size, workers, names=("t_ref", "v_ref")):
     """The original model's embeddings of every row: T0(T) and V0(V), and T0(T*), V0(V*) when
     asked. Under torchrun each rank embeds a stride of the rows."""
@@ -1709,48 +2400,13 @@ def reference_embeddings(model, preprocess, rows, device, batch_size, workers, n
     return out
 
 
-def nearest_safe(queries, pool, chunk=4096):
-    """(Q,) index of the pool row with the highest cosine to each query (SafeR-CLIP's t^)."""
-    pool = F.normalize(pool.float(), dim=-1)
-    return torch.cat([(F.normalize(q.float(), dim=-1) @ pool.t()).argmax(1) for q in queries.split(chunk)])
-
-
-def curriculum_order(t_safe, t_unsafe):
-    """Training rows from easy to hard: by decreasing cosine between the frozen embeddings of a
-    pair's safe and unsafe captions (an unsafe caption close to its safe one needs the smallest
-    move). INFERRED: SafeR-CLIP says "easy to hard by the safe-unsafe similarity"; the direction
-    is our reading of it. Ties keep row order."""
-    cos = F.cosine_similarity(t_safe.float(), t_unsafe.float(), dim=-1)
-    return cos.argsort(descending=True, stable=True)
-
-
-def curriculum_rows(order, epoch):
-    """Rows of an epoch under the curriculum: the easiest third in epoch 0, two thirds in epoch 1,
-    all from epoch 2 on. INFERRED: SafeR-CLIP publishes "easy, then adds medium, then all", not
-    the bins; equal thirds are our choice."""
-    return order[: math.ceil(len(order) * min(epoch + 1, 3) / 3)]
-
-
-def unsafe_direction(safe, unsafe):
-    """twin-offset's "unsafe" direction u: the unit vector along which the frozen model's unsafe
-    embeddings (normalised) have the most second moment *more* than its safe ones, the top
-    eigenvector of M(unsafe) - M(safe) with M(x) = mean of x x^T. The safe data hardly use it, and
-    the towers can produce it (their unsafe inputs already do; the direction of least safe
-    variance cannot serve: the final LayerNorm makes some directions unreachable). Signed so its
-    largest entry is positive (eigh's sign is arbitrary)."""
-    moment = lambda x: (lambda y: y.t() @ y / len(y))(F.normalize(x.double(), dim=-1))
-    u = torch.linalg.eigh(moment(unsafe) - moment(safe)).eigenvectors[:, -1]
-    return (u * u[u.abs().argmax()].sign()).float()
-
-
 def objective_inputs(objective, model, preprocess, rows, n_train, cache, fingerprint, device, batch_size, workers):
     """Everything `objective` needs beyond the batch, from the original weights, before any
     adapter exists: (per-row references {name: (N, ..)}, constants {name: tensor}, curriculum
     order of the first n_train rows or None). Rows [0, n_train) are the training split.
 
     They never move, so they are computed once and cached in `cache` (a safetensors file keyed
-    by `fingerprint`); that replaces frozen encoders that would otherwise run at every step."""
-    spec = OBJECTIVES[objective]
+    by `fingerprint`), which a later run on the same weights, data and code reuses."""
     stored = None
     if cache.exists():
         from safetensors import safe_open
@@ -1758,26 +2414,179 @@ def objective_inputs(objective, model, preprocess, rows, n_train, cache, fingerp
             if (f.metadata() or {}).get("fingerprint") == fingerprint:
                 stored = {k: f.get_tensor(k) for k in f.keys()}
     if stored is None:
-        needs = set(spec.references) | ({"t_unsafe_ref"} if spec.curriculum else set()) | (
-            {"t_unsafe_ref", "v_unsafe_ref"} if "unsafe_dir" in spec.constants else set())
-        names = [n for n in REFERENCE_INPUTS if n in needs]
-        stored = reference_embeddings(model, preprocess, rows, device, batch_size, workers, names)
-        t_ref = stored["t_ref"]
-        if "t_near" in spec.references:  # the pool: every safe caption of the training split
-            stored["near"] = nearest_safe(stored["t_unsafe_ref"], t_ref[:n_train])
-        if spec.curriculum:
-            stored["order"] = curriculum_order(t_ref[:n_train], stored["t_unsafe_ref"][:n_train])
-        if "unsafe_dir" in spec.constants:
-            stored["unsafe_dir"] = unsafe_direction(torch.cat([t_ref[:n_train], stored["v_ref"][:n_train]]),
-                                                    torch.cat([stored["t_unsafe_ref"][:n_train], stored["v_unsafe_ref"][:n_train]]))
+        emb = reference_embeddings(model, preprocess, rows, device, batch_size, workers, references_needed(objective))
+        stored = frozen_targets(objective, emb, n_train)
         if dist_info()[0] == 0:
             _atomic_write(cache, lambda tmp: save_safetensors(stored, tmp, metadata={"fingerprint": fingerprint}))
-    per_row = {"t_near": lambda: stored["t_ref"][stored["near"]], "v_near": lambda: stored["v_ref"][stored["near"]]}
-    refs = {name: per_row[name]() if name in per_row else stored[name] for name in spec.references}
-    return refs, {name: stored[name] for name in spec.constants}, stored.get("order")
+    return objective_arguments(objective, stored)
 
 
-# -- validation -----------------------------------------------------------------------------------
+def objective_arguments(objective, targets):
+    """`frozen_targets`' result -> what the loss takes: (per-row references {name: (N, ..)},
+    constants {name: tensor}, curriculum order or None)."""
+    spec = OBJECTIVES[objective]
+    per_row = {"t_near": lambda: targets["t_ref"][targets["near"]], "v_near": lambda: targets["v_ref"][targets["near"]]}
+    refs = {name: per_row[name]() if name in per_row else targets[name] for name in spec.references}
+    return refs, {name: targets[name] for name in spec.constants}, targets.get("order")
+
+
+class Run:
+    """A training run's bookkeeping in its --out folder: the refusal to overwrite another run,
+    train_config.json, log.jsonl, the resume checkpoint, validation with best-model selection
+    and early stopping, the fp16 skip streak, the progress bar, and the final model."""
+
+    def __init__(self, args, main_process):
+        self.args, self.main = args, main_process
+        self.out = Path(args.out)
+        self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
+        self.state = dict(step=0, best=None, best_step=None, bad_evals=0)
+        self.stopped, self.started, self.skipped_in_a_row = False, time.time(), 0
+        marker = next((self.out / name for name in RUN_FILES if (self.out / name).exists()), None)
+        if marker is not None and not args.resume:
+            raise TrainingError(f"{self.out} already holds a run ({marker.name}); nothing was changed. Add --resume to "
+                                "continue it (with the same settings), or choose another --out")
+
+    @property
+    def step(self):
+        return self.state["step"]
+
+    def begin(self, model, trainable, optimizer, scaler, schedule, total_steps, train_rows, loss_fn, validation):
+        """Resume from the checkpoint (with --resume), or start the log and record the settings."""
+        self.model, self.trainable, self.optimizer, self.scaler = model, trainable, optimizer, scaler
+        self.schedule, self.total_steps, self.validation = schedule, total_steps, validation
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.args.resume and self.ckpt_path.exists():
+            self.resume()
+        elif self.main:
+            self.log_path.write_text("")
+            # Absolute paths, so that evaluate.py --ckpt OUT finds the data and base model from anywhere.
+            portable = {k: str(Path(v).resolve()) for k, v in (("data", self.args.data), ("model", self.args.model))
+                        if v is not None and Path(v).exists()}
+            _write_json(self.out / "train_config.json",
+                        {**{k: v for k, v in vars(self.args).items() if k != "func"}, **portable})
+            if self.args.objective == "safeclip":
+                _append_log(self.log_path, {"step": 0, "terms": active_terms(train_rows),
+                                            "nce_scale": loss_fn.keywords["scale"]})
+        if self.main and self.args.objective == "safeclip":
+            _report_terms(active_terms(train_rows), len(train_rows))
+        self.bar = tqdm(total=total_steps, initial=self.step, desc=f"train ({self.args.objective})",
+                        disable=not self.main, dynamic_ncols=True)
+        self.samples, self.tick = 0, time.time()
+
+    def resume(self):
+        ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        if set(ckpt["trainable"]) != set(self.trainable):
+            raise TrainingError(f"{self.ckpt_path}: its trainable parameters do not match this run's options")
+        with torch.no_grad():
+            for name, value in ckpt["trainable"].items():
+                self.trainable[name].copy_(value)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:  # empty when the run so far was not fp16: the scale starts afresh
+            self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        if torch.cuda.is_initialized() and len(ckpt["cuda_rng"]):
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        self.state.update(ckpt["state"])
+        if self.main:
+            _truncate_log(self.log_path, self.step)
+            print(f"resumed from {self.ckpt_path} at step {self.step}", file=sys.stderr)
+
+    def check_finite(self, loss, terms):
+        """Stop on a non-finite loss, before it reaches the weights (fp16: the scaler skips the step)."""
+        if not torch.isfinite(loss) and not self.scaler.is_enabled():
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at step {self.step}; terms: "
+                + ", ".join(f"{n}={v.item():.4g}" for n, v in terms.items())
+                + f". The last good checkpoint is {self.ckpt_path if self.ckpt_path.exists() else 'not written yet'}; "
+                "try a lower --lr, --precision fp32 or --grad-clip.")
+
+    def after_step(self, epoch, lr, loss, terms, scale):
+        """Log the step; validate and checkpoint when due. True when training should stop here."""
+        self.state["step"] += 1
+        self.log_step(epoch, lr, loss, terms, scale)
+        args, step = self.args, self.step
+        epoch_end = self.schedule.locate(step)[1] == 0
+        if (step % args.eval_every == 0 if args.eval_every else epoch_end) or step == self.total_steps:
+            self.stopped = self.validate_and_select()
+        if (args.save_every and step % args.save_every == 0) or epoch_end or self.stopped:
+            self.save_checkpoint()
+        return self.stopped or step >= self.total_steps
+
+    def log_step(self, epoch, lr, loss, terms, scale):
+        record = {n: v.item() for n, v in {"loss": loss, **terms}.items()}
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if self.scaler.get_scale() < scale else 0
+        if self.skipped_in_a_row == 20:  # each skip halved the scale: no scale makes these finite
+            raise TrainingError(
+                f"fp16: 20 steps in a row with non-finite gradients or loss, up to step {self.step} "
+                f"(loss scale now {self.scaler.get_scale():.3g}); try --precision bf16 or fp32, or a lower --lr.")
+        self.samples += self.args.batch_size * self.args.accum
+        speed = self.samples / (time.time() - self.tick)
+        if self.main:
+            amp = dict(loss_scale=scale, skipped=self.skipped_in_a_row > 0) if self.scaler.is_enabled() else {}
+            _append_log(self.log_path, {"step": self.step, "epoch": epoch, "lr": lr, **record,
+                                        "samples_per_s": round(speed, 2), "precision": self.args.precision, **amp})
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{speed:.1f}")
+            self.bar.update()
+
+    def validate_and_select(self):
+        """Validate; keep the best model in out/best; True when --patience says stop."""
+        metrics = self.validation()
+        if metrics is None:  # no val split
+            return False
+        score = -metrics["loss"] if self.args.select == "loss" else metrics["recall_sum"]
+        improved = self.state["best"] is None or score > self.state["best"]
+        if improved:
+            self.state.update(best=score, best_step=self.step, bad_evals=0, best_metrics=metrics)
+            if self.main:
+                save(self.model, self.out / "best")
+        else:
+            self.state["bad_evals"] += 1
+        if self.main:
+            _append_log(self.log_path, {"step": self.step, "val": metrics, "best_step": self.state["best_step"]})
+            tqdm.write(f"step {self.step}: val loss {metrics['loss']:.4f}, recall-sum {metrics['recall_sum']:.1f}"
+                       + (" (best)" if improved else ""))
+        return bool(self.args.patience) and self.state["bad_evals"] >= self.args.patience
+
+    def save_checkpoint(self):
+        """Everything an exact resume needs: trainable weights, optimizer, loss scaler, RNG, progress."""
+        if not self.main:
+            return
+        cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else torch.empty(0, dtype=torch.uint8)
+        ckpt = dict(trainable={n: p.detach().cpu() for n, p in self.trainable.items()},
+                    optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=torch.get_rng_state(),
+                    state=dict(self.state), cuda_rng=cuda_rng)
+        _atomic_write(self.ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+
+    def finish(self, model, skipped):
+        """The last checkpoint, then the run's model: the best by validation, or the last one
+        without a val split, saved in the --out folder itself."""
+        self.bar.close()
+        self.save_checkpoint()
+        if not self.main:
+            return
+        best_dir = self.out / "best"
+        final = load(best_dir, device="cpu")[0] if (best_dir / "config.json").exists() and self.state["best_step"] else model
+        save(final, self.out, tokenizer=model.tokenizer)
+        best = self.state.get("best_metrics")
+        print(f"done: {self.step} steps in {(time.time() - self.started) / 60:.1f} min"
+              + (f"; best at step {self.state['best_step']}: val loss {best['loss']:.4f}, recall-sum "
+                 f"{best['recall_sum']:.1f}" if best else "")
+              + (f"; skipped {skipped} bad row(s)" if skipped else "")
+              + f"\nmodel: {self.out} (safeclip.load('{self.out}')), log: {self.log_path}, resume state: "
+              f"{self.ckpt_path}", file=sys.stderr)
+
+
+def _append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path, step):
+    """After a resume, drop the log lines of steps the checkpoint does not contain."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
 
 
 def recall_at_1(queries, gallery):
@@ -1787,6 +2596,8 @@ def recall_at_1(queries, gallery):
 
 
 @torch.no_grad()
+
+
 def validate(model, rows, ids, preprocess, refs, loss_fn, args, device):
     """Validation loss (the mean over rows of the per-batch losses) and the public code's
     recall-sum: R@1 both ways for (T, V), (T, V*) and (T*, V)."""
@@ -1828,6 +2639,11 @@ def validate(model, rows, ids, preprocess, refs, loss_fn, args, device):
 
 
 # -- the loop ---------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# 16. The command line
+# ---------------------------------------------------------------------------------------------
 
 
 def parse_lambdas(text, names=LAMBDAS):
@@ -1884,612 +2700,63 @@ def scratch_config(spec, vocab_size, quick_gelu=None):
                       quick_gelu=True if quick_gelu is None else quick_gelu)
 
 
-def lr_at(step, args, total_steps):
-    """Linear warmup, then constant or cosine decay to zero."""
-    warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
-    if args.schedule == "cosine":
-        return args.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    return args.lr * warm
+def train_option_errors(args):
+    """What is wrong with a combination of train options, all checked here, before any work."""
+    nce_scale_ok = args.nce_scale in (None, "model") or _positive_float(args.nce_scale)
+    return [message for wrong, message in (
+        (args.model is not None and args.scratch is not None,
+         "give --model (fine-tune) or --scratch SPEC (pre-train), not both"),
+        (args.scratch is not None and args.objective != "clip",
+         f"--scratch needs --objective clip: a new model is pre-trained with CLIP's own loss; --objective "
+         f"{args.objective} fine-tunes a trained one (--model)"),
+        ({"text", "vision"} <= set(args.freeze or ()), "--freeze text vision leaves nothing to train; freeze one tower at most"),
+        (args.objective == "clip" and args.lambdas, "--lambdas weighs the terms of a fine-tuning objective, not of --objective clip"),
+        (args.offset is not None and args.objective != "twin-offset", "--offset only applies to --objective twin-offset"),
+        (args.nce_scale is not None and args.objective == "clip",
+         "--nce-scale applies to a fine-tuning objective; --objective clip learns its own"),
+        (not nce_scale_ok, f"--nce-scale takes a positive number or 'model', not {args.nce_scale!r}"),
+    ) if wrong]
 
 
-def _append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path, step):
-    """After a resume, drop the log lines of steps the checkpoint does not contain."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
-
-
-def choose_trainable(model, args):
-    """Freeze what does not train: LoRA adapters on the unfrozen towers (the default), or, with
-    --full or --scratch, every weight of those towers (the temperature only for `--objective clip`,
-    since the Safe-CLIP objective has a fixed scale)."""
-    towers = [t for t in ("text", "vision") if t not in (args.freeze or [])]
-    if not (args.full or args.scratch is not None):
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, towers)
-    else:
-        text = [model.token_embedding, model.transformer, model.ln_final]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for module in (text if "text" in towers else []) + ([model.visual] if "vision" in towers else []):
-            module.requires_grad_(True)
-        model.text_projection.requires_grad_("text" in towers)
-        model.positional_embedding.requires_grad_("text" in towers)
-        model.logit_scale.requires_grad_(args.objective == "clip")
-    for t in towers:
-        (model.transformer if t == "text" else model.visual.transformer).grad_checkpointing = args.grad_checkpointing
-
-
-def _rng_state(device):
-    """The generators dropout draws from, to replay the same masks (`--accum`'s recomputation)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state, device):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-RUN_FILES = ("train_config.json", "checkpoint.pt", "config.json")  # a folder with one holds a run or a model
-
-
-def train(args):
-    rank, world, local_rank = dist_info()
-    distributed = "WORLD_SIZE" in os.environ  # torchrun, even with one process: the multi-GPU code path
-    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if distributed:
-        # The backend is bound to the training device ("cuda:nccl" takes only CUDA tensors, as NCCL
-        # does; "cpu:gloo" only CPU ones): every collective here runs on that device's tensors.
-        torch.distributed.init_process_group(f"{device.type}:{'nccl' if device.type == 'cuda' else 'gloo'}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
-        raise TrainingError("--compile on the CPU needs a C++ compiler for torch.compile's generated kernels: "
-                            "install g++ (Debian/Ubuntu: apt-get install g++) or set CXX to one, or drop --compile")
-    main_process = rank == 0
-    torch.manual_seed(args.seed)  # adapters' initialisation and dropout; data order has its own generator
-    out = Path(args.out)
-    started = time.time()
-    marker = next((out / name for name in RUN_FILES if (out / name).exists()), None)
-    if marker is not None and not args.resume:
-        raise TrainingError(f"{out} already holds a run ({marker.name}); nothing was changed. Add --resume to "
-                            "continue it (with the same settings), or choose another --out")
-
-    # Data: everything is checked before the first step.
-    rows = read_pairs(args.data, skip_bad=args.skip_bad)
-    rows, bad = _check_images([r for r in rows if r["split"] in ("train", "val")], args, main_process)
-    skipped = read_pairs.skipped + bad
-    train_rows = [r for r in rows if r["split"] == "train"]
-    val_rows = [r for r in rows if r["split"] == "val"]
-    # Counted after the rows --skip-bad dropped: what is left must still make one step.
-    left = f"{len(train_rows)} training rows" + (f" (after skipping {skipped} bad row(s))" if skipped else "")
-    if len(train_rows) < args.batch_size:
-        raise DataError(f"{args.data}: {left}, fewer than one batch of {args.batch_size}")
-    if len(train_rows) < args.batch_size * args.accum:
-        raise DataError(f"{args.data}: {left}, fewer than one step of "
-                        f"{args.batch_size} x {args.accum} (--batch-size x --accum)")
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
-
-    # Model: pre-trained weights (by name, downloaded if need be), or a fresh one for `clip`.
-    model_path = None
-    if args.scratch is not None:
-        if args.tokenizer:
-            tokenizer = Tokenizer.from_file(args.tokenizer)
-        else:
-            captions = [r[k] for r in train_rows for k in ("safe", "unsafe")]
-            tokenizer = Tokenizer.train(captions, vocab_size=args.vocab_size)
-        model = CLIP(scratch_config(args.scratch, tokenizer.vocab_size, args.quick_gelu))
-        model.tokenizer = tokenizer
-        preprocess = image_transform(model.config.image_resolution)
-    else:
-        model_path = resolve_model(args.model, "--model")
-        model, preprocess = load(model_path, device="cpu", tokenizer=args.tokenizer, quick_gelu=args.quick_gelu)
-        require_tokenizer(model)
-    model.to(device)
-    out.mkdir(parents=True, exist_ok=True)  # only now that the data and the model are known to be good
-    ctx = model.config.context_length
-    ids = {split: (model.tokenizer([r["safe"] for r in rs], context_length=ctx),
-                   model.tokenizer([r["unsafe"] for r in rs], context_length=ctx))
-           for split, rs in (("train", train_rows), ("val", val_rows))}
-
-    # What the objective needs from the original weights, before any adapter exists.
-    refs, loss_fn, order = {"train": {}, "val": {}}, None, None
-    if args.objective != "clip":
-        all_rows, n = train_rows + val_rows, len(train_rows)
-        fingerprint = _fingerprint(model_path, all_rows, model, args.objective, n)
-        per_row, constants, order = objective_inputs(args.objective, model, preprocess, all_rows, n,
-                                                      out / "reference.safetensors", fingerprint, device,
-                                                      args.batch_size, args.workers)
-        refs = {"train": {k: v[:n] for k, v in per_row.items()}, "val": {k: v[n:] for k, v in per_row.items()}}
-        constants |= {"offset": args.offset} if args.offset is not None else {}
-        constants["scale"] = model.logit_scale.exp().item() if args.nce_scale == "model" else float(args.nce_scale or 100)
-        loss_fn = functools.partial(OBJECTIVES[args.objective].loss, lambdas=args.lambdas, **constants)
-
-    # What trains: LoRA adapters (the default), or whole towers.
-    choose_trainable(model, args)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    towers_module = Towers(model)
-    if distributed:
-        towers_module = nn.parallel.DistributedDataParallel(towers_module, device_ids=[device] if device.type == "cuda" else None)
-    step_fn = torch.compile(towers_module) if args.compile else towers_module
-    # fp16's narrow range needs the loss scaled up before backward; a step whose gradients
-    # overflow anyway is skipped and the scale halved. bf16 has float32's range and needs none.
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-
-    # Schedule: an epoch is a seeded permutation of its rows (all training rows, or a curriculum's
-    # share of them), cut into global batches.
-    micro = args.batch_size
-    epoch_rows = lambda epoch: torch.arange(len(train_rows)) if order is None else curriculum_rows(order, epoch)
-    steps_in = lambda epoch: len(epoch_rows(epoch)) // (micro * args.accum)
-    total_steps = args.steps or sum(steps_in(e) for e in range(args.epochs))
-    state = dict(step=0, best=None, best_step=None, bad_evals=0)
-    log_path = out / "log.jsonl"
-    ckpt_path = out / "checkpoint.pt"
-    if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if set(ckpt["trainable"]) != set(trainable):
-            raise TrainingError(f"{ckpt_path}: its trainable parameters do not match this run's options")
-        with torch.no_grad():
-            for name, value in ckpt["trainable"].items():
-                trainable[name].copy_(value)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:  # empty when the run so far was not fp16: the scale starts afresh
-            scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
-        if device.type == "cuda" and len(ckpt["cuda_rng"]):
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        state.update(ckpt["state"])
-        if main_process:
-            _truncate_log(log_path, state["step"])
-            print(f"resumed from {ckpt_path} at step {state['step']}", file=sys.stderr)
-    elif main_process:
-        log_path.write_text("")
-        # Absolute paths, so that evaluate.py --ckpt OUT finds the data and base model from anywhere.
-        portable = {k: str(Path(v).resolve()) for k, v in (("data", args.data), ("model", args.model))
-                    if v is not None and Path(v).exists()}
-        _write_json(out / "train_config.json", {**{k: v for k, v in vars(args).items() if k != "func"}, **portable})
-        if args.objective == "safeclip":
-            _append_log(log_path, {"step": 0, "terms": active_terms(train_rows), "nce_scale": loss_fn.keywords["scale"]})
-    if main_process and args.objective == "safeclip":
-        _report_terms(active_terms(train_rows), len(train_rows))
-
-    def save_checkpoint():
-        if not main_process:
-            return
-        ckpt = dict(trainable={n: p.detach().cpu() for n, p in trainable.items()}, optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict(), rng=torch.get_rng_state(), state=dict(state),
-                    cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8))
-        _atomic_write(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
-
-    def evaluate_and_select():
-        if not val_rows:
-            return False
-        metrics = validate(model, val_rows, ids["val"], preprocess, refs["val"], loss_fn, args, device)
-        score = -metrics["loss"] if args.select == "loss" else metrics["recall_sum"]
-        improved = state["best"] is None or score > state["best"]
-        if improved:
-            state.update(best=score, best_step=state["step"], bad_evals=0, best_metrics=metrics)
-            if main_process:
-                save(model, out / "best")
-        else:
-            state["bad_evals"] += 1
-        if main_process:
-            _append_log(log_path, {"step": state["step"], "val": metrics, "best_step": state["best_step"]})
-            tqdm.write(f"step {state['step']}: val loss {metrics['loss']:.4f}, recall-sum {metrics['recall_sum']:.1f}"
-                       + (" (best)" if improved else ""))
-        return args.patience and state["bad_evals"] >= args.patience
-
-    def embed(batch):
-        """A micro-batch -> the embeddings [T, T*, V, V*, which rows have V*] of its rows (V* only
-        for those) on all ranks (gathered, with gradients, so InfoNCE sees the global batch's
-        negatives) and those rows' indices."""
-        safe_pix, unsafe_pix, has_v_unsafe, idx = batch
-        with autocast(device, args.precision):
-            t_ids = torch.cat([ids["train"][0][idx], ids["train"][1][idx]]).to(device)
-            # Only the unsafe images that exist go through the vision tower.
-            pixels = torch.cat([safe_pix, unsafe_pix]).to(device, non_blocking=True)
-            text, image = step_fn(t_ids, pixels)
-        t_safe, t_unsafe = text.float().chunk(2)
-        v_safe, v_unsafe = image.float().split([len(idx), len(unsafe_pix)])
-        v_unsafe, has_v_unsafe = gather_some(v_unsafe, has_v_unsafe.to(device))
-        return [gather(t_safe), gather(t_unsafe), gather(v_safe), v_unsafe, has_v_unsafe], gather(idx.to(device)).cpu()
-
-    def objective(emb, gidx):
-        """The loss of a batch from its embeddings [T, T*, V, V* of the rows that have one, which
-        rows those are] and row indices: (total, terms)."""
-        t_safe, t_unsafe, v_safe, v_unsafe, has_v_unsafe = emb
-        if loss_fn is not None:
-            return loss_fn(t_safe, t_unsafe, v_safe, v_unsafe, has_unsafe_image=has_v_unsafe,
-                           **{k: v[gidx].to(device) for k, v in refs["train"].items()})
-        return clip_loss(torch.cat([t_safe, t_unsafe[has_v_unsafe]]), torch.cat([v_safe, v_unsafe]),
-                         model.logit_scale), {}
-
-    def check_finite(loss, terms):
-        if not torch.isfinite(loss) and not scaler.is_enabled():  # fp16: the scaler skips the step
-            raise TrainingError(
-                f"non-finite loss ({loss.item()}) at step {state['step']}; terms: "
-                + ", ".join(f"{n}={v.item():.4g}" for n, v in terms.items())
-                + f". The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'not written yet'}; "
-                "try a lower --lr, --precision fp32 or --grad-clip.")
-
-    def accumulate(micro_batches):
-        """--accum N as one batch N times larger, as open_clip's --accum-freq does it: embed every
-        micro-batch without a graph, compute the whole batch's loss on those embeddings, then
-        recompute each micro-batch with its graph against the others' cached embeddings and
-        backpropagate. The gradients add up to the whole batch's, InfoNCE negatives included, for
-        one more forward pass per micro-batch and the memory of one micro-batch's graph."""
-        rng, cached, gidx = [], [], []
-        with torch.no_grad():
-            for batch in micro_batches:
-                rng.append(_rng_state(device))  # the recomputation replays these dropout masks
-                emb, g = embed(batch)
-                cached.append(emb)
-                gidx.append(g)
-            gidx = torch.cat(gidx)
-            loss, terms = objective([torch.cat(e) for e in zip(*cached)], gidx)
-        check_finite(loss, terms)
-        for j, batch in enumerate(micro_batches):
-            _set_rng_state(rng[j], device)
-            last = j == len(micro_batches) - 1
-            with towers_module.no_sync() if world > 1 and not last else contextlib.nullcontext():
-                emb = list(cached)
-                emb[j] = embed(batch)[0]
-                scaler.scale(objective([torch.cat(e) for e in zip(*emb)], gidx)[0]).backward()
-        return loss, terms
-    def locate(step):
-        """(epoch, steps already done in it) for a global step."""
-        epoch = 0
-        while step >= steps_in(epoch):
-            step, epoch = step - steps_in(epoch), epoch + 1
-        return epoch, step
-
-    # Kept in memory when they fit in --image-cache and are loaded in this process (a worker's
-    # copy would die with the epoch's DataLoader).
-    cache = args.workers == 0 and image_cache_mib(train_rows, model.config.image_resolution) <= args.image_cache
-    dataset = Quadruplets(train_rows, preprocess, cache=cache)
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train ({args.objective})", disable=not main_process,
-               dynamic_ncols=True)
-    stop, samples, tick, skipped_in_a_row = False, 0, time.time(), 0
-    towers_module.train()
-    while state["step"] < total_steps and not stop:
-        epoch, done = locate(state["step"])
-        per_epoch, rows_now = steps_in(epoch), epoch_rows(epoch)
-        shuffled = rows_now[torch.randperm(len(rows_now), generator=torch.Generator().manual_seed(args.seed + epoch))]
-        batches = shuffled[: per_epoch * micro * args.accum].view(per_epoch * args.accum, micro)
-        mine = [b[rank::world].tolist() for b in batches[done * args.accum:]]  # this rank's share
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=args.workers,
-                                             collate_fn=collate_quadruplets,
-                                             generator=torch.Generator().manual_seed(args.seed))
-        it = iter(loader)
-        for _ in range(per_epoch - done):
-            lr = lr_at(state["step"], args, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro_batches = [next(it) for _ in range(args.accum)]
-            if args.accum == 1:
-                emb, gidx = embed(micro_batches[0])
-                loss, terms = objective(emb, gidx)
-                check_finite(loss, terms)
-                scaler.scale(loss).backward()
-            else:
-                loss, terms = accumulate(micro_batches)
-            record = {n: v.item() for n, v in {"loss": loss, **terms}.items()}
-            if args.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.grad_clip)
-            scale = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            skipped_in_a_row = skipped_in_a_row + 1 if scaler.get_scale() < scale else 0
-            if skipped_in_a_row == 20:  # each skip halved the scale: no scale makes these finite
-                raise TrainingError(
-                    f"fp16: 20 steps in a row with non-finite gradients or loss, up to step {state['step'] + 1} "
-                    f"(loss scale now {scaler.get_scale():.3g}); try --precision bf16 or fp32, or a lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            if args.objective == "clip":
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
-            state["step"] += 1
-            samples += micro * args.accum
-            speed = samples / (time.time() - tick)
-            if main_process:
-                amp = dict(loss_scale=scale, skipped=skipped_in_a_row > 0) if scaler.is_enabled() else {}
-                _append_log(log_path, {"step": state["step"], "epoch": epoch, "lr": lr, **record,
-                                       "samples_per_s": round(speed, 2), "precision": args.precision, **amp})
-                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{speed:.1f}")
-                bar.update()
-            done += 1
-            epoch_end = done == per_epoch
-            if (state["step"] % args.eval_every == 0 if args.eval_every else epoch_end) or state["step"] == total_steps:
-                stop = evaluate_and_select()
-            if (args.save_every and state["step"] % args.save_every == 0) or epoch_end or stop:
-                save_checkpoint()
-            if os.environ.get("SAFECLIP_TEST_DIE_AFTER_STEP") == str(state["step"]):
-                os._exit(17)  # tests: a hard kill between two steps, no clean-up of any kind
-            if stop or state["step"] >= total_steps:
-                break
-    bar.close()
-    save_checkpoint()
-
-    # The result: the best model by the validation criterion, or the last one without a val split.
-    if main_process:
-        final = load(out / "best", device="cpu")[0] if val_rows and (out / "best" / "config.json").exists() else model
-        save(final, out, tokenizer=model.tokenizer)
-        minutes = (time.time() - started) / 60
-        best = state.get("best_metrics")
-        print(f"done: {state['step']} steps in {minutes:.1f} min"
-              + (f"; best at step {state['best_step']}: val loss {best['loss']:.4f}, recall-sum {best['recall_sum']:.1f}"
-                 if best else "")
-              + (f"; skipped {skipped} bad row(s)" if skipped else "")
-              + f"\nmodel: {out} (safeclip.load('{out}')), log: {log_path}, resume state: {ckpt_path}", file=sys.stderr)
-    if distributed:
-        torch.distributed.destroy_process_group()
-    return model
-
-
-def _report_terms(terms, n):
-    """Say which Safe-CLIP terms this run trains and over how many rows."""
-    full = [k for k, rows in terms.items() if rows == n]
-    partial = {k: rows for k, rows in terms.items() if rows != n}
-    lines = [f"Safe-CLIP terms over all {n} training rows: {', '.join(full)}"]
-    lines += [f"  {k} over the {rows} rows with an unsafe image" for k, rows in partial.items()]
-    missing = [k for k in LAMBDAS if k not in terms]
-    if missing:
-        lines.append(f"  skipped, no row has an unsafe image: {', '.join(missing)} "
-                     "(weights renormalised over the other terms)")
-    print("\n".join(lines), file=sys.stderr)
-
-
-def _check_images(rows, args, verbose):
-    """Open every image header once before training, so a broken file stops the run up front."""
-    good, bad = [], 0
-    for row in tqdm(rows, desc="checking images", disable=not verbose, leave=False):
-        try:
-            for key in ("safe_image", "unsafe_image") if row["unsafe_image"] else ("safe_image",):
-                with Image.open(row[key]) as image:
-                    image.verify()
-            good.append(row)
-        except Exception as e:  # PIL raises many types for broken files
-            if not args.skip_bad:
-                raise DataError(f"{args.data}:{row['line']}: unreadable {key} {row[key]} ({e})") from None
-            bad += 1
-    return good, bad
-
-
-# ---------------------------------------------------------------------------------------------
-# 10. Export, downloads and the command line
-# ---------------------------------------------------------------------------------------------
-
-
-def export_hf(model, folder):
-    """A Hugging Face CLIPModel folder laid out like openai/clip-vit-large-patch14's:
-    `transformers.CLIPModel.from_pretrained(folder)` loads it, `CLIPProcessor.from_pretrained`
-    finds the tokenizer and image preprocessing, its text tower serves as Stable Diffusion's
-    `text_encoder` (with its `tokenizer`), its vision tower as LLaVA's."""
-    c, folder = model.config, Path(folder)
-    act = "quick_gelu" if c.quick_gelu else "gelu"
-    eot = model.tokenizer.eot_id if model.tokenizer is not None else c.vocab_size - 1
-    config = {
-        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": c.embed_dim,
-        "logit_scale_init_value": float(model.logit_scale), "initializer_factor": 1.0,
-        "text_config": {"model_type": "clip_text_model", "hidden_size": c.text_width,
-                        "intermediate_size": 4 * c.text_width, "num_attention_heads": c.text_heads,
-                        "num_hidden_layers": c.text_layers, "max_position_embeddings": c.context_length,
-                        "vocab_size": c.vocab_size, "hidden_act": act, "projection_dim": c.embed_dim,
-                        "bos_token_id": eot - 1, "eos_token_id": eot, "pad_token_id": eot, "layer_norm_eps": 1e-5},
-        "vision_config": {"model_type": "clip_vision_model", "hidden_size": c.vision_width,
-                          "intermediate_size": 4 * c.vision_width, "num_attention_heads": c.vision_heads,
-                          "num_hidden_layers": c.vision_layers, "image_size": c.image_resolution,
-                          "patch_size": c.vision_patch_size, "hidden_act": act, "projection_dim": c.embed_dim,
-                          "num_channels": 3, "layer_norm_eps": 1e-5},
-    }
-    sd = to_hf_state_dict(_plain_state_dict(model))
-    _atomic_write(folder / "model.safetensors", lambda tmp: save_safetensors(sd, tmp, metadata={"format": "pt"}))
-    if model.tokenizer is not None:
-        model.tokenizer.save(folder, c.context_length)
-    # CLIPImageProcessor's version of image_transform: the same steps, up to a pixel (section 4).
-    R = c.image_resolution
-    _write_json(folder / "preprocessor_config.json", {
-        "image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
-        "do_resize": True, "size": {"shortest_edge": R}, "resample": 3,  # PIL's bicubic
-        "do_center_crop": True, "crop_size": {"height": R, "width": R},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True})
-    _write_json(folder / "config.json", config)
-
-
-def export_openai(model, path):
-    """An OpenAI-named state dict, as OpenAI's `clip.model.build_model` expects, and beside it
-    `path` with the suffix .json: the head counts and activation, which the tensors do not show
-    (`load` reads it; without it a model with exact GELU would come back as QuickGELU)."""
-    path = Path(path)
-    sd = _plain_state_dict(model)
-    _atomic_write(path, lambda tmp: torch.save(sd, tmp))
-    _write_json(path.with_suffix(".json"), {"safeclip": {"config": asdict(model.config)}})
-
-
-# -- downloads: OpenAI's weights and vocabulary, resumed when cut, verified before they appear --
-
-# OpenAI stores each file under a folder named for its SHA-256: every URL carries its own checksum.
-OPENAI_MODELS = {
-    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
-}
-# The test suite serves small stand-ins under these names from a local mirror: it names their
-# hashes in SAFECLIP_TEST_MODELS (JSON, name -> sha256). Tests only; nothing else sets it.
-for _name, _sha256 in json.loads(os.environ.get("SAFECLIP_TEST_MODELS") or "{}").items():
-    _base, _old, _file = OPENAI_MODELS[_name].rsplit("/", 2)
-    OPENAI_MODELS[_name] = f"{_base}/{_sha256}/{_file}"
-# The BPE vocabulary lives in OpenAI's CLIP repository, not beside the weights: its hash is ours.
-VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
-VOCAB_URL = f"https://raw.githubusercontent.com/openai/CLIP/main/clip/{VOCAB_FILE}"
-VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
-DOWNLOAD_TIMEOUT = 30  # seconds to wait for a connection or the next bytes before giving up
-
-
-class DownloadError(RuntimeError):
-    """A file could not be fetched or failed its checksum; the message says which and what to do."""
-
-
-def weights_folder():
-    """Where OpenAI's models live when named: $SAFECLIP_WEIGHTS, else weights/ beside this file."""
-    return Path(os.environ.get("SAFECLIP_WEIGHTS") or HERE / "weights")
-
-
-def resolve_model(model, flag=None):
-    """The path of `model`: an existing file or folder as it is; an OpenAI name ("ViT-L/14", or
-    the file's name, "ViT-L-14") as its file in `weights_folder()`, verified against its SHA-256
-    as clip.load does, and downloaded there first when missing or wrong. `flag` (e.g. "--model")
-    names the option the value came from, for the error messages."""
-    path = Path(model)
-    if path.exists():
-        return path
+def _positive_float(text):
     try:
-        url = _model_url(str(model))
+        return float(text) > 0
     except ValueError:
-        raise FileNotFoundError(f"{model}: no such file or folder, nor a model name "
-                                f"({', '.join(OPENAI_MODELS)})") from None
-    sha256, filename = url.split("/")[-2:]
-    folder = weights_folder()
-    path = folder / filename
-    if path.is_file() and (folder / VOCAB_FILE).is_file() and sha256_file(path) == sha256:
-        return path
-    try:
-        return download(model, folder)
-    except DownloadError as e:
-        instead = f"give the path of weights you have ({flag} PATH)" if flag else "load weights you have by their path"
-        raise DownloadError(f"{model} is not in {folder} and could not be downloaded: {e} Two ways out: run "
-                            f"`python safeclip.py download {model}` on a machine with network access and copy "
-                            f"its weights/ folder to {folder}, or {instead}.") from None
+        return False
 
 
-def download(name, folder=None, base_url=None, progress=True):
-    """Fetch OpenAI's CLIP `name` and the BPE vocabulary into `folder` (default: the weights
-    folder, see `weights_folder`); return the weights' Path.
-
-    `name` is a key of OPENAI_MODELS ("ViT-B/32") or its file name ("ViT-B-32", "ViT-B-32.pt").
-    `base_url` (default: the SAFECLIP_BASE_URL environment variable) is a mirror laid out like
-    OpenAI's `.../clip/models/`: `{base_url}/{sha256}/ViT-B-32.pt`, and the vocabulary at
-    `{base_url}/bpe_simple_vocab_16e6.txt.gz`. `progress=False` silences bars and messages.
-    """
-    url = _model_url(name)
-    sha256, filename = url.split("/")[-2:]
-    vocab_url = VOCAB_URL
-    base_url = base_url or os.environ.get("SAFECLIP_BASE_URL")
-    if base_url:
-        base_url = base_url.rstrip("/")
-        url, vocab_url = f"{base_url}/{sha256}/{filename}", f"{base_url}/{VOCAB_FILE}"
-    folder = Path(folder) if folder is not None else weights_folder()
-    weights = download_file(url, folder / filename, sha256, progress)
-    download_file(vocab_url, folder / VOCAB_FILE, VOCAB_SHA256, progress)
-    return weights
-
-
-def _model_url(name):
-    for known, url in OPENAI_MODELS.items():
-        filename = url.rsplit("/", 1)[1]
-        if name.lower() in (known.lower(), filename.lower(), filename.removesuffix(".pt").lower()):
-            return url
-    raise ValueError(f"unknown model {name!r}: expected one of {', '.join(OPENAI_MODELS)} "
-                     "(or its file name, such as ViT-B-32)")
+def cmd_train(args):
+    errors = train_option_errors(args)
+    if errors:
+        raise SystemExit(f"error: {errors[0]}")
+    if args.scratch is None:
+        args.model = args.model or "ViT-L/14"  # the paper's backbone
+    if args.objective != "clip":
+        try:
+            args.lambdas = parse_lambdas(args.lambdas, OBJECTIVES[args.objective].lambdas)
+        except argparse.ArgumentTypeError as e:
+            raise SystemExit(f"error: {e}") from None
+    recipe = OBJECTIVES[args.objective].recipe if args.objective != "clip" else None
+    for option, value in (recipe or {}).items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    if args.lr is None:
+        args.lr = 5e-4 if args.scratch is not None else 1e-5 if args.full else 1e-3
+    if args.batch_size is None:
+        args.batch_size = 16
+    train(args)
 
 
-def download_file(url, path, sha256, progress=True):
-    """Fetch `url` to `path` unless a file with this SHA-256 is already there; return `path`.
-
-    Bytes go to `path.part` first, which a later call resumes. Only a file whose SHA-256 matches is
-    renamed to `path`, so `path` is never partial or wrong (a wrong one found there is replaced).
-    """
-    path = Path(path)
-    if path.is_file():
-        actual = sha256_file(path)
-        if actual == sha256:
-            _say(progress, f"{path} is already present and verified: nothing to download")
-            return path
-        _say(progress, f"{path} has SHA-256 {actual}, expected {sha256}: downloading it again")
-    elif path.exists():
-        raise DownloadError(f"{path} exists but is not a file: move it away and run again")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    _fetch(url, part, progress)
-    actual = sha256_file(part)
-    if actual != sha256:
-        part.unlink()  # resuming from wrong bytes can never give the right file
-        raise DownloadError(f"{url} gave a file with SHA-256 {actual}, expected {sha256}; it was "
-                            "deleted. Run again; if this repeats, the server or mirror holds a "
-                            "different file.")
-    os.replace(part, path)
-    return path
-
-
-def _fetch(url, part, progress):
-    """Append what `part` lacks of `url`'s body to `part`, asking the server to skip what it has."""
-    offset = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT)
-    except urllib.error.HTTPError as err:
-        err.close()
-        if err.code == 416 and offset:  # no bytes past `offset`: the hash tells if `part` is whole
-            return
-        raise DownloadError(
-            f"{url} answered HTTP {err.code} {err.reason}. Check the model name and, for a mirror "
-            "(--base-url or SAFECLIP_BASE_URL), that it holds BASE/<sha256>/<file>.pt and "
-            f"BASE/{VOCAB_FILE}; or put the file at {part.with_suffix('')} yourself.") from err
-    except (urllib.error.URLError, OSError) as err:
-        raise DownloadError(
-            f"cannot reach {url}: {getattr(err, 'reason', err)}. Check the URL and the network, or "
-            "point --base-url (or SAFECLIP_BASE_URL) at a mirror.") from err
-
-    with response:
-        resumed = response.status == 206
-        if offset and not resumed:
-            _say(progress, f"{url} ignored the request to resume: starting {part.name} again")
-            offset = 0
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
-        error = None
-        with open(part, "ab" if resumed else "wb") as file, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=part.with_suffix("").name, disable=not progress) as bar:
-            try:
-                while chunk := response.read1(1 << 20):  # whatever has arrived, up to 1 MiB
-                    file.write(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as err:  # cut or stalled
-                error = err
-            received = file.tell()
-    # read1() returns b"" rather than raising when a connection closes early: count the bytes.
-    if error is not None or (total is not None and received != total):
-        raise DownloadError(
-            f"download of {url} stopped after {received} of {total or 'unknown'} bytes "
-            f"({error or 'connection closed'}); {part} keeps them: run the same command again to "
-            "resume.")
-
-
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _say(progress, message):
-    if progress:
-        print(message, file=sys.stderr)
+def cmd_export(args):
+    if not (args.hf or args.openai):
+        raise SystemExit("error: nothing to do; give --hf OUT and/or --openai OUT.pt")
+    model, _ = load(args.checkpoint, tokenizer=args.tokenizer, quick_gelu=args.quick_gelu)
+    if args.hf:
+        export_hf(model, args.hf)
+        print(f"wrote {args.hf} (transformers.CLIPModel.from_pretrained)")
+    if args.openai:
+        export_openai(model, args.openai)
+        print(f"wrote {args.openai} (OpenAI state dict)")
 
 
 def add_download_command(subparsers):
@@ -2523,57 +2790,6 @@ def _download_command(args):
     except (ValueError, DownloadError) as err:
         sys.exit(f"error: {err}")
     print(path)
-
-
-def cmd_train(args):
-    if args.model is not None and args.scratch is not None:
-        raise SystemExit("error: give --model (fine-tune) or --scratch SPEC (pre-train), not both")
-    if args.scratch is not None and args.objective != "clip":
-        raise SystemExit(f"error: --scratch needs --objective clip: a new model is pre-trained with CLIP's own "
-                         f"loss; --objective {args.objective} fine-tunes a trained one (--model)")
-    if {"text", "vision"} <= set(args.freeze or ()):
-        raise SystemExit("error: --freeze text vision leaves nothing to train; freeze one tower at most")
-    if args.scratch is None:
-        args.model = args.model or "ViT-L/14"  # the paper's backbone
-    if args.objective == "clip" and args.lambdas:
-        raise SystemExit("error: --lambdas weighs the terms of a fine-tuning objective, not of --objective clip")
-    if args.offset is not None and args.objective != "twin-offset":
-        raise SystemExit("error: --offset only applies to --objective twin-offset")
-    if args.nce_scale is not None and args.objective == "clip":
-        raise SystemExit("error: --nce-scale applies to a fine-tuning objective; --objective clip learns its own")
-    if args.nce_scale not in (None, "model"):
-        try:
-            ok = float(args.nce_scale) > 0
-        except ValueError:
-            ok = False
-        if not ok:
-            raise SystemExit(f"error: --nce-scale takes a positive number or 'model', not {args.nce_scale!r}")
-    if args.objective != "clip":
-        try:
-            args.lambdas = parse_lambdas(args.lambdas, OBJECTIVES[args.objective].lambdas)
-        except argparse.ArgumentTypeError as e:
-            raise SystemExit(f"error: {e}") from None
-    recipe = OBJECTIVES[args.objective].recipe if args.objective != "clip" else None
-    for option, value in (recipe or {}).items():
-        if getattr(args, option) is None:
-            setattr(args, option, value)
-    if args.lr is None:
-        args.lr = 5e-4 if args.scratch is not None else 1e-5 if args.full else 1e-3
-    if args.batch_size is None:
-        args.batch_size = 16
-    train(args)
-
-
-def cmd_export(args):
-    if not (args.hf or args.openai):
-        raise SystemExit("error: nothing to do; give --hf OUT and/or --openai OUT.pt")
-    model, _ = load(args.checkpoint, tokenizer=args.tokenizer, quick_gelu=args.quick_gelu)
-    if args.hf:
-        export_hf(model, args.hf)
-        print(f"wrote {args.hf} (transformers.CLIPModel.from_pretrained)")
-    if args.openai:
-        export_openai(model, args.openai)
-        print(f"wrote {args.openai} (OpenAI state dict)")
 
 
 QUICK_GELU_HELP = ("the model's activation: QuickGELU (OpenAI's models) or, with --no-quick-gelu, exact GELU "
@@ -2624,7 +2840,7 @@ def build_parser():
     g = t.add_argument_group("objective")
     g.add_argument("--objective", choices=(*OBJECTIVES, "clip"), default="safeclip",
                    help="safeclip: the eight Safe-CLIP terms; safer-clip: SafeR-CLIP (nearest-safe targets, relative "
-                   "loss, curriculum); twin-offset: ours, unsafe items just below their safe twins (README); "
+                   "loss, curriculum); twin-offset: ours, unsafe items just below their safe twins (docs/objectives.md); "
                    "clip: CLIP's contrastive pre-training loss")
     g.add_argument("--lambdas", help="loss weights, 8 values in the order of the objective's terms ("
                    + ",".join(LAMBDAS) + " for safeclip) or name=value pairs (default: the paper's)")
@@ -2669,7 +2885,7 @@ def build_parser():
                    "loss and the optimizer stay float32, and fp16 adds a loss scaler. Default: bf16 on CUDA; fp32 "
                    "on the CPU, since bf16 is faster only on CPUs with native bf16 matmuls (AVX-512 BF16 or AMX: "
                    "Intel Xeon from Cooper Lake and Sapphire Rapids on, AMD from Zen 4 on) and several times "
-                   "slower on others (see the README's Speed section); fp16 is slow on most CPUs")
+                   "slower on others (see docs/speed.md); fp16 is slow on most CPUs")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (on the CPU it needs a C++ "
                    "compiler, g++)")
     g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory (large towers)")

@@ -139,3 +139,27 @@ def tiny_stable_diffusion(text_encoder, tokenizer):
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def run_killed_after_step(cmd, log, step, timeout=600, **popen):
+    """Run `cmd` and kill it hard (SIGKILL, no clean-up of any kind) as soon as its `log` (a
+    log.jsonl) holds the record of training step `step`, as a crash would. Returns the process's
+    return code (-9 when it was killed, anything else when it ended first)."""
+    import json
+    import signal
+    import subprocess
+    import time
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            lines = Path(log).read_text().splitlines() if Path(log).exists() else []
+            if any(line.endswith("}") and json.loads(line).get("step", 0) >= step and "loss" in json.loads(line)
+                   for line in lines):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    return proc.returncode

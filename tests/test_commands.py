@@ -5,7 +5,8 @@ The commands run as subprocesses in a temporary working copy of the repository (
 evaluate.py, an empty weights/, a pairs.jsonl), from its root and from another folder. OpenAI is
 played by a mirror on 127.0.0.1 (SAFECLIP_BASE_URL, a production setting) serving a tiny
 random-weight CLIP in OpenAI's state-dict layout under the real file name, ViT-L-14.pt, and
-OpenAI's real vocabulary; SAFECLIP_TEST_MODELS, read only for tests, gives the stand-in's hash.
+OpenAI's real vocabulary; SAFECLIP_MODELS (a production setting too: a table of models by name)
+gives the stand-in's URL with its hash.
 """
 
 import hashlib
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, clip_package_dir, make_pairs
+from conftest import ROOT, clip_package_dir, make_pairs, run_killed_after_step
 
 import evaluate as ev
 import safeclip
@@ -103,12 +104,17 @@ def repo(tmp_path):
     return root
 
 
-def command(line, cwd, mirror_url, **env):
-    """Run `line` as typed (split on spaces; "python" is this interpreter) in `cwd`."""
+def command(line, cwd, mirror_url, kill_after_step=None, **env):
+    """Run `line` as typed (split on spaces; "python" is this interpreter) in `cwd`; with
+    `kill_after_step`, kill it with SIGKILL on seeing that step in runs/safeclip/log.jsonl."""
     argv = [sys.executable if word == "python" else word for word in line.split()]
     environ = {**os.environ, "SAFECLIP_BASE_URL": mirror_url, "no_proxy": "127.0.0.1",
                "XDG_CACHE_HOME": str(Path(cwd).parent / "cache"), **env}
     environ.pop("SAFECLIP_WEIGHTS", None)
+    if kill_after_step is not None:
+        log = Path(cwd) / "runs" / "safeclip" / "log.jsonl"
+        code = run_killed_after_step(argv, log, kill_after_step, cwd=cwd, env=environ)
+        return subprocess.CompletedProcess(argv, code, "", "")
     return subprocess.run(argv, cwd=cwd, env=environ, capture_output=True, text=True, timeout=600)
 
 
@@ -118,12 +124,15 @@ def snapshot(folder):
 
 def test_train_alone_then_evaluate_alone_as_typed_from_the_root_and_from_another_folder(repo, mirror):
     """One user's session. Every command is a separate process, as typed."""
-    table = {"SAFECLIP_TEST_MODELS": json.dumps(mirror.table)}
+    models = repo.parent / "models.json"  # the stand-in's URL: OpenAI's, with the stand-in's hash
+    models.write_text(json.dumps({name: safeclip.OPENAI_MODELS[name].rsplit("/", 2)[0] + f"/{digest}/" +
+                                  safeclip.OPENAI_MODELS[name].rsplit("/", 1)[1] for name, digest in mirror.table.items()}))
+    table = {"SAFECLIP_MODELS": str(models)}
     before = len(mirror.requests)
-    # `train --data pairs.jsonl`, hard-killed after step 3 of the default run, as after a crash.
-    first = command("python safeclip.py train --data pairs.jsonl", repo, mirror.url,
-                    SAFECLIP_TEST_DIE_AFTER_STEP="3", **table)
-    assert first.returncode == 17, first.stderr
+    # `train --data pairs.jsonl`, hard-killed (from outside, SIGKILL) after step 3 of the default run,
+    # as after a crash: on seeing step 4's log record, before that step's validation and checkpoint.
+    first = command("python safeclip.py train --data pairs.jsonl", repo, mirror.url, kill_after_step=4, **table)
+    assert first.returncode == -9, first.stderr
     digest = mirror.table["ViT-L/14"]
     assert sorted(mirror.requests[before:]) == [f"/{digest}/ViT-L-14.pt", f"/{safeclip.VOCAB_FILE}"]
     assert sorted(p.name for p in (repo / "weights").iterdir()) == ["ViT-L-14.pt", safeclip.VOCAB_FILE]

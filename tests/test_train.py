@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, make_pairs, rel_err
+from conftest import ROOT, make_pairs, rel_err, run_killed_after_step
 
 import safeclip
 
@@ -269,11 +269,13 @@ def test_a_hard_kill_between_steps_resumes_to_the_same_weights(data, base_model,
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "safeclip.py"), "train", "--data", str(data), "--model", str(base_model),
            "--out", str(killed), "--batch-size", "8", "--workers", "0", "--seed", "1", *args]
-    env = {**os.environ, "SAFECLIP_TEST_DIE_AFTER_STEP": "5", "OMP_NUM_THREADS": "1"}
-    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 17
-    # 36 training rows / batch 8 = 4 steps an epoch: checkpoints at steps 3 and 4; step 5 is lost.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Killed from outside on seeing step 5's log record, as a crash would.
+    assert run_killed_after_step(cmd, killed / "log.jsonl", step=5, env=env) == -9
+    # 36 training rows / batch 8 = 4 steps an epoch: checkpoints at steps 3, 4, 6 and 7. The kill
+    # lands within milliseconds of step 5's record, long before step 6 is done: step 5 is lost.
     assert torch.load(killed / "checkpoint.pt", weights_only=True)["state"]["step"] == 4
-    assert subprocess.run(cmd + ["--resume"], capture_output=True, env={**env, "SAFECLIP_TEST_DIE_AFTER_STEP": ""}).returncode == 0
+    assert subprocess.run(cmd + ["--resume"], capture_output=True, env=env).returncode == 0
     a, b = trainable_state(straight), trainable_state(killed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
