@@ -43,8 +43,10 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 import urllib.error
@@ -301,12 +303,14 @@ class CLIP(nn.Module):
         after the longest EOT of the batch can be dropped. A 12-word caption then costs ~15
         positions instead of 77, with the same result up to float rounding.
         """
-        eot = ids.argmax(dim=-1)  # EOT has the highest id in the vocabulary
-        n = int(eot.max()) + 1
         if ids.shape[1] > self.config.context_length:
             raise ValueError(f"token ids are {ids.shape[1]} long; this model reads at most "
                              f"{self.config.context_length}")
-        x = self.token_embedding(ids[:, :n]) + self.positional_embedding[:n]  # (B, n, C)
+        eot = ids.argmax(dim=-1)  # EOT has the highest id in the vocabulary
+        if not torch.compiler.is_compiling():  # (a length read from the data would break the graph;
+            ids = ids[:, : int(eot.max()) + 1]  # the training step trims before compiled code, see `embed`)
+        n = ids.shape[1]
+        x = self.token_embedding(ids) + self.positional_embedding[:n]  # (B, n, C)
         x = self.transformer(x, causal=True, pool=eot)  # (B, C)
         return self.ln_final(x) @ self.text_projection  # (B, E)
 
@@ -929,14 +933,22 @@ def embed(towers, ids, device, precision, batch):
     those) on all ranks, and those rows' indices. `ids` holds the (safe, unsafe) token ids of the
     training rows."""
     safe_pix, unsafe_pix, has_v_unsafe, idx = batch
+    t_ids = trim_padding(torch.cat([ids[0][idx], ids[1][idx]]))  # on the CPU: no device sync
+    pixels = torch.cat([safe_pix.to(device, non_blocking=True), unsafe_pix.to(device, non_blocking=True)])
     with autocast(device, precision):
-        t_ids = torch.cat([ids[0][idx], ids[1][idx]]).to(device)
-        pixels = torch.cat([safe_pix, unsafe_pix]).to(device, non_blocking=True)  # only the V* that exist
-        text, image = towers(t_ids, pixels)
+        text, image = towers(t_ids.to(device, non_blocking=True), pixels)  # (only the V* that exist)
     t_safe, t_unsafe = text.float().chunk(2)
     v_safe, v_unsafe = image.float().split([len(idx), len(unsafe_pix)])
     v_unsafe, has_v_unsafe = gather_some(v_unsafe, has_v_unsafe.to(device))
     return [gather(t_safe), gather(t_unsafe), gather(v_safe), v_unsafe, has_v_unsafe], gather(idx.to(device)).cpu()
+
+
+def trim_padding(ids, multiple=8):
+    """Token ids (B, L) cut after the batch's last EOT, rounded up to a multiple of `multiple`: the
+    same embeddings (the causal mask makes a caption's output at EOT blind to what follows), less
+    work, and under --compile a few lengths that each compile once."""
+    n = int(ids.argmax(dim=-1).max()) + 1
+    return ids[:, : min(ids.shape[1], -(-n // multiple) * multiple)]
 
 
 def batch_loss(loss_fn, refs, logit_scale, emb, idx):
@@ -950,19 +962,18 @@ def batch_loss(loss_fn, refs, logit_scale, emb, idx):
                    **{k: v[idx].to(t_safe.device) for k, v in refs.items()})
 
 
-def forward_backward(micro_batches, embed_batch, loss_of, scaler, check, no_sync=None):
+def forward_backward(micro_batches, embed_batch, loss_of, scaler, no_sync=None):
     """The loss of one optimizer step's batch and its gradients in the parameters' .grad:
     (loss, terms). `embed_batch` and `loss_of` are `embed` and `batch_loss` with the run's
-    settings bound; `check` sees the loss before any backward (a non-finite one stops the run)."""
+    settings bound."""
     if len(micro_batches) > 1:
-        return accumulate(micro_batches, embed_batch, loss_of, scaler, check, no_sync)
+        return accumulate(micro_batches, embed_batch, loss_of, scaler, no_sync)
     loss, terms = loss_of(*embed_batch(micro_batches[0]))
-    check(loss, terms)
     scaler.scale(loss).backward()  # fp16: scaled up, so small gradients do not underflow
     return loss, terms
 
 
-def accumulate(micro_batches, embed_batch, loss_of, scaler, check, no_sync=None):
+def accumulate(micro_batches, embed_batch, loss_of, scaler, no_sync=None):
     """--accum N as one batch N times larger, as open_clip's --accum-freq does it: embed every
     micro-batch without a graph, compute the whole batch's loss on those embeddings, then
     recompute each micro-batch with its graph against the others' cached embeddings and
@@ -978,7 +989,6 @@ def accumulate(micro_batches, embed_batch, loss_of, scaler, check, no_sync=None)
             idx.append(i)
         idx = torch.cat(idx)
         loss, terms = loss_of([torch.cat(e) for e in zip(*cached)], idx)
-    check(loss, terms)
     for j, batch in enumerate(micro_batches):
         _set_rng_state(rng[j])
         last = j == len(micro_batches) - 1
@@ -1014,70 +1024,73 @@ def lr_at(step, args, total_steps):
 def train(args):
     """Fine-tune a CLIP with `args.objective` (or, with --objective clip --scratch, pre-train one)
     into the folder args.out; returns the trained model. Each set-up step is a function of Part II;
-    what happens after a step (log, validation, checkpoints) is the `Run`'s."""
+    the folder's bookkeeping (log, validation, checkpoints, resume, signals) is the `Run`'s."""
     # -- set-up ---------------------------------------------------------------------------------
     device, (rank, world, _) = setup_device(args), dist_info()
     torch.manual_seed(args.seed)  # adapters' initialisation and dropout; data order has its own generator
-    run = Run(args, main_process=rank == 0)  # refuses a folder that holds a run, unless --resume
-    train_rows, val_rows, skipped = training_rows(args, world, verbose=rank == 0)
-    model, preprocess, model_path = initial_model(args, train_rows)
-    model.to(device)
-    ctx = model.config.context_length
-    ids = {split: (model.tokenizer([r["safe"] for r in rows], context_length=ctx),
-                   model.tokenizer([r["unsafe"] for r in rows], context_length=ctx))
-           for split, rows in (("train", train_rows), ("val", val_rows))}
-    # The frozen targets, from the original weights: before any adapter exists.
-    refs, loss_fn, order = prepare_objective(args, model, preprocess, train_rows, val_rows, model_path, device)
+    with Run(args, main_process=rank == 0) as run:  # refuses a folder that holds a run, unless --resume
+        train_rows, val_rows, skipped = training_rows(args, world, verbose=rank == 0)
+        model, preprocess, model_path = initial_model(args, train_rows)
+        model.to(device)
+        ctx = model.config.context_length
+        ids = {split: (model.tokenizer([r["safe"] for r in rows], context_length=ctx),
+                       model.tokenizer([r["unsafe"] for r in rows], context_length=ctx))
+               for split, rows in (("train", train_rows), ("val", val_rows))}
+        # The frozen targets, from the original weights: before any adapter exists.
+        refs, loss_fn, order = prepare_objective(args, run, model, preprocess, train_rows, val_rows, model_path, device)
 
-    choose_trainable(model, args)  # LoRA adapters (the default), or whole towers
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    towers = Towers(model)
-    if torch.distributed.is_initialized():
-        towers = nn.parallel.DistributedDataParallel(towers, device_ids=[device] if device.type == "cuda" else None)
-    # fp16's narrow range needs the loss scaled up before backward; a step whose gradients
-    # overflow anyway is skipped and the scale halved. bf16 has float32's range and needs none.
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    embed_batch = functools.partial(embed, torch.compile(towers) if args.compile else towers, ids["train"],
-                                    device, args.precision)
-    loss_of = functools.partial(batch_loss, loss_fn, refs["train"], model.logit_scale)
-    no_sync = towers.no_sync if world > 1 else None
-    schedule = Schedule(len(train_rows), args.batch_size, args.accum, args.seed, order)
-    total_steps = args.steps or schedule.total(args.epochs)
-    run.begin(model, trainable, optimizer, scaler, schedule, total_steps, train_rows, loss_fn,
-              validation=lambda: validate(model, val_rows, ids["val"], preprocess, refs["val"], loss_fn, args, device)
-              if val_rows else None)
-    # Decoded images are kept when they fit in --image-cache and are loaded in this process (a
-    # worker's copy would die with the epoch's DataLoader).
-    cache = args.workers == 0 and image_cache_mib(train_rows, model.config.image_resolution) <= args.image_cache
-    dataset = Quadruplets(train_rows, preprocess, cache=cache)
+        choose_trainable(model, args)  # LoRA adapters (the default), or whole towers
+        if world > 1:  # the same adapters everywhere, but each rank its own dropout masks
+            torch.manual_seed(args.seed + rank)
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
+                                      fused=device.type == "cuda")
+        towers = Towers(model)
+        if distributed():
+            towers = nn.parallel.DistributedDataParallel(towers, device_ids=[device] if device.type == "cuda" else None)
+        # fp16's narrow range needs the loss scaled up before backward; a step whose gradients
+        # overflow anyway is skipped and the scale halved. bf16 has float32's range and needs none.
+        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        embed_batch = functools.partial(embed, torch.compile(towers) if args.compile else towers, ids["train"],
+                                        device, args.precision)
+        loss_of = functools.partial(batch_loss, loss_fn, refs["train"], model.logit_scale)
+        no_sync = towers.no_sync if world > 1 else None
+        schedule = Schedule(len(train_rows), args.batch_size, args.accum, args.seed, order)
+        total_steps = args.steps or schedule.total(args.epochs)
+        validation = lambda: validate(model, val_rows, ids["val"], preprocess, refs["val"], loss_fn, args, device)
+        run.begin(model, trainable, optimizer, scaler, schedule, total_steps, train_rows, loss_fn,
+                  validation if val_rows else lambda: None, device)
+        # Decoded images are kept when they fit in --image-cache and are loaded in this process (a
+        # worker's copy would die with the epoch's DataLoader).
+        cache = args.workers == 0 and image_cache_mib(train_rows, model.config.image_resolution) <= args.image_cache
+        dataset = Quadruplets(train_rows, preprocess, cache=cache)
 
-    # -- the loop -------------------------------------------------------------------------------
-    towers.train()
-    while run.step < total_steps and not run.stopped:
-        epoch, done = schedule.locate(run.step)
-        batches = schedule.batches(epoch)[done * args.accum:]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b[rank::world].tolist() for b in batches],
-                                             num_workers=args.workers, collate_fn=collate_quadruplets,
-                                             generator=torch.Generator().manual_seed(args.seed))
-        micro_batches = iter(loader)
-        for _ in range(len(batches) // args.accum):
-            lr = lr_at(run.step, args, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step = [next(micro_batches) for _ in range(args.accum)]
-            loss, terms = forward_backward(step, embed_batch, loss_of, scaler, run.check_finite, no_sync)
-            scale = update(optimizer, scaler, trainable.values(), args.grad_clip)
-            if args.objective == "clip":  # CLIP's own temperature, capped at 100 as OpenAI's is
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
-            if run.after_step(epoch, lr, loss, terms, scale):  # log, validate, checkpoint; True: stop here
-                break
+        # -- the loop ---------------------------------------------------------------------------
+        towers.train()
+        while run.step < total_steps and not run.stopped:
+            epoch, done = schedule.locate(run.step)
+            batches = schedule.batches(epoch)[done * args.accum:]
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=[b[rank::world].tolist() for b in batches], num_workers=args.workers,
+                collate_fn=collate_quadruplets, pin_memory=device.type == "cuda", worker_init_fn=_quiet_worker,
+                generator=torch.Generator().manual_seed(args.seed))
+            micro_batches = iter(loader)
+            for _ in range(len(batches) // args.accum):
+                lr = lr_at(run.step, args, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step = [next(micro_batches) for _ in range(args.accum)]
+                loss, terms = forward_backward(step, embed_batch, loss_of, scaler, no_sync)
+                scale = update(optimizer, scaler, trainable.values(), args.grad_clip)
+                if args.objective == "clip":  # CLIP's own temperature, capped at 100 as OpenAI's is
+                    with torch.no_grad():
+                        model.logit_scale.clamp_(0, math.log(100))
+                if run.after_step(epoch, lr, loss, terms, scale):  # log, validate, checkpoint; True: stop here
+                    break
 
-    # -- finish: the best model by validation (or the last one) becomes the run's model ------------
-    run.finish(model, skipped)
-    if torch.distributed.is_initialized():
+        # -- finish: the best model by validation (or the last one) becomes the run's model --------
+        run.finish(model, skipped)
+    if distributed():
         torch.distributed.destroy_process_group()
     return model
 
@@ -1686,10 +1699,10 @@ def load(path, device="cpu", tokenizer=None, quick_gelu=None):
     models then need False).
     """
     path = resolve_model(path)
-    found_tokenizer = None
+    found_tokenizer, reading = None, path  # `reading`: the file being read, for the error messages
     try:
         if path.is_dir():
-            config_file = path / "config.json"
+            config_file = reading = path / "config.json"
             if not config_file.exists():
                 raise CheckpointError(f"{path}: a folder without config.json; expected a Hugging Face "
                                       "CLIPModel folder or a folder written by safeclip.save")
@@ -1697,13 +1710,15 @@ def load(path, device="cpu", tokenizer=None, quick_gelu=None):
             if any((path / name).is_file() for name in TOKENIZER_FILES):
                 found_tokenizer = path
             if "safeclip" in meta:
-                sd = load_safetensors(str(path / "model.safetensors"))
+                reading = path / "model.safetensors"
+                sd = load_safetensors(str(reading))
                 config = _recorded_config(config_file, meta, sd)
             else:
                 weights = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
                 if not weights:
                     raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
-                sd = from_hf_state_dict(_read_state_dict(weights[0]))
+                reading = weights[0]
+                sd = from_hf_state_dict(_read_state_dict(reading))
                 config = CLIPConfig(**{**asdict(infer_config(sd)), **_config_from_hf(config_file, meta)})
         else:
             sd = _read_state_dict(path)
@@ -1717,7 +1732,7 @@ def load(path, device="cpu", tokenizer=None, quick_gelu=None):
         raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     except (zipfile.BadZipFile, SafetensorError, EOFError, RuntimeError, OSError, json.JSONDecodeError,
             KeyError, TypeError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{path}: cannot read this file ({type(e).__name__}: {e}); it may be "
+        raise CheckpointError(f"{reading}: cannot read this file ({type(e).__name__}: {e}); it may be "
                               "truncated or corrupt") from None
 
     if tokenizer is not None:
@@ -1773,6 +1788,31 @@ def _atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _torch_save(obj, path):
+    """torch.save, with a failed write (a full disk) reported as the OSError that says why: torch's
+    zip writer turns some of them into "enforce fail ... unexpected pos"."""
+    errors = []
+
+    class File(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            try:
+                return f.write(data)
+            except OSError as e:
+                errors.append(e)
+                raise
+
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, File())
+        except RuntimeError:
+            if errors:
+                raise errors[0] from None
+            raise
 
 
 def _write_json(path, obj):
@@ -1840,7 +1880,7 @@ def export_openai(model, path):
     (`load` reads it; without it a model with exact GELU would come back as QuickGELU)."""
     path = Path(path)
     sd = _plain_state_dict(model)
-    _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    _atomic_write(path, lambda tmp: _torch_save(sd, tmp))
     _write_json(path.with_suffix(".json"), {"safeclip": {"config": asdict(model.config)}})
 
 
@@ -2207,22 +2247,79 @@ def dist_info():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def resolve_device(requested, local_rank):
+    """The training device: `requested` (--device), where a bare "cuda" means this process's GPU,
+    cuda:LOCAL_RANK (torch.cuda.set_device refuses a device without an index); by default CUDA
+    when there is one, else the CPU."""
+    if requested is None:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
 def setup_device(args):
-    """The training device, with the process group (under torchrun) and the device's settings:
-    `--device`, else CUDA when present, else the CPU."""
-    _, _, local_rank = dist_info()
-    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    """The training device, with the process group (under torchrun) and the device's settings."""
+    device = resolve_device(args.device, dist_info()[2])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {args.device}: this torch {torch.__version__} sees no CUDA device")
     if "WORLD_SIZE" in os.environ:  # torchrun, even with one process: the multi-GPU code path
         # The backend is bound to the training device ("cuda:nccl" takes only CUDA tensors, as NCCL
         # does; "cpu:gloo" only CPU ones): every collective here runs on that device's tensors.
         torch.distributed.init_process_group(f"{device.type}:{'nccl' if device.type == 'cuda' else 'gloo'}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # TF32 (float32's range, 10 mantissa bits) speeds up float32 matmuls; only where a low
+        # precision was asked for: --precision fp32 stays true float32, and so do the frozen
+        # references whatever the precision (see `true_fp32`).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
     if args.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
         raise TrainingError("--compile on the CPU needs a C++ compiler for torch.compile's generated kernels: "
                             "install g++ (Debian/Ubuntu: apt-get install g++) or set CXX to one, or drop --compile")
     return device
+
+
+@contextlib.contextmanager
+def true_fp32():
+    """Float32 matmuls in full float32 within (TF32 off), then the settings as they were."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def from_rank0(obj):
+    """Rank 0's `obj`, on every rank. A decision that depends on what one process sees (its files,
+    a cache, a checkpoint, its validation result) is taken by rank 0 alone: a rank that decided
+    otherwise would skip or add a collective that the others run, and NCCL would hang."""
+    if not distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_ranks(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] in a single process)."""
+    if not distributed():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag, device):
+    """True on every rank when `flag` is true on any (one small all-reduce, only under torchrun)."""
+    if not distributed():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 class _AllGather(torch.autograd.Function):
@@ -2245,7 +2342,7 @@ def gather_some(x, present):
     """`gather` for a tensor that holds only the rows of a batch where `present` (B,) is true:
     all-gather needs one shape on every rank, so the rows travel padded to the whole batch.
     Returns the gathered rows and the gathered `present`."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not distributed():
         return x, present
     padded = x.new_zeros(len(present), *x.shape[1:]).index_put((present.nonzero()[:, 0],), x)
     present = gather(present.long()).bool()
@@ -2273,8 +2370,16 @@ def _rng_state():
 
 def _set_rng_state(state):
     torch.set_rng_state(state[0])
-    if state[1] is not None:
+    if state[1] is not None and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(state[1])
+
+
+def _quiet_worker(_):
+    """A data-loading worker leaves SIGTERM and Ctrl-C to the training process, which stops at the
+    end of its step (see `Run`); a worker that died of them would fail the step instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2283,10 +2388,24 @@ def _set_rng_state(state):
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a resume that does not fit)."""
+    """Training cannot go on (a non-finite loss, a resume that does not fit, a full disk)."""
+
+
+class Stopped(Exception):
+    """Training stopped on a signal after writing its checkpoint; `code` is the exit status."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
 
 
 RUN_FILES = ("train_config.json", "checkpoint.pt", "config.json")  # a folder with one holds a run or a model
+# What a resume may not change: each of these makes a different run, neither the old one nor a new
+# one. Anything else (--epochs, --steps, --patience, --save-every, --workers, the device, ...)
+# only extends or re-paces it, and a change is logged.
+RUN_SETTINGS = ("data_sha256", "model", "tokenizer", "scratch", "vocab_size", "quick_gelu", "objective", "lambdas",
+                "offset", "nce_scale", "seed", "batch_size", "accum", "lr", "schedule", "warmup", "weight_decay",
+                "grad_clip", "full", "lora_rank", "lora_alpha", "lora_dropout", "freeze", "precision")
 
 
 def training_rows(args, world, verbose):
@@ -2326,7 +2445,7 @@ def initial_model(args, train_rows):
     return model, image_transform(model.config.image_resolution), None
 
 
-def prepare_objective(args, model, preprocess, train_rows, val_rows, model_path, device):
+def prepare_objective(args, run, model, preprocess, train_rows, val_rows, model_path, device):
     """The objective's loss with its settings bound, and the frozen references of each split:
     ({"train": refs, "val": refs}, loss_fn, curriculum order or None). `--objective clip` has no
     references: (empty, None, None)."""
@@ -2336,7 +2455,7 @@ def prepare_objective(args, model, preprocess, train_rows, val_rows, model_path,
     fingerprint = _fingerprint(model_path, rows, model, args.objective, n)
     per_row, constants, order = objective_inputs(args.objective, model, preprocess, rows, n,
                                                   Path(args.out) / "reference.safetensors", fingerprint, device,
-                                                  args.batch_size, args.workers)
+                                                  args.batch_size, args.workers, write=run.write)
     constants |= {"offset": args.offset} if args.offset is not None else {}
     constants["scale"] = model.logit_scale.exp().item() if args.nce_scale == "model" else float(args.nce_scale or 100)
     loss_fn = functools.partial(OBJECTIVES[args.objective].loss, lambdas=args.lambdas, **constants)
@@ -2388,36 +2507,42 @@ def reference_embeddings(model, preprocess, rows, device, batch_size, workers, n
     was_training = model.training
     model.eval()
     out = {}
-    # In float32 whatever --precision says: every term pulls toward these targets, and they are
-    # computed only once.
-    for name in names:
-        field, label = REFERENCE_INPUTS[name]
-        items, desc = [r[field] for r in mine], rank == 0 and f"reference {label}"
-        emb = (encode_images(model, preprocess, items, batch_size, device, desc=desc, workers=workers, precision="fp32")
-               if field.endswith("image") else encode_texts(model, items, batch_size, device, desc=desc, precision="fp32"))
-        out[name] = gather_rows(emb, len(rows), rank, world, device)
+    # In true float32 whatever --precision says (no autocast, no TF32): every term pulls toward
+    # these targets, and they are computed only once.
+    with true_fp32():
+        for name in names:
+            field, label = REFERENCE_INPUTS[name]
+            items, desc = [r[field] for r in mine], rank == 0 and f"reference {label}"
+            emb = (encode_images(model, preprocess, items, batch_size, device, desc=desc, workers=workers,
+                                 precision="fp32") if field.endswith("image")
+                   else encode_texts(model, items, batch_size, device, desc=desc, precision="fp32"))
+            out[name] = gather_rows(emb, len(rows), rank, world, device)
     model.train(was_training)
     return out
 
 
-def objective_inputs(objective, model, preprocess, rows, n_train, cache, fingerprint, device, batch_size, workers):
+def objective_inputs(objective, model, preprocess, rows, n_train, cache, fingerprint, device, batch_size, workers,
+                     write=lambda path, write: write(path)):
     """Everything `objective` needs beyond the batch, from the original weights, before any
     adapter exists: (per-row references {name: (N, ..)}, constants {name: tensor}, curriculum
     order of the first n_train rows or None). Rows [0, n_train) are the training split.
 
     They never move, so they are computed once and cached in `cache` (a safetensors file keyed
-    by `fingerprint`), which a later run on the same weights, data and code reuses."""
+    by `fingerprint`), which a later run on the same weights, data and code reuses. Rank 0 alone
+    decides whether the cache holds them, and sends them to the other ranks."""
     stored = None
-    if cache.exists():
+    if dist_info()[0] == 0 and cache.exists():
         from safetensors import safe_open
         with safe_open(str(cache), "pt") as f:
             if (f.metadata() or {}).get("fingerprint") == fingerprint:
                 stored = {k: f.get_tensor(k) for k in f.keys()}
+    stored = from_rank0(stored)
     if stored is None:
         emb = reference_embeddings(model, preprocess, rows, device, batch_size, workers, references_needed(objective))
         stored = frozen_targets(objective, emb, n_train)
         if dist_info()[0] == 0:
-            _atomic_write(cache, lambda tmp: save_safetensors(stored, tmp, metadata={"fingerprint": fingerprint}))
+            write(cache, lambda path: _atomic_write(
+                path, lambda tmp: save_safetensors(stored, tmp, metadata={"fingerprint": fingerprint})))
     return objective_arguments(objective, stored)
 
 
@@ -2431,50 +2556,130 @@ def objective_arguments(objective, targets):
 
 
 class Run:
-    """A training run's bookkeeping in its --out folder: the refusal to overwrite another run,
-    train_config.json, log.jsonl, the resume checkpoint, validation with best-model selection
-    and early stopping, the fp16 skip streak, the progress bar, and the final model."""
+    """A training run's bookkeeping in its --out folder, used as `with Run(args, ...) as run:`.
+
+    It refuses a folder that holds another run (unless --resume, which must not change the run's
+    settings) and locks the folder for its whole life; it writes train_config.json, log.jsonl, the
+    resume checkpoint, out/best and the final model, and stops with one line if any of those
+    writes fails; it validates, keeps the best model and stops early; and on SIGTERM or Ctrl-C it
+    finishes the step, writes the checkpoint and exits. Only rank 0 writes; decisions that depend
+    on a rank's own view (files, validation) are rank 0's for every rank (see `from_rank0`)."""
 
     def __init__(self, args, main_process):
         self.args, self.main = args, main_process
         self.out = Path(args.out)
         self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
         self.state = dict(step=0, best=None, best_step=None, bad_evals=0)
-        self.stopped, self.started, self.skipped_in_a_row = False, time.time(), 0
+        self.stopped, self.started, self.skipped_in_a_row, self.saved_step = False, time.time(), 0, None
+        self.pending, self.signal, self.lock, self.old_handlers = [], None, None, {}
+        self.log_every = getattr(args, "log_every", None) or 1
+        refusal = from_rank0(self._refusal() if main_process else None)
+        if refusal:
+            raise TrainingError(refusal)
+        if self.main and self.out.is_dir():
+            self._lock()
+
+    def _refusal(self):
+        """Why this command may not run in --out, or None."""
         marker = next((self.out / name for name in RUN_FILES if (self.out / name).exists()), None)
-        if marker is not None and not args.resume:
-            raise TrainingError(f"{self.out} already holds a run ({marker.name}); nothing was changed. Add --resume to "
-                                "continue it (with the same settings), or choose another --out")
+        if marker is not None and not self.args.resume:
+            return (f"{self.out} already holds a run ({marker.name}); nothing was changed. Add --resume to "
+                    "continue it (with the same settings), or choose another --out")
+        recorded = self.out / "train_config.json"
+        if not (self.args.resume and recorded.is_file()):
+            return None
+        try:
+            old = json.loads(recorded.read_text())
+        except (OSError, ValueError) as e:
+            return f"{recorded}: cannot be read ({e}); nothing was changed. Restore it, or start afresh in another --out"
+        new = self.settings()
+        changed = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in RUN_SETTINGS if k in old and old[k] != new[k]]
+        if changed:
+            return (f"--resume with other settings than the run in {self.out}: " + "; ".join(changed)
+                    + ". Nothing was changed. Give the run's own settings (see its train_config.json), or "
+                    "start a new run in another --out")
+        self.extended = {k: [old[k], new[k]] for k in new if k in old and k not in RUN_SETTINGS and old[k] != new[k]
+                         and k not in ("resume",)}
+        return None
+
+    def settings(self):
+        """The settings train_config.json records, as JSON values: every option, the data and the
+        base model as absolute paths (so evaluate.py --ckpt OUT finds them from anywhere), and the
+        data file's SHA-256 (a resume must train on the same rows)."""
+        args = self.args
+        portable = {k: str(Path(v).resolve()) for k, v in (("data", args.data), ("model", args.model))
+                    if v is not None and Path(v).exists()}
+        settings = {**{k: v for k, v in vars(args).items() if k != "func"}, **portable}
+        if Path(args.data).is_file():
+            settings["data_sha256"] = sha256_file(args.data)
+        return json.loads(json.dumps(settings))
+
+    def _lock(self):
+        """An exclusive lock on --out for this process's life: the OS drops it when the process
+        ends, however it ends, so a crash never leaves a stale lock. The lock file stays empty."""
+        import fcntl
+        self.lock = open(self.out / ".lock", "a")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(self.out / ".lock")
+            self.lock.close()
+            raise TrainingError(f"{self.out} is in use by another training run ({holder}); nothing was changed. "
+                                "Wait for it to end, or choose another --out") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()  # before any error message
+        for signum, handler in self.old_handlers.items():
+            signal.signal(signum, handler)
+        if self.lock is not None:
+            self.lock.close()  # releases the lock
 
     @property
     def step(self):
         return self.state["step"]
 
-    def begin(self, model, trainable, optimizer, scaler, schedule, total_steps, train_rows, loss_fn, validation):
+    def begin(self, model, trainable, optimizer, scaler, schedule, total_steps, train_rows, loss_fn, validation,
+              device):
         """Resume from the checkpoint (with --resume), or start the log and record the settings."""
         self.model, self.trainable, self.optimizer, self.scaler = model, trainable, optimizer, scaler
-        self.schedule, self.total_steps, self.validation = schedule, total_steps, validation
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.args.resume and self.ckpt_path.exists():
+        self.schedule, self.total_steps, self.validation, self.device = schedule, total_steps, validation, device
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.lock is None:
+                self._lock()
+        if self.args.resume and from_rank0(self.ckpt_path.exists()):
             self.resume()
         elif self.main:
-            self.log_path.write_text("")
-            # Absolute paths, so that evaluate.py --ckpt OUT finds the data and base model from anywhere.
-            portable = {k: str(Path(v).resolve()) for k, v in (("data", self.args.data), ("model", self.args.model))
-                        if v is not None and Path(v).exists()}
-            _write_json(self.out / "train_config.json",
-                        {**{k: v for k, v in vars(self.args).items() if k != "func"}, **portable})
+            self.write(self.log_path, lambda path: path.write_text(""))
+            self.write(self.out / "train_config.json", lambda path: _write_json(path, self.settings()))
             if self.args.objective == "safeclip":
-                _append_log(self.log_path, {"step": 0, "terms": active_terms(train_rows),
-                                            "nce_scale": loss_fn.keywords["scale"]})
+                self.log({"step": 0, "terms": active_terms(train_rows), "nce_scale": loss_fn.keywords["scale"]})
         if self.main and self.args.objective == "safeclip":
             _report_terms(active_terms(train_rows), len(train_rows))
         self.bar = tqdm(total=total_steps, initial=self.step, desc=f"train ({self.args.objective})",
                         disable=not self.main, dynamic_ncols=True)
         self.samples, self.tick = 0, time.time()
+        self._catch_signals()
 
     def resume(self):
-        ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = None
+        if self.main:
+            try:
+                ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+                ckpt = ckpt if {"trainable", "optimizer", "state", "rng"} <= set(ckpt) else KeyError("incomplete")
+            except Exception as e:  # torch raises many types for a cut or damaged file
+                ckpt = e
+        ckpt = from_rank0(ckpt)
+        if isinstance(ckpt, Exception):
+            intact = [name for name in ("best", "log.jsonl", "train_config.json") if (self.out / name).exists()]
+            raise TrainingError(
+                f"{self.ckpt_path}: cannot be read ({type(ckpt).__name__}: {str(ckpt).splitlines()[0][:200]}); "
+                f"nothing in {self.out} was changed. Intact: {', '.join(intact) or 'nothing else'}. Ways out: "
+                "restore checkpoint.pt from a copy and run again with --resume, or start afresh in another --out")
         if set(ckpt["trainable"]) != set(self.trainable):
             raise TrainingError(f"{self.ckpt_path}: its trainable parameters do not match this run's options")
         with torch.no_grad():
@@ -2483,54 +2688,98 @@ class Run:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:  # empty when the run so far was not fp16: the scale starts afresh
             self.scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
-        if torch.cuda.is_initialized() and len(ckpt["cuda_rng"]):
-            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        rank = dist_info()[0]
+        ranks = ckpt.get("rng_ranks") or [(ckpt["rng"], ckpt["cuda_rng"] if len(ckpt["cuda_rng"]) else None)]
+        _set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
         self.state.update(ckpt["state"])
+        self.saved_step = self.step
         if self.main:
-            _truncate_log(self.log_path, self.step)
-            print(f"resumed from {self.ckpt_path} at step {self.step}", file=sys.stderr)
+            self.write(self.log_path, lambda path: _truncate_log(path, self.step))
+            if getattr(self, "extended", None):
+                self.log({"step": self.step, "resumed_with": self.extended})
+            print(f"resumed from {self.ckpt_path} at step {self.step}"
+                  + "".join(f"; {k}: {a} -> {b}" for k, (a, b) in (getattr(self, "extended", None) or {}).items()),
+                  file=sys.stderr)
 
-    def check_finite(self, loss, terms):
-        """Stop on a non-finite loss, before it reaches the weights (fp16: the scaler skips the step)."""
-        if not torch.isfinite(loss) and not self.scaler.is_enabled():
-            raise TrainingError(
-                f"non-finite loss ({loss.item()}) at step {self.step}; terms: "
-                + ", ".join(f"{n}={v.item():.4g}" for n, v in terms.items())
-                + f". The last good checkpoint is {self.ckpt_path if self.ckpt_path.exists() else 'not written yet'}; "
-                "try a lower --lr, --precision fp32 or --grad-clip.")
+    def _catch_signals(self):
+        """SIGTERM (how SLURM and Kubernetes preempt) and Ctrl-C: finish the step, write the
+        checkpoint, exit (see `after_step`). A second signal stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            if self.signal is not None:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            self.signal = signum
+            if self.main:
+                tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, once the checkpoint is written "
+                           "(again to stop at once)", file=sys.stderr)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.old_handlers[signum] = signal.signal(signum, handler)
 
     def after_step(self, epoch, lr, loss, terms, scale):
         """Log the step; validate and checkpoint when due. True when training should stop here."""
         self.state["step"] += 1
-        self.log_step(epoch, lr, loss, terms, scale)
         args, step = self.args, self.step
+        self.samples += args.batch_size * args.accum
+        amp = {}
+        if self.scaler.is_enabled():  # fp16: a step whose gradients overflowed was skipped and halved the scale
+            amp = dict(loss_scale=scale, skipped=self.scaler.get_scale() < scale)
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if amp["skipped"] else 0
+            if self.skipped_in_a_row == 20:  # no scale makes these finite
+                raise TrainingError(
+                    f"fp16: 20 steps in a row with non-finite gradients or loss, up to step {step} "
+                    f"(loss scale now {self.scaler.get_scale():.3g}); try --precision bf16 or fp32, or a lower --lr.")
+        self.pending.append((step, epoch, lr, loss.detach(), {k: v.detach() for k, v in terms.items()}, amp,
+                             self.samples / (time.time() - self.tick)))
+        self.bar.update()
         epoch_end = self.schedule.locate(step)[1] == 0
+        if len(self.pending) >= self.log_every:
+            self.flush()
         if (step % args.eval_every == 0 if args.eval_every else epoch_end) or step == self.total_steps:
             self.stopped = self.validate_and_select()
-        if (args.save_every and step % args.save_every == 0) or epoch_end or self.stopped:
+        signalled = any_rank(self.signal is not None, self.device)
+        if (args.save_every and step % args.save_every == 0) or epoch_end or self.stopped or signalled:
             self.save_checkpoint()
+        if signalled:
+            self.flush()
+            name = signal.Signals(self.signal or signal.SIGTERM).name
+            raise Stopped(f"stopped by {name} at step {step}; the checkpoint {self.ckpt_path} holds it: run the same "
+                          "command with --resume to continue exactly where it stopped",
+                          128 + (self.signal or signal.SIGTERM))
         return self.stopped or step >= self.total_steps
 
-    def log_step(self, epoch, lr, loss, terms, scale):
-        record = {n: v.item() for n, v in {"loss": loss, **terms}.items()}
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if self.scaler.get_scale() < scale else 0
-        if self.skipped_in_a_row == 20:  # each skip halved the scale: no scale makes these finite
-            raise TrainingError(
-                f"fp16: 20 steps in a row with non-finite gradients or loss, up to step {self.step} "
-                f"(loss scale now {self.scaler.get_scale():.3g}); try --precision bf16 or fp32, or a lower --lr.")
-        self.samples += self.args.batch_size * self.args.accum
-        speed = self.samples / (time.time() - self.tick)
-        if self.main:
-            amp = dict(loss_scale=scale, skipped=self.skipped_in_a_row > 0) if self.scaler.is_enabled() else {}
-            _append_log(self.log_path, {"step": self.step, "epoch": epoch, "lr": lr, **record,
-                                        "samples_per_s": round(speed, 2), "precision": self.args.precision, **amp})
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{speed:.1f}")
-            self.bar.update()
+    def flush(self):
+        """Read the loss terms of the steps since the last flush back from the device in one
+        transfer (a host-device sync per --log-every steps, not per step and term), stop on a
+        non-finite loss, and write their log records."""
+        if not self.pending:
+            return
+        flat = torch.cat([torch.stack([loss, *terms.values()]).float() for _, _, _, loss, terms, _, _ in self.pending])
+        values = iter(flat.tolist())
+        for step, epoch, lr, _, terms, amp, speed in self.pending:
+            record = dict(zip(["loss", *terms], values))
+            if not math.isfinite(record["loss"]) and not self.scaler.is_enabled():  # fp16: the scaler skips those
+                raise TrainingError(
+                    f"non-finite loss ({record['loss']}) at step {step - 1}; terms: "  # (steps done before it)
+                    + ", ".join(f"{n}={v:.4g}" for n, v in record.items() if n != "loss")
+                    + f". The last good checkpoint is {self.ckpt_path if self.saved_step else 'not written yet'}"
+                    + (f" (step {self.saved_step})" if self.saved_step else "")
+                    + "; try a lower --lr, --precision fp32 or --grad-clip.")
+            if self.main:
+                self.log({"step": step, "epoch": epoch, "lr": lr, **record, "samples_per_s": round(speed, 2),
+                          "precision": self.args.precision, **amp})
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{speed:.1f}")
+        self.pending = []
 
     def validate_and_select(self):
-        """Validate; keep the best model in out/best; True when --patience says stop."""
-        metrics = self.validation()
+        """Validate; keep the best model in out/best; True when --patience says stop. Every rank
+        takes rank 0's result, so they all stop at the same step."""
+        self.flush()
+        metrics = from_rank0(self.validation())
         if metrics is None:  # no val split
             return False
         score = -metrics["loss"] if self.args.select == "loss" else metrics["recall_sum"]
@@ -2538,35 +2787,46 @@ class Run:
         if improved:
             self.state.update(best=score, best_step=self.step, bad_evals=0, best_metrics=metrics)
             if self.main:
-                save(self.model, self.out / "best")
+                self.write(self.out / "best", lambda path: save(self.model, path))
         else:
             self.state["bad_evals"] += 1
         if self.main:
-            _append_log(self.log_path, {"step": self.step, "val": metrics, "best_step": self.state["best_step"]})
+            self.log({"step": self.step, "val": metrics, "best_step": self.state["best_step"]})
             tqdm.write(f"step {self.step}: val loss {metrics['loss']:.4f}, recall-sum {metrics['recall_sum']:.1f}"
                        + (" (best)" if improved else ""))
         return bool(self.args.patience) and self.state["bad_evals"] >= self.args.patience
 
     def save_checkpoint(self):
-        """Everything an exact resume needs: trainable weights, optimizer, loss scaler, RNG, progress."""
+        """Everything an exact resume needs: trainable weights, optimizer, loss scaler, progress,
+        and every rank's random generators (each rank draws its own dropout masks)."""
+        self.flush()  # a non-finite loss stops the run before it reaches a checkpoint
+        ranks = all_ranks(_rng_state())
         if not self.main:
             return
-        cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else torch.empty(0, dtype=torch.uint8)
         ckpt = dict(trainable={n: p.detach().cpu() for n, p in self.trainable.items()},
-                    optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=torch.get_rng_state(),
-                    state=dict(self.state), cuda_rng=cuda_rng)
-        _atomic_write(self.ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+                    optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=ranks[0][0],
+                    cuda_rng=ranks[0][1] if ranks[0][1] is not None else torch.empty(0, dtype=torch.uint8),
+                    rng_ranks=ranks, state=dict(self.state))
+        self.write(self.ckpt_path, lambda path: _atomic_write(path, lambda tmp: _torch_save(ckpt, tmp)))
+        self.saved_step = self.step
 
     def finish(self, model, skipped):
         """The last checkpoint, then the run's model: the best by validation, or the last one
         without a val split, saved in the --out folder itself."""
-        self.bar.close()
         self.save_checkpoint()
+        self.bar.close()
         if not self.main:
             return
         best_dir = self.out / "best"
-        final = load(best_dir, device="cpu")[0] if (best_dir / "config.json").exists() and self.state["best_step"] else model
-        save(final, self.out, tokenizer=model.tokenizer)
+        final = model
+        if self.state["best_step"] is not None and (best_dir / "config.json").exists():
+            try:
+                final = load(best_dir, device="cpu")[0]
+            except CheckpointError as e:
+                raise TrainingError(f"{e}. The checkpoint {self.ckpt_path} (step {self.saved_step}) and the log are "
+                                    f"intact. Ways out: restore {best_dir} and run the same command with --resume, "
+                                    "or remove it to keep the last model instead") from None
+        self.write(self.out, lambda path: save(final, path, tokenizer=model.tokenizer))
         best = self.state.get("best_metrics")
         print(f"done: {self.step} steps in {(time.time() - self.started) / 60:.1f} min"
               + (f"; best at step {self.state['best_step']}: val loss {best['loss']:.4f}, recall-sum "
@@ -2575,10 +2835,52 @@ class Run:
               + f"\nmodel: {self.out} (safeclip.load('{self.out}')), log: {self.log_path}, resume state: "
               f"{self.ckpt_path}", file=sys.stderr)
 
+    def log(self, record):
+        self.write(self.log_path, lambda path: _append_log(path, record))
+
+    def write(self, path, write):
+        """`write(path)`; if it fails (a full disk, a file-size limit, an I/O error), stop with one
+        line that names the file and says what is intact. Every write is whole or not at all."""
+        try:
+            write(Path(path))
+        except TrainingError:
+            raise
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports I/O errors as RuntimeError
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+            kept = (f"the checkpoint {self.ckpt_path} (step {self.saved_step}) is intact"
+                    if self.saved_step else "no checkpoint was written yet")
+            raise TrainingError(f"cannot write {path}: {reason}; {kept}. Free some space, then run the same command "
+                                "with --resume") from None
+
+
+def _lock_holder(path):
+    """'process PID' of the process that holds the flock on `path`, from Linux's /proc/locks."""
+    try:
+        inode = os.stat(path).st_ino
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                return f"process {fields[4]}"
+    except OSError:
+        pass
+    return "another process"
+
 
 def _append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one JSON line, whole or not at all: a write that fails half-way (a full disk) is
+    cut back, so the log never holds a partial line."""
+    data = memoryview((json.dumps(record) + "\n").encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def _truncate_log(path, step):
@@ -2604,12 +2906,14 @@ def validate(model, rows, ids, preprocess, refs, loss_fn, args, device):
     was_training = model.training
     model.eval()
     n = len(rows)
-    t_safe = encode_token_ids(model, ids[0], args.batch_size, device, desc=False)
-    t_unsafe = encode_token_ids(model, ids[1], args.batch_size, device, desc=False)
-    v_safe = encode_images(model, preprocess, [r["safe_image"] for r in rows], args.batch_size, device, desc=False)
+    p = args.precision  # the training step's precision (default bf16 on CUDA, fp32 on the CPU)
+    t_safe = encode_token_ids(model, ids[0], args.batch_size, device, desc=False, precision=p)
+    t_unsafe = encode_token_ids(model, ids[1], args.batch_size, device, desc=False, precision=p)
+    v_safe = encode_images(model, preprocess, [r["safe_image"] for r in rows], args.batch_size, device, desc=False,
+                           precision=p)
     has = torch.tensor([r["unsafe_image"] is not None for r in rows])
     v_unsafe = encode_images(model, preprocess, [r["unsafe_image"] for r in rows if r["unsafe_image"]],
-                             args.batch_size, device, desc=False)
+                             args.batch_size, device, desc=False, precision=p)
     model.train(was_training)
     # Every row counts, the last partial batch too, each batch weighted by its size: best-model
     # selection and early stopping must not ignore up to batch - 1 rows. A term on V* counts the
@@ -2715,6 +3019,10 @@ def train_option_errors(args):
         (args.nce_scale is not None and args.objective == "clip",
          "--nce-scale applies to a fine-tuning objective; --objective clip learns its own"),
         (not nce_scale_ok, f"--nce-scale takes a positive number or 'model', not {args.nce_scale!r}"),
+        (args.compile and args.grad_checkpointing and "WORLD_SIZE" in os.environ,
+         "--compile with --grad-checkpointing under torchrun is not supported (DDP's graph splitting and "
+         "recomputed blocks); drop one of them"),
+        (args.log_every is not None and args.log_every < 1, "--log-every takes a positive number of steps"),
     ) if wrong]
 
 
@@ -2877,7 +3185,12 @@ def build_parser():
                    help="best model by validation loss or by the recall-sum")
     g.add_argument("--patience", type=int, default=5, help="stop after this many validations without improvement (0: never)")
     g.add_argument("--save-every", type=int, help="also write the resume checkpoint every N steps")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped; "
+                   "only --epochs, --steps, --patience, --save-every, --workers and such may change, not the run's "
+                   "data, model, objective or optimisation")
+    g.add_argument("--log-every", type=int, metavar="N", help="read the loss terms back from the device and write "
+                   "their log records every N steps (each step has its record; default: 10 on CUDA, where each read "
+                   "is a host-device sync, 1 on the CPU)")
     g = t.add_argument_group("hardware")
     g.add_argument("--device", help="default: cuda when present, else cpu")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
@@ -2916,8 +3229,12 @@ def main(argv=None):
         cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         args.precision = args.precision or ("bf16" if cuda else "fp32")
         args.workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1) if cuda else 0
+        args.log_every = args.log_every or (10 if cuda else 1)
     try:
         args.func(args)
+    except Stopped as e:  # SIGTERM or Ctrl-C: the checkpoint is written
+        print(e, file=sys.stderr)
+        return e.code
     except (DataError, CheckpointError, TrainingError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

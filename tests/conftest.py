@@ -145,7 +145,6 @@ def run_killed_after_step(cmd, log, step, timeout=600, **popen):
     """Run `cmd` and kill it hard (SIGKILL, no clean-up of any kind) as soon as its `log` (a
     log.jsonl) holds the record of training step `step`, as a crash would. Returns the process's
     return code (-9 when it was killed, anything else when it ended first)."""
-    import json
     import signal
     import subprocess
     import time
@@ -153,9 +152,7 @@ def run_killed_after_step(cmd, log, step, timeout=600, **popen):
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            lines = Path(log).read_text().splitlines() if Path(log).exists() else []
-            if any(line.endswith("}") and json.loads(line).get("step", 0) >= step and "loss" in json.loads(line)
-                   for line in lines):
+            if any(r.get("step", 0) >= step and "loss" in r for r in _whole_records(log)):
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.002)
@@ -163,3 +160,15 @@ def run_killed_after_step(cmd, log, step, timeout=600, **popen):
         proc.wait()
         proc.stderr.close()
     return proc.returncode
+
+
+def _whole_records(log):
+    """The JSON records of a log.jsonl that is being written: a line not yet complete is skipped."""
+    import json
+    records = []
+    for line in (Path(log).read_text().splitlines() if Path(log).exists() else []):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records

@@ -146,10 +146,11 @@ def test_references_come_from_the_original_weights_and_never_move(data, base_mod
     assert rel_err(safeclip.encode_texts(trained, [r["safe"] for r in rows]), t0) > 1e-4  # the model did move
     # A second run on the same data reuses the cache instead of recomputing.
     mtime = (out / "reference.safetensors").stat().st_mtime_ns
-    train(data, base_model, out, "--steps", "6", "--resume")
+    train(data, base_model, out, "--steps", "6", "--lr", "1e-2", "--resume")  # (a resume keeps the run's lr)
     assert (out / "reference.safetensors").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.learned
 def test_safe_clip_redirects_unsafe_text_and_keeps_safe_text(data, base_model, tmp_path):
     out = train(data, base_model, tmp_path / "run", "--epochs", "8", "--lr", "5e-3", "--lora-dropout", "0")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
