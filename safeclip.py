@@ -337,6 +337,7 @@ class CheckpointError(ValueError):
 # OpenCLIP's large vision towers use heads wider than OpenAI's 64; the head count leaves no trace
 # in the weights, so it is looked up by width.
 OPENCLIP_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
+PICKLE_MAX_BYTES = 64 << 20  # a .pt file's index of tensors (data.pkl): a CLIP's is well under 1 MiB
 
 
 def infer_config(sd):
@@ -373,10 +374,21 @@ def infer_config(sd):
     )
 
 
+# The largest sizes a CLIP file may imply (ViT-bigG is 1664 wide, 48 layers): past them a file's
+# shapes are refused before anything is allocated for them.
+CONFIG_LIMITS = dict(embed_dim=8192, image_resolution=4096, vision_layers=256, vision_width=16384, vision_patch_size=512,
+                     context_length=4096, vocab_size=1 << 20, text_width=16384, text_layers=256)
+
+
 def build_model(sd, config, source):
-    """A CLIP with exactly these weights: every tensor used, every shape checked."""
-    model = CLIP(config)
-    expected = model.state_dict()
+    """A CLIP with exactly these weights: every tensor used, every shape checked, and only then
+    the model allocated (a 4 KB file can imply a model of 50 GB)."""
+    for field, limit in CONFIG_LIMITS.items():
+        if not 1 <= getattr(config, field) <= limit:
+            raise CheckpointError(f"{source}: the tensors' shapes imply {field} = {getattr(config, field)}, outside "
+                                  f"1..{limit}; not a CLIP this code reads")
+    with torch.device("meta"):  # shapes without storage
+        expected = CLIP(config).state_dict()
     missing = sorted(expected.keys() - sd.keys())
     unexpected = sorted(sd.keys() - expected.keys())
     if missing or unexpected:
@@ -387,6 +399,7 @@ def build_model(sd, config, source):
         if value.shape != expected[key].shape:
             raise CheckpointError(f"{source}: {key!r} has shape {tuple(value.shape)}, "
                                   f"expected {tuple(expected[key].shape)}")
+    model = CLIP(config)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model
 
@@ -1126,6 +1139,7 @@ OPENAI_MERGES = 49152 - 256 - 2  # simple_tokenizer reads lines 1..48894 of the 
 # What a folder may hold, in the order `Tokenizer.from_file` prefers: Hugging Face's full
 # description, its plain merges file (vocab.json beside it), OpenAI's own file.
 TOKENIZER_FILES = ("tokenizer.json", "merges.txt", "bpe_simple_vocab_16e6.txt.gz")
+TOKENIZER_MAX_BYTES = 64 << 20  # OpenAI's vocabulary is 1.4 MiB, Hugging Face's tokenizer.json 3.5 MiB
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -1214,6 +1228,9 @@ class Tokenizer:
     """
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
+        bad = next(((t, i) for t, i in vocab.items() if not (isinstance(i, int) and 0 <= i < len(vocab))), None)
+        if bad is not None:  # (the ids index tables of the vocabulary's size)
+            raise ValueError(f"token {bad[0]!r} has id {bad[1]!r}, outside the vocabulary's 0..{len(vocab) - 1}")
         missing = [t for t in (SOT, EOT) if t not in vocab]
         if missing:
             raise ValueError(f"vocabulary has no {' or '.join(missing)} token")
@@ -1267,13 +1284,17 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such tokenizer file (expected OpenAI's bpe_simple_vocab_16e6.txt.gz, "
                                     f"a tokenizer.json, or a folder holding one)")
-        data = path.read_bytes()
         try:
+            data = _read_bounded(path, TOKENIZER_MAX_BYTES)
             if data[:2] == b"\x1f\x8b":
                 try:
-                    data = gzip.decompress(data)
+                    with gzip.GzipFile(fileobj=io.BytesIO(data)) as inflated:
+                        data = inflated.read(TOKENIZER_MAX_BYTES + 1)  # never more than that in memory
                 except (OSError, EOFError) as e:
                     raise ValueError(f"damaged gzip file ({e})") from None
+                if len(data) > TOKENIZER_MAX_BYTES:
+                    raise ValueError(f"inflates to more than {TOKENIZER_MAX_BYTES >> 20} MiB (OpenAI's vocabulary "
+                                     "is 1.4 MiB); not a tokenizer file")
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -1282,8 +1303,8 @@ class Tokenizer:
                 return cls._from_tokenizer_json(text)
             merges = cls._read_merges(text)
             return cls(_clip_vocab(merges) if vocab_json is None else _read_vocab_json(vocab_json), merges)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise ValueError(f"{path}: {e if isinstance(e, ValueError) else f'malformed ({type(e).__name__}: {e})'}") from None
 
     @staticmethod
     def _read_merges(text: str) -> list[tuple[str, str]]:
@@ -1308,6 +1329,8 @@ class Tokenizer:
             spec = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise ValueError("JSON nested too deeply; not a tokenizer.json") from None
         model = spec.get("model") if isinstance(spec, dict) else None
         if not isinstance(model, dict) or model.get("type") != "BPE" or not {"vocab", "merges"} <= model.keys():
             raise ValueError("not a BPE tokenizer.json (expected a 'model' of type 'BPE' with 'vocab' and 'merges')")
@@ -1315,7 +1338,9 @@ class Tokenizer:
             raise ValueError(f"not a CLIP tokenizer: model.end_of_word_suffix is "
                              f"{model.get('end_of_word_suffix')!r}, expected {EOW!r}")
         vocab = dict(model["vocab"])
-        for added in spec.get("added_tokens") or []:
+        for i, added in enumerate(spec.get("added_tokens") or []):
+            if not (isinstance(added, dict) and isinstance(added.get("content"), str) and isinstance(added.get("id"), int)):
+                raise ValueError(f"added_tokens[{i}] needs a string 'content' and an integer 'id', found {added!r:.80}")
             vocab.setdefault(added["content"], added["id"])
         return cls(vocab, _merge_pairs(model["merges"]))
 
@@ -1453,6 +1478,14 @@ class Tokenizer:
         return data.decode("utf-8", errors="replace").rstrip(" ")
 
 
+def _read_bounded(path, limit):
+    """The bytes of `path`, refusing a file larger than `limit` before reading it."""
+    size = Path(path).stat().st_size
+    if size > limit:
+        raise ValueError(f"{size >> 20} MiB, more than any tokenizer file ({limit >> 20} MiB at most)")
+    return Path(path).read_bytes()
+
+
 def _clip_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     # CLIP's split into words, then each word's UTF-8 bytes as byte-level characters.
     return pre_tokenizers.Sequence([
@@ -1468,8 +1501,8 @@ def _merge_pairs(merges: list) -> list[tuple[str, str]]:
 
 def _read_vocab_json(path: Path) -> dict[str, int]:
     try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        vocab = json.loads(_read_bounded(path, TOKENIZER_MAX_BYTES).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path.name} beside it is not valid JSON ({e})") from None
     if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
         raise ValueError(f"{path.name} beside it is not a {{token: id}} object")
@@ -1532,7 +1565,11 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
         if kind != "storage" or not isinstance(dtype, torch.dtype):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         if key not in self.storages:
-            raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            name = f"{self.prefix}data/{key}"
+            size = self.archive.getinfo(name).file_size
+            if size != numel * dtype.itemsize:  # checked before a byte is read
+                raise pickle.UnpicklingError(f"storage {key} is {size} bytes, expected {numel} x {dtype.itemsize}")
+            raw = bytearray(self.archive.read(name))
             storage = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
             if storage.numel() != numel:
                 raise pickle.UnpicklingError(f"storage {key} holds {storage.numel()} values, expected {numel}")
@@ -1541,7 +1578,17 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_):
+    _check_extent(size, stride, offset, storage.numel())
     return torch.as_strided(storage, size, stride, offset).clone()
+
+
+def _check_extent(size, stride, offset, available):
+    """Refuse a tensor that needs more values than its storage holds (a 1 KB file whose stride-0
+    "view" claims 6000 x 6000 values), before anything is allocated for it."""
+    n = math.prod(size)
+    last = offset + sum((s - 1) * abs(st) for s, st in zip(size, stride)) if n else 0
+    if n > available or last >= max(available, 1) and n:
+        raise CheckpointError(f"a tensor of shape {tuple(size)} needs {n} values, but its storage holds {available}")
 
 
 def _read_torch_archive(path):
@@ -1578,6 +1625,13 @@ def _read_state_dict(path):
                               "pickle files are not read, since unpickling can run code)")
     with zipfile.ZipFile(path) as archive:
         torchscript = any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+        for info in archive.infolist():  # sizes from the zip's directory, before a byte is inflated
+            if "/data/" in info.filename and info.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointError(f"{path}: tensor data {info.filename} is compressed, which PyTorch never "
+                                      "writes; refused (it could inflate to any size)")
+            if info.filename.endswith(".pkl") and info.file_size > PICKLE_MAX_BYTES:
+                raise CheckpointError(f"{path}: {info.filename} would inflate to {info.file_size >> 20} MiB; a "
+                                      "CLIP's is well under 1 MiB")
     if torchscript:
         sd = _read_torch_archive(path)
         for key in ("input_resolution", "context_length", "vocab_size"):  # not weights
@@ -1592,6 +1646,13 @@ def _read_state_dict(path):
             sd = sd[wrapper]
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: holds a {type(sd).__name__}, expected a state dict")
+    for key, value in sd.items():
+        if isinstance(value, torch.Tensor):  # a view may claim more than its storage has
+            try:
+                _check_extent(value.shape, value.stride(), value.storage_offset(),
+                              value.untyped_storage().nbytes() // value.element_size())
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {key!r}: {e}") from None
     if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
@@ -1730,8 +1791,8 @@ def load(path, device="cpu", tokenizer=None, quick_gelu=None):
         model = build_model(sd, config, path)
     except CheckpointError as e:
         raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
-    except (zipfile.BadZipFile, SafetensorError, EOFError, RuntimeError, OSError, json.JSONDecodeError,
-            KeyError, TypeError, pickle.UnpicklingError) as e:
+    except (zipfile.BadZipFile, SafetensorError, EOFError, RuntimeError, OSError, ValueError, IndexError,
+            KeyError, TypeError, pickle.UnpicklingError, RecursionError) as e:
         raise CheckpointError(f"{reading}: cannot read this file ({type(e).__name__}: {e}); it may be "
                               "truncated or corrupt") from None
 
