@@ -7,7 +7,7 @@ without any change of their own.
 
 The file has two parts. Part I is the method, to read top to bottom:
   1. configuration               5. the inputs: image transform and token ids
-  2. the model                   6. the objectives: Safe-CLIP, SafeR-CLIP, twin-offset
+  2. the model                   6. the objectives: Safe-CLIP, SafeR-CLIP, twin-offset, twin-margin
   3. building it from weights    7. the data and the frozen targets
   4. LoRA                        8. one training step, and the loop
 Part II is the plumbing (after the divider): it reads, writes, checks and fetches, and changes
@@ -79,8 +79,6 @@ HERE = Path(__file__).resolve().parent
 
 
 @dataclass
-
-
 class CLIPConfig:
     """Every size of a ViT CLIP. `load` infers all of them from the weights; nobody types them."""
 
@@ -562,7 +560,7 @@ def _center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The objectives: Safe-CLIP, SafeR-CLIP and twin-offset
+# 6. The objectives: Safe-CLIP, SafeR-CLIP, twin-offset and twin-margin
 # ---------------------------------------------------------------------------------------------
 # Each objective is a pure function of the embeddings of a batch of quadruplets (T, T*, V, V*)
 # and of references from the frozen original model, and returns `(total, terms)`. Preserve terms
@@ -728,9 +726,45 @@ def twin_offset_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=N
     return weighted_total(terms, lambdas), terms
 
 
+# twin-margin (ours, beyond both papers). Where twin-offset fixes the direction in which the
+# unsafe twin steps aside in advance, twin-margin lets the model choose it, by ranking the twins
+# directly: Safe-CLIP's eight terms, plus hinge terms in which the only negative of a query is its
+# row's own unsafe twin, as embedded by the model being trained (as an index would embed it):
+#     caption queries T(T), T(T*) must score V(V) above V(V*) by a margin m,
+#     image queries   V(V), V(V*) must score T(T) above T(T*) by m,
+# each as tau * softplus((cos(q, unsafe twin) - cos(q, safe twin) + m) / tau): a hinge with its
+# corner smoothed over tau. Safe-CLIP's terms pull an unsafe item onto its safe twin; these hold
+# it just below. Rows without V* give only the term with no V* in it (V(V) ranking T(T) over T(T*)).
+TWIN_MARGIN = 0.1  # m, in cosine (chosen by measurement, see docs/objectives.md)
+TWIN_MARGIN_TAU = 0.02  # tau: the smoothing of the hinge's corner
+TWIN_MARGIN_LAMBDAS = {**LAMBDAS, "rank_text_safe": 0.25, "rank_text_unsafe": 0.25, "rank_image_safe": 0.25,
+                       "rank_image_unsafe": 0.25}
+
+
+def twin_rank(query, safe, unsafe, margin, tau):
+    """Mean over rows of tau * softplus((cos(query, unsafe) - cos(query, safe) + margin) / tau)."""
+    query, safe, unsafe = (F.normalize(x.float(), dim=-1) for x in (query, safe, unsafe))
+    gap = (query * unsafe).sum(-1) - (query * safe).sum(-1)
+    return (tau * F.softplus((gap + margin) / tau)).mean()
+
+
+def twin_margin_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
+                     margin=TWIN_MARGIN, tau=TWIN_MARGIN_TAU, scale=100.0):
+    """The twin-margin objective. Returns `(total, terms)` like `safe_clip_loss`, whose eight terms
+    it includes; `v_unsafe` holds the rows where `has_unsafe_image` (all when None)."""
+    lambdas = {**TWIN_MARGIN_LAMBDAS, **(lambdas or {})}
+    _, terms = safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, has_unsafe_image=has_unsafe_image,
+                              scale=scale)
+    rows = slice(None) if has_unsafe_image is None else has_unsafe_image  # the rows that have V*
+    if len(v_unsafe):
+        terms["rank_text_safe"] = twin_rank(t_safe[rows], v_safe[rows], v_unsafe, margin, tau)
+        terms["rank_text_unsafe"] = twin_rank(t_unsafe[rows], v_safe[rows], v_unsafe, margin, tau)
+        terms["rank_image_unsafe"] = twin_rank(v_unsafe, t_safe[rows], t_unsafe[rows], margin, tau)
+    terms["rank_image_safe"] = twin_rank(v_safe, t_safe, t_unsafe, margin, tau)
+    return weighted_total(terms, lambdas), terms
+
+
 @dataclass(frozen=True)
-
-
 class Objective:
     loss: object  # f(t_safe, t_unsafe, v_safe, v_unsafe, **references, lambdas=..) -> (total, terms)
     lambdas: dict  # the terms and their default weights
@@ -746,6 +780,7 @@ OBJECTIVES = {
                             ("t_ref", "v_ref", "t_unsafe_ref", "v_unsafe_ref", "t_near", "v_near"), curriculum=True,
                             recipe={"lr": 1e-4, "batch_size": 48}),  # and LoRA r16, our default
     "twin-offset": Objective(twin_offset_loss, TWIN_OFFSET_LAMBDAS, constants=("unsafe_dir",)),
+    "twin-margin": Objective(twin_margin_loss, TWIN_MARGIN_LAMBDAS),
 }
 
 
@@ -2465,7 +2500,7 @@ RUN_FILES = ("train_config.json", "checkpoint.pt", "config.json")  # a folder wi
 # one. Anything else (--epochs, --steps, --patience, --save-every, --workers, the device, ...)
 # only extends or re-paces it, and a change is logged.
 RUN_SETTINGS = ("data_sha256", "model", "tokenizer", "scratch", "vocab_size", "quick_gelu", "objective", "lambdas",
-                "offset", "nce_scale", "seed", "batch_size", "accum", "lr", "schedule", "warmup", "weight_decay",
+                "offset", "margin", "margin_tau", "nce_scale", "seed", "batch_size", "accum", "lr", "schedule", "warmup", "weight_decay",
                 "grad_clip", "full", "lora_rank", "lora_alpha", "lora_dropout", "freeze", "precision")
 
 
@@ -2518,6 +2553,8 @@ def prepare_objective(args, run, model, preprocess, train_rows, val_rows, model_
                                                   Path(args.out) / "reference.safetensors", fingerprint, device,
                                                   args.batch_size, args.workers, write=run.write)
     constants |= {"offset": args.offset} if args.offset is not None else {}
+    constants |= {"margin": args.margin} if args.margin is not None else {}
+    constants |= {"tau": args.margin_tau} if args.margin_tau is not None else {}
     constants["scale"] = model.logit_scale.exp().item() if args.nce_scale == "model" else float(args.nce_scale or 100)
     loss_fn = functools.partial(OBJECTIVES[args.objective].loss, lambdas=args.lambdas, **constants)
     return {"train": {k: v[:n] for k, v in per_row.items()}, "val": {k: v[n:] for k, v in per_row.items()}}, loss_fn, order
@@ -2959,8 +2996,6 @@ def recall_at_1(queries, gallery):
 
 
 @torch.no_grad()
-
-
 def validate(model, rows, ids, preprocess, refs, loss_fn, args, device):
     """Validation loss (the mean over rows of the per-batch losses) and the public code's
     recall-sum: R@1 both ways for (T, V), (T, V*) and (T*, V)."""
@@ -3077,6 +3112,9 @@ def train_option_errors(args):
         ({"text", "vision"} <= set(args.freeze or ()), "--freeze text vision leaves nothing to train; freeze one tower at most"),
         (args.objective == "clip" and args.lambdas, "--lambdas weighs the terms of a fine-tuning objective, not of --objective clip"),
         (args.offset is not None and args.objective != "twin-offset", "--offset only applies to --objective twin-offset"),
+        ((args.margin is not None or args.margin_tau is not None) and args.objective != "twin-margin",
+         "--margin and --margin-tau only apply to --objective twin-margin"),
+        (args.margin_tau is not None and args.margin_tau <= 0, "--margin-tau takes a positive number"),
         (args.nce_scale is not None and args.objective == "clip",
          "--nce-scale applies to a fine-tuning objective; --objective clip learns its own"),
         (not nce_scale_ok, f"--nce-scale takes a positive number or 'model', not {args.nce_scale!r}"),
@@ -3209,11 +3247,16 @@ def build_parser():
     g = t.add_argument_group("objective")
     g.add_argument("--objective", choices=(*OBJECTIVES, "clip"), default="safeclip",
                    help="safeclip: the eight Safe-CLIP terms; safer-clip: SafeR-CLIP (nearest-safe targets, relative "
-                   "loss, curriculum); twin-offset: ours, unsafe items just below their safe twins (docs/objectives.md); "
+                   "loss, curriculum); twin-offset and twin-margin: ours, unsafe items just below their safe twins, by a fixed "
+                   "offset or by ranking the twins (docs/objectives.md); "
                    "clip: CLIP's contrastive pre-training loss")
     g.add_argument("--lambdas", help="loss weights, 8 values in the order of the objective's terms ("
                    + ",".join(LAMBDAS) + " for safeclip) or name=value pairs (default: the paper's)")
     g.add_argument("--offset", type=float, help=f"twin-offset: length a of the unsafe offset (default: {TWIN_OFFSET})")
+    g.add_argument("--margin", type=float, metavar="M", help="twin-margin: how far, in cosine, a query must score "
+                   f"its safe twin above the unsafe one (default: {TWIN_MARGIN})")
+    g.add_argument("--margin-tau", type=float, metavar="T", help="twin-margin: the smoothing of the hinge, "
+                   f"T * softplus(x / T) (default: {TWIN_MARGIN_TAU})")
     g.add_argument("--nce-scale", metavar="S|model",
                    help="logit scale of the objective's InfoNCE terms: a number, or 'model' for the original "
                    "model's own learned one, exp(logit_scale) (default: 100, the paper's, which is also what "
