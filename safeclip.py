@@ -115,7 +115,7 @@ class QuickGELU(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can carry a LoRA adapter (section 6); without one it is a plain Linear."""
+    """nn.Linear that can carry a LoRA adapter (section 4); without one it is a plain Linear."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features)
@@ -508,7 +508,8 @@ def choose_trainable(model, args):
 # Text enters the model as token ids: `model.tokenizer(texts)` -> LongTensor (N, context_length),
 # each row SOT, the caption's byte-level BPE ids, EOT, then zeros. EOT has the highest id in the
 # vocabulary, which is how `encode_text` finds it (argmax). A caption too long is cut and still
-# ends with EOT. The tokenizer itself (OpenAI's text cleaning, BPE, files) is in Part II.
+# ends with EOT. The tokenizer itself (OpenAI's text cleaning, BPE, files) is in Part II, and so
+# is the exact rounding of the resize and crop below.
 #
 # Images: OpenAI's Compose([Resize(R, BICUBIC), CenterCrop(R), convert("RGB"), ToTensor(),
 # Normalize(mean, std)]). torchvision resizes PIL images with PIL itself, in the image's own mode,
@@ -537,26 +538,6 @@ def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return pixels.sub(mean).div(std)
-
-
-def _resize_short_side(image: Image.Image, size: int) -> Image.Image:
-    # torchvision.transforms.Resize(size): the short side becomes `size`, the long one is truncated.
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_size = (new_short, new_long) if w <= h else (new_long, new_short)
-    return image if new_size == (w, h) else image.resize(new_size, Image.Resampling.BICUBIC)
-
-
-def _center_crop(image: Image.Image, size: int) -> Image.Image:
-    # torchvision.transforms.CenterCrop(size): the offset is round((side - size) / 2), Python's round
-    # (halves to even); a side shorter than `size` is padded with zeros, the odd pixel after it.
-    # PIL fills the part of a crop box outside the image with zeros, which is that padding.
-    def offset(side: int) -> int:
-        return -((size - side) // 2) if side < size else int(round((side - size) / 2.0))
-
-    left, top = offset(image.size[0]), offset(image.size[1])
-    return image.crop((left, top, left + size, top + size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -890,37 +871,6 @@ def unsafe_direction(safe, unsafe):
     moment = lambda x: (lambda y: y.t() @ y / len(y))(F.normalize(x.double(), dim=-1))
     u = torch.linalg.eigh(moment(unsafe) - moment(safe)).eigenvectors[:, -1]
     return (u * u[u.abs().argmax()].sign()).float()
-
-
-class Schedule:
-    """Which rows each step trains on. An epoch is a seeded permutation of its rows (all training
-    rows, or a curriculum's share of them) cut into global batches of batch x accum rows; a row
-    left over at an epoch's end waits for the next epoch's permutation."""
-
-    def __init__(self, n_rows, batch, accum, seed, order=None):
-        self.n_rows, self.batch, self.accum, self.seed, self.order = n_rows, batch, accum, seed, order
-
-    def rows(self, epoch):
-        return torch.arange(self.n_rows) if self.order is None else curriculum_rows(self.order, epoch)
-
-    def steps_in(self, epoch):
-        return len(self.rows(epoch)) // (self.batch * self.accum)
-
-    def total(self, epochs):
-        return sum(self.steps_in(epoch) for epoch in range(epochs))
-
-    def locate(self, step):
-        """(epoch, steps already done in it) of a global step."""
-        epoch = 0
-        while step >= self.steps_in(epoch):
-            step, epoch = step - self.steps_in(epoch), epoch + 1
-        return epoch, step
-
-    def batches(self, epoch):
-        """(steps x accum, batch) row indices: the micro-batches of every step of `epoch`, in order."""
-        rows, steps = self.rows(epoch), self.steps_in(epoch)
-        shuffled = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed + epoch))]
-        return shuffled[: steps * self.batch * self.accum].view(steps * self.accum, self.batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1551,7 +1501,32 @@ def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. Reading and saving weights
+# 10. The image transform's details: torchvision's exact rounding, in PIL
+# ---------------------------------------------------------------------------------------------
+
+
+def _resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    # torchvision.transforms.Resize(size): the short side becomes `size`, the long one is truncated.
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_size = (new_short, new_long) if w <= h else (new_long, new_short)
+    return image if new_size == (w, h) else image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    # torchvision.transforms.CenterCrop(size): the offset is round((side - size) / 2), Python's round
+    # (halves to even); a side shorter than `size` is padded with zeros, the odd pixel after it.
+    # PIL fills the part of a crop box outside the image with zeros, which is that padding.
+    def offset(side: int) -> int:
+        return -((size - side) // 2) if side < size else int(round((side - size) / 2.0))
+
+    left, top = offset(image.size[0]), offset(image.size[1])
+    return image.crop((left, top, left + size, top + size))
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Reading and saving weights
 # ---------------------------------------------------------------------------------------------
 # Four kinds of file hold CLIP weights: OpenAI's releases (TorchScript archives), plain state
 # dicts in OpenAI/OpenCLIP naming, Hugging Face `CLIPModel` folders, and this project's folders.
@@ -1929,7 +1904,7 @@ def save(model, folder, tokenizer=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. Export: Hugging Face folders and OpenAI state dicts
+# 12. Export: Hugging Face folders and OpenAI state dicts
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1959,7 +1934,7 @@ def export_hf(model, folder):
     _atomic_write(folder / "model.safetensors", lambda tmp: save_safetensors(sd, tmp, metadata={"format": "pt"}))
     if model.tokenizer is not None:
         model.tokenizer.save(folder, c.context_length)
-    # CLIPImageProcessor's version of image_transform: the same steps, up to a pixel (section 4).
+    # CLIPImageProcessor's version of image_transform: the same steps, up to a pixel (sections 5 and 10).
     R = c.image_resolution
     _write_json(folder / "preprocessor_config.json", {
         "image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
@@ -1981,7 +1956,7 @@ def export_openai(model, path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 12. Downloads: OpenAI's weights and vocabulary, resumed when cut, verified before they appear
+# 13. Downloads: OpenAI's weights and vocabulary, resumed when cut, verified before they appear
 # ---------------------------------------------------------------------------------------------
 
 # OpenAI stores each file under a folder named for its SHA-256: every URL carries its own checksum.
@@ -2174,7 +2149,7 @@ def _say(progress, message):
 
 
 # ---------------------------------------------------------------------------------------------
-# 13. Data files: pairs.jsonl, images, and embedding many of them
+# 14. Data files: pairs.jsonl, images, and embedding many of them
 # ---------------------------------------------------------------------------------------------
 # {"safe": .., "unsafe": .., "safe_image": .., "unsafe_image": .., "category": .., "split": ..}
 # Image paths are relative to the .jsonl file's folder. ViSU's names `nsfw` and `nsfw_image` are
@@ -2334,7 +2309,7 @@ def image_cache_mib(rows, resolution):
 
 
 # ---------------------------------------------------------------------------------------------
-# 14. Devices and distributed set-up (torchrun): no-ops in a single process
+# 15. Devices and distributed set-up (torchrun): no-ops in a single process
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2477,9 +2452,8 @@ def _quiet_worker(_):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-
 # ---------------------------------------------------------------------------------------------
-# 15. The run: set-up, the frozen targets' cache, bookkeeping, validation
+# 16. The run: set-up, the frozen targets' cache, bookkeeping, validation
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2651,6 +2625,37 @@ def objective_arguments(objective, targets):
     per_row = {"t_near": lambda: targets["t_ref"][targets["near"]], "v_near": lambda: targets["v_ref"][targets["near"]]}
     refs = {name: per_row[name]() if name in per_row else targets[name] for name in spec.references}
     return refs, {name: targets[name] for name in spec.constants}, targets.get("order")
+
+
+class Schedule:
+    """Which rows each step trains on. An epoch is a seeded permutation of its rows (all training
+    rows, or a curriculum's share of them) cut into global batches of batch x accum rows; a row
+    left over at an epoch's end waits for the next epoch's permutation."""
+
+    def __init__(self, n_rows, batch, accum, seed, order=None):
+        self.n_rows, self.batch, self.accum, self.seed, self.order = n_rows, batch, accum, seed, order
+
+    def rows(self, epoch):
+        return torch.arange(self.n_rows) if self.order is None else curriculum_rows(self.order, epoch)
+
+    def steps_in(self, epoch):
+        return len(self.rows(epoch)) // (self.batch * self.accum)
+
+    def total(self, epochs):
+        return sum(self.steps_in(epoch) for epoch in range(epochs))
+
+    def locate(self, step):
+        """(epoch, steps already done in it) of a global step."""
+        epoch = 0
+        while step >= self.steps_in(epoch):
+            step, epoch = step - self.steps_in(epoch), epoch + 1
+        return epoch, step
+
+    def batches(self, epoch):
+        """(steps x accum, batch) row indices: the micro-batches of every step of `epoch`, in order."""
+        rows, steps = self.rows(epoch), self.steps_in(epoch)
+        shuffled = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed + epoch))]
+        return shuffled[: steps * self.batch * self.accum].view(steps * self.accum, self.batch)
 
 
 class Run:
@@ -3042,7 +3047,7 @@ def validate(model, rows, ids, preprocess, refs, loss_fn, args, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# 16. The command line
+# 17. The command line
 # ---------------------------------------------------------------------------------------------
 
 
