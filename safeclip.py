@@ -2674,7 +2674,7 @@ class Run:
         self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
         self.state = dict(step=0, best=None, best_step=None, bad_evals=0)
         self.stopped, self.started, self.skipped_in_a_row, self.saved_step = False, time.time(), 0, None
-        self.pending, self.signal, self.lock, self.old_handlers = [], None, None, {}
+        self.pending, self.signal, self.lock, self.old_handlers, self.extended = [], None, None, {}, {}
         self.log_every = getattr(args, "log_every", None) or 1
         refusal = from_rank0(self._refusal() if main_process else None)
         if refusal:
@@ -2773,7 +2773,8 @@ class Run:
         if self.main:
             try:
                 ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-                ckpt = ckpt if {"trainable", "optimizer", "state", "rng"} <= set(ckpt) else KeyError("incomplete")
+                if not {"trainable", "optimizer", "state", "rng"} <= set(ckpt):
+                    ckpt = ValueError("not a checkpoint of safeclip.py train (keys missing)")
             except Exception as e:  # torch raises many types for a cut or damaged file
                 ckpt = e
         ckpt = from_rank0(ckpt)
@@ -2798,11 +2799,10 @@ class Run:
         self.saved_step = self.step
         if self.main:
             self.write(self.log_path, lambda path: _truncate_log(path, self.step))
-            if getattr(self, "extended", None):
+            if self.extended:
                 self.log({"step": self.step, "resumed_with": self.extended})
             print(f"resumed from {self.ckpt_path} at step {self.step}"
-                  + "".join(f"; {k}: {a} -> {b}" for k, (a, b) in (getattr(self, "extended", None) or {}).items()),
-                  file=sys.stderr)
+                  + "".join(f"; {k}: {a} -> {b}" for k, (a, b) in self.extended.items()), file=sys.stderr)
 
     def _catch_signals(self):
         """SIGTERM (how SLURM and Kubernetes preempt) and Ctrl-C: finish the step, write the
