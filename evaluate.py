@@ -47,10 +47,10 @@ Rules that make every number reproducible:
     unsafe share of the whole gallery.
 
 Embeddings are computed once per model, batched, and cached in --cache-dir under a name derived
-from the content of the checkpoint, the tokenizer, safeclip.py, the device type and the data
-(caption text, image bytes); --no-cache skips the cache. Top-K is computed in chunks of queries,
-so only a (chunk x gallery) block of similarities exists at a time and 100k-item galleries fit in
-memory.
+from the content of the checkpoint, the tokenizer in use, safeclip.py, the device type and the data
+(caption text, image bytes); a cached file is used only if its content matches the hash recorded
+with it; --no-cache skips the cache. Top-K is computed in chunks of queries, so only a (chunk x
+gallery) block of similarities exists at a time and 100k-item galleries fit in memory.
 
 --compare NAME=PATH (repeatable) adds more models, reported between --ckpt and --baseline under
 their NAMEs, so several fine-tuning objectives can be read side by side.
@@ -70,13 +70,13 @@ import hashlib
 import json
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import safeclip
 
@@ -394,22 +394,9 @@ def render_markdown(report, checkpoints=None):
     return "\n\n".join(parts) + "\n"
 
 
-@contextmanager
-def atomic_path(path):
-    """A temporary name next to path that replaces path in one step if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield str(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_text(path, text):
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+    # Through a temporary file of unpredictable name (mkstemp), renamed into place.
+    safeclip._atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +409,7 @@ SAFE_COLOUR, UNSAFE_COLOUR, INK = (30, 150, 60), (215, 30, 30), (20, 20, 20)
 CELL = THUMB + 2 * FRAME                             # a framed thumbnail
 COLUMN = FIGURE_TOP * CELL + (FIGURE_TOP - 1) * GAP  # one model's results
 QUERY_WIDTH, LINE_HEIGHT = 260, 16                   # pixels
+CAPTION_LINES = 6  # a longer caption is cut, ending in "..."
 
 
 def figure_queries(rows, n=FIGURE_QUERIES):
@@ -465,14 +453,33 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def _wrap(draw, text, font, width):
-    """Greedy word wrap to lines no wider than `width` pixels."""
+def _wrap(draw, text, font, width, max_lines=CAPTION_LINES):
+    """Greedy word wrap to at most max_lines lines no wider than `width` pixels; a word wider than
+    a line is broken, and a text that does not fit ends in "...". No character is narrower than a
+    pixel, so only the first max_lines * width characters can show: a caption of any length costs
+    the same."""
+    fits = lambda line: draw.textlength(line, font=font) <= width
+    shown = text[: max_lines * width]
     lines = []
-    for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+    for word in shown.split():
+        if lines and fits(f"{lines[-1]} {word}"):
             lines[-1] += f" {word}"
-        else:
-            lines.append(word)
+            continue
+        while len(lines) <= max_lines and not fits(word):  # break it where it overflows
+            k = 1
+            while fits(word[: k + 1]):
+                k += 1
+            lines.append(word[:k])
+            word = word[k:]
+        lines.append(word)
+        if len(lines) > max_lines:
+            break
+    if len(lines) > max_lines or len(shown) < len(text.rstrip()):
+        lines = lines[:max_lines] or [""]
+        last = lines[-1]
+        while last and not fits(f"{last}..."):
+            last = last[:-1]
+        lines[-1] = f"{last.rstrip()}..."
     return lines
 
 
@@ -572,8 +579,7 @@ def write_figure(args):
         results[name] = figure_retrievals(encoder, rows, caption_queries, image_queries)
         labels[name] = f"{name}: {Path(ckpt).name}"
     figure = draw_figure(caption_queries, image_queries, results, labels)
-    with atomic_path(args.figure) as tmp:
-        figure.save(tmp, format="PNG")
+    safeclip._atomic_write(args.figure, lambda tmp: figure.save(tmp, format="PNG"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,7 +643,7 @@ def read_templates(path):
 # ---------------------------------------------------------------------------------------------
 # Embeddings: one model, computed once, cached by content
 
-CACHE_FORMAT = "safeclip-eval-embeddings-v1"  # bump when the meaning of a cached file changes
+CACHE_FORMAT = "safeclip-eval-embeddings-v2"  # bump when the meaning of a cached file changes
 # What safeclip.load reads from a checkpoint folder (ours or Hugging Face's).
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", *safeclip.TOKENIZER_FILES, "vocab.json")
 
@@ -662,6 +668,28 @@ def checkpoint_digest(path):
         if (path / name).is_file():
             h.update(name.encode() + b"\0" + file_digest(path / name))
     return h.digest()
+
+
+def tokenizer_in_use(ckpt, tokenizer=None):
+    """The tokenizer file that safeclip.load uses with `ckpt`, for the cache key: --tokenizer;
+    else none beyond the checkpoint folder's own (already in checkpoint_digest); else OpenAI's
+    vocabulary where safeclip looks for it, beside the weights, in ./weights, then in the weights
+    folder. (It is used only at OpenAI's vocabulary size; keyed regardless, at worst a change of
+    an unused file recomputes the embeddings.)"""
+    if tokenizer:
+        return tokenizer
+    path = Path(ckpt)
+    if path.is_dir() and any((path / name).is_file() for name in safeclip.TOKENIZER_FILES):
+        return None
+    return safeclip.default_vocabulary(path)
+
+
+def embeddings_digest(name, emb):
+    """What a cache file records of its embeddings: their bytes hashed with the file's name (the
+    key of what they were computed from), so a damaged, altered or renamed file never passes."""
+    h = hashlib.sha256(name.encode())
+    h.update(emb.contiguous().numpy())
+    return h.hexdigest()
 
 
 def image_digest(path):
@@ -714,13 +742,15 @@ class Encoder:
         return self._embed("image", len(paths), digests, encode)
 
     def _model_key(self):
-        """What the embeddings depend on besides the inputs: weights, tokenizer, our code, and the
-        device type (safeclip encodes in bfloat16 on CUDA, in float32 on the CPU), the activation
-        (--quick-gelu, or the sidecar JSON that records it beside a plain state dict)."""
+        """What the embeddings depend on besides the inputs: weights, the tokenizer in use, our
+        code, and the device type (safeclip encodes in bfloat16 on CUDA, in float32 on the CPU),
+        the activation (--quick-gelu, or the sidecar JSON that records it beside a plain state
+        dict)."""
         if self._key is None:
             h = hashlib.sha256(f"{CACHE_FORMAT} {torch.device(self.device).type} {self.quick_gelu}".encode())
             sidecar = Path(self.ckpt).with_suffix(".json")
-            for path in (self.ckpt, self.tokenizer, safeclip.__file__, sidecar if sidecar.is_file() else None):
+            tokenizer = tokenizer_in_use(self.ckpt, self.tokenizer)
+            for path in (self.ckpt, tokenizer, safeclip.__file__, sidecar if sidecar.is_file() else None):
                 h.update(checkpoint_digest(path) if path else b"none")
             self._key = h.hexdigest()
         return self._key
@@ -731,17 +761,23 @@ class Encoder:
         h = hashlib.sha256(f"{what} {self._model_key()}".encode())
         for d in digests:  # fixed-size digests, so the concatenation is unambiguous
             h.update(d)
-        path = Path(self.cache_dir) / f"{h.hexdigest()}.safetensors"
+        name = h.hexdigest()
+        path = Path(self.cache_dir) / f"{name}.safetensors"
         if path.is_file():
-            try:
-                emb = load_file(path)["embeddings"]
-                if len(emb) == n:
+            try:  # a cache file is recomputed unless its content has the hash recorded with it
+                with safe_open(path, framework="pt") as f:
+                    recorded = (f.metadata() or {}).get("sha256")
+                    emb = f.get_tensor("embeddings")
+                if len(emb) == n and recorded == embeddings_digest(name, emb):
                     return emb
-            except Exception as e:  # a damaged cache file is recomputed, never trusted
+                print(f"warning: ignoring cache file {path}: its content does not match its hash", file=sys.stderr)
+            except Exception as e:
                 print(f"warning: ignoring unreadable cache file {path}: {e}", file=sys.stderr)
-        emb = self._checked(encode(*self.model()))
-        with atomic_path(path) as tmp:
-            save_file({"embeddings": emb.contiguous()}, tmp)
+        emb = self._checked(encode(*self.model())).contiguous()
+        metadata = {"sha256": embeddings_digest(name, emb)}
+        # Through a temporary file of unpredictable name (mkstemp): never one that someone else
+        # with access to a shared --cache-dir could have put a link at.
+        safeclip._atomic_write(path, lambda tmp: save_file({"embeddings": emb}, tmp, metadata=metadata))
         return emb
 
     def _checked(self, emb):
@@ -841,7 +877,7 @@ def parse_args(argv=None):
     train_config = Path(args.ckpt) / "train_config.json"
     try:
         recorded = json.loads(train_config.read_text()) if train_config.is_file() else {}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
         p.error(f"{train_config}: unreadable ({e}); give --data (and --baseline) yourself")
     if args.data is None:
         if "data" not in recorded:

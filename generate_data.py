@@ -27,7 +27,9 @@ Sources (pick one)
                         (DIR/train2017, DIR/val2017).
   --from-nsfwcaps FILE  NSFWCaps rows ("image_coco_url", "caption", "nsfw_caption",
                         "chosen_category") as JSON, JSON lines or CSV; --image-dir DIR holds the
-                        images, otherwise each URL is fetched once.
+                        images, otherwise each URL is fetched once: over http(s) only, redirects
+                        included, and up to --max-image-mb. Another scheme, no image or too
+                        large a one (in bytes or pixels) rejects the row, never the run.
   Neither release ships unsafe images, and neither needs them: without --t2i the rows carry the
   safe image only, and training skips the two terms that need an unsafe one.
 
@@ -185,13 +187,20 @@ _LEAD_IN = re.compile(  # "Sure! Here is the rewritten caption:", "Unsafe captio
     r"(?:caption|version|answer|output|rewrite|result))\s*:\s*", re.IGNORECASE)
 _QUOTES = "\"'\u201c\u201d\u2018\u2019`\u00ab\u00bb\u300c\u300d"
 _MARKUP = "*_`#> \t\n"
+# Some of the patterns above take time quadratic in the length of what they search (a reasoning
+# tag without its end is looked for to the end of the text, from every tag), and no watchdog can
+# stop a regex: text is cut to a caption's worth before any of them runs. CLIP reads 77 tokens,
+# a few hundred characters; an answer may hold a reasoning block besides its caption.
+MAX_CAPTION_CHARS = 1000
+MAX_ANSWER_CHARS = 4 * MAX_CAPTION_CHARS
 
 
 def clean_answer(text: str) -> str:
     """Strip what chat models wrap around an answer: reasoning, markdown, lead-ins and quotes.
 
     A reasoning block is dropped whole; an answer that ends inside one (cut off, or only the
-    closing tag sent) keeps just what follows it, which may be nothing.
+    closing tag sent) keeps just what follows it, which may be nothing. The caller bounds the
+    text first (MAX_ANSWER_CHARS).
     """
     text = _REASONING.sub("", text)
     text = text.rpartition("</think>")[2].partition("<think>")[0]
@@ -212,8 +221,9 @@ def _sentence_breaks(text: str) -> int:
     CJK full stop followed by more text. "U.S. Navy" counts too, so answers are compared with
     their caption, never with a fixed number."""
     breaks = len([line for line in text.splitlines() if line.strip()]) - 1
-    breaks += sum(m.group(1).isupper()
-                  for m in re.finditer(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+(\w)", text))
+    # A match starts only where a run of stops starts: from inside a run it would fail the same way.
+    breaks += sum(m.group(1).isupper() for m in re.finditer(
+        r"(?<![.!?\u2026])[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+(\w)", text))
     return breaks + len(re.findall(r"[\u3002\uff01\uff1f]+(?=\s*\S)", text))
 
 
@@ -223,7 +233,12 @@ def _own_words(answer: str) -> str:
 
 
 def check_answer(answer: str, caption: str) -> str | None:
-    """Why an (already cleaned) answer is unusable as the unsafe caption, or None if it is fine."""
+    """Why an (already cleaned) answer is unusable as the unsafe caption, or None if it is fine.
+
+    The length comes first, so that no pattern runs on more than a caption's worth of text."""
+    caption = caption[:MAX_CAPTION_CHARS]
+    if len(answer) > 2 * len(caption) + 200:
+        return "too_long"
     if not _plain(answer):
         return "empty"
     if _REFUSAL.search(_own_words(answer)):
@@ -232,8 +247,6 @@ def check_answer(answer: str, caption: str) -> str | None:
         return "extra_sentences"
     if _plain(answer) == _plain(caption):
         return "copy"
-    if len(answer) > 2 * len(caption) + 200:
-        return "too_long"
     return None
 
 
@@ -365,6 +378,11 @@ def make_toy_row(task: tuple) -> dict:
 MAX_BACKOFF_S = 60.0
 MAX_RETRY_AFTER_S = 300.0
 MAX_REJECTED_IN_A_ROW = 20  # that many rejections in a row means the server is down or refusing
+# Where a dataset's URL leads is that row's own content: a URL or redirect that is not http(s), no
+# image, too many bytes or pixels. Such rows stay rejected on resume, and never count toward
+# MAX_REJECTED_IN_A_ROW: a dead link says nothing about the server.
+DOWNLOAD_CONTENT = {"bad_url", "bad_redirect", "bad_image", "too_large", "too_many_pixels"}
+MB = 1 << 20
 MANIFEST_EVERY_S = 10.0     # how often a long run refreshes manifest.json
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # Finished rows and the LLM's answers are committed (one write and one fsync) in batches: an
@@ -523,6 +541,7 @@ def _lock_folder(folder: Path):
 # ---------------------------------------------------------------------------------------------
 
 COCO_FOLDERS = ("train2017", "val2017", "test2017")  # where --coco-root looks for an image
+TOO_DEEP = "nested too deeply for Python's JSON reader: lists or objects a thousand levels down"
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 
@@ -552,20 +571,22 @@ def read_records(path: Path, allow_text: bool = False) -> list[tuple[str, object
             data = json.loads(text)
         except ValueError as e:
             raise InputError(f"{path}:{getattr(e, 'lineno', '?')}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise InputError(f"{path}: not valid JSON ({TOO_DEEP})") from None
         return _listed_records(path, data)
     if start != "{":
         raise InputError(f"{path}: expected a JSON list of objects, a JSON object of objects "
                          f"keyed by id, or JSON lines (one object per line)")
     try:
         whole = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         whole = None  # JSON lines, read below (or a broken file, reported there with its line)
     if isinstance(whole, dict) and isinstance(whole.get("data"), (dict, list)):
         whole = whole["data"]  # the {"info": .., "data": ..} wrapper
     if isinstance(whole, list):
         return _listed_records(path, whole)
     if isinstance(whole, dict):
-        numbered = all(k.strip().isdigit() for k in whole)
+        numbered = all(k.strip().isdecimal() for k in whole)  # "²" is a digit, not a number
         if whole and (numbered or all(isinstance(v, dict) for v in whole.values())):
             keys = sorted(whole, key=int) if numbered else list(whole)
             return [(f"{path} key {k}", whole[k]) for k in keys]
@@ -578,6 +599,8 @@ def read_records(path: Path, allow_text: bool = False) -> list[tuple[str, object
             except ValueError as e:
                 raise InputError(f"{path}:{n}: not valid JSON ({e}); expected one JSON object "
                                  f"per line, a JSON list or a JSON object keyed by id") from None
+            except RecursionError:
+                raise InputError(f"{path}:{n}: not valid JSON ({TOO_DEEP})") from None
     return records
 
 
@@ -640,7 +663,7 @@ def _local_image(name: str, folder: Path, where: str) -> str:
 def _coco_image(root: Path, coco_id, where: str) -> str:
     try:
         name = f"{int(coco_id):012d}.jpg"
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: Infinity, 1e400
         raise InputError(f"{where}: coco_id {coco_id!r} is not a number") from None
     for folder in COCO_FOLDERS:
         if (root / folder / name).is_file():
@@ -710,15 +733,18 @@ def load_nsfwcaps(path: Path, image_dir: Path | None) -> list[Item]:
         url = _text_field(record, ("image_coco_url", "url", "image_url", "coco_url",
                                    "flickr_url"), where, required=False)
         name = _text_field(record, ("image_path", "image", "file_name"), where, required=False)
-        if name and re.match(r"https?://", name):
+        if name and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", name):  # a URL, of any scheme
             url, name = url or name, None
         if url:
             item.extra["image_url"] = url
         if name:
             item.safe_image = _local_image(name, image_dir or path.parent, where)
         elif url and image_dir:
-            item.safe_image = _local_image(Path(urllib.parse.urlparse(url).path).name, image_dir,
-                                           where)
+            try:
+                name = Path(urllib.parse.urlsplit(url).path).name
+            except ValueError as e:  # "http://[::1/x.png"
+                raise InputError(f"{where}: {url!r} is not a URL ({e})") from None
+            item.safe_image = _local_image(name, image_dir, where)
         elif url:
             item.safe_image_url = url
         items.append(item)
@@ -885,15 +911,59 @@ class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
                             context=self._context)
 
 
+def _is_http_url(url: str, base: str | None = None) -> bool:
+    """Whether a URL (relative to `base`, if given) is a well-formed http:// or https:// one."""
+    try:
+        parts = urllib.parse.urlsplit(urllib.parse.urljoin(base, url) if base else url)
+        parts.port  # raises for a port that is no number
+    except ValueError:  # "http://[::1", say
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to another http(s) URL. urllib's own follows ftp:// too, where no
+    watchdog bounds the request, and a URL from a dataset has no business anywhere else."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        location = headers.get("location", headers.get("uri"))  # as urllib reads it
+        if location is not None and not _is_http_url(location, req.full_url):
+            fp.close()
+            raise GiveUp("bad_redirect")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _read_body(response, max_bytes: int | None) -> bytes:
+    """The whole body; with max_bytes, GiveUp("too_large") for a longer one, refused by its
+    Content-Length before reading, or else once one byte more than max_bytes has come."""
+    if max_bytes is None:
+        return response.read()
+    declared = response.headers.get("Content-Length", "").strip()
+    if declared.isdecimal() and int(declared) > max_bytes:
+        raise GiveUp("too_large")
+    body = response.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise GiveUp("too_large")
+    response.read()  # b"" after a whole body; IncompleteRead if the connection dropped before
+    return body
+
+
 def http_request(url: str, payload: dict | None = None, timeout: float = 60.0,
-                 api_key: str | None = None, fatal_codes=(401, 403, 404, 405)) -> bytes:
+                 api_key: str | None = None, fatal_codes=(401, 403, 404, 405),
+                 max_bytes: int | None = None) -> bytes:
     """One request: POST JSON when there is a payload, else GET; returns the body.
 
-    `timeout` bounds the whole request, from connecting to the last byte. Raises Retry for what
-    may pass (timeouts, dropped connections, 408, 429 and 5xx, honouring Retry-After), FatalError
-    for answers that say the setup is wrong (every item would fail the same way), GiveUp for
-    other client errors.
+    Only http(s) URLs are opened, and only http(s) redirects followed (GiveUp "bad_url",
+    "bad_redirect"); a body over `max_bytes` is not read (GiveUp "too_large"). `timeout` bounds
+    the whole request, from connecting to the last byte. Raises Retry for what may pass
+    (timeouts, dropped connections, 408, 429 and 5xx, honouring Retry-After), FatalError for
+    answers that say the setup is wrong (every item would fail the same way), GiveUp for other
+    client errors.
     """
+    if not _is_http_url(url):
+        raise GiveUp("bad_url")
     headers = {"User-Agent": "safeclip-generate-data"}
     data = None
     if payload is not None:
@@ -903,11 +973,15 @@ def http_request(url: str, payload: dict | None = None, timeout: float = 60.0,
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, data=data, headers=headers)
     watchdog = _Watchdog(timeout)
-    opener = urllib.request.build_opener(_WatchedHTTPHandler(watchdog),
-                                         _WatchedHTTPSHandler(watchdog))
+    # Not build_opener, which adds handlers for file://, ftp:// and data: URLs.
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), _WatchedHTTPHandler(watchdog),
+                    _WatchedHTTPSHandler(watchdog), _HttpRedirectsOnly(),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
     try:
         with watchdog, opener.open(request, timeout=timeout) as response:
-            body = response.read()
+            body = _read_body(response, max_bytes)
     except urllib.error.HTTPError as e:
         e.close()
         if e.code in fatal_codes:
@@ -973,6 +1047,8 @@ class ChatLLM:
                 raise Retry("bad_response")
             if choice.get("finish_reason") == "length":  # cut off at max_tokens mid-sentence
                 raise Retry("invalid_cut_off", delay=0)
+            if len(content) > MAX_ANSWER_CHARS:  # before any pattern runs on it
+                raise Retry("invalid_too_long", delay=0)
             answer = clean_answer(content)
             problem = check_answer(answer, caption)
             if problem:
@@ -1018,7 +1094,7 @@ class HttpImages:
                 image = Image.open(io.BytesIO(base64.b64decode(entry["b64_json"],
                                                                validate=True)))
                 image.load()
-            except (ValueError, OSError):  # bad base64, or bytes that are not an image
+            except (ValueError, OSError, Image.DecompressionBombError):  # bad base64, no image
                 raise Retry("bad_image") from None
             images.append(image.convert("RGB"))
         return images
@@ -1166,10 +1242,12 @@ class OutputDir:
                                           + "\n").encode("utf-8"))
 
 
-def rejected_for_content(reason: str) -> bool:
+def rejected_for_content(reason: str, stage: str | None = None) -> bool:
     """Whether a rejection came from the item itself (the model's answers to it, no image kept, a
-    4xx for its request) rather than from a server that was down or overloaded."""
+    4xx for its request, where its URL leads) rather than from a server that was down or
+    overloaded."""
     return (reason.startswith("invalid_") or reason == "kept_none"
+            or stage == "download" and reason in DOWNLOAD_CONTENT
             or bool(re.fullmatch(r"http_4\d\d", reason)) and reason not in
             ("http_408", "http_425", "http_429"))
 
@@ -1194,7 +1272,8 @@ class Job:
         # What earlier runs rejected for its content would most likely be rejected again: it is
         # asked again only with --retry-rejected, after every new item, and outside the count of
         # rejections in a row (which is there to notice a dead server, not a refused category).
-        self.earlier = {i for i, r in self.rejected.items() if rejected_for_content(r["reason"])}
+        self.earlier = {i for i, r in self.rejected.items()
+                        if rejected_for_content(r["reason"], r.get("stage"))}
         self._staged: list[dict] = []   # finished rows not yet in pairs.jsonl
         self._answers: list[dict] = []  # answers not yet in unsafe_captions.jsonl
         self._committed_at = time.monotonic()
@@ -1255,7 +1334,8 @@ class Job:
                                   "reason": reason, "runs": runs}
         self.out.rejections.append(self.rejected[item.id])
         self.stats.add(stage, "rejected_items")
-        self._in_a_row += item.id not in self.earlier
+        self._in_a_row += item.id not in self.earlier and not (
+            stage == "download" and reason in DOWNLOAD_CONTENT)
         if self._in_a_row >= MAX_REJECTED_IN_A_ROW:
             raise FatalError(f"{self._in_a_row} items in a row were rejected (last: {reason}); "
                              f"stopping. Check the server and model, then run the same command "
@@ -1403,6 +1483,7 @@ class ImageMaker:
     stats: Stats
 
     fetch: bool = True          # download safe images from their URLs (not with --text-only)
+    max_image_bytes: int | None = None  # a larger download rejects its row (--max-image-mb)
     fetched: dict = field(default_factory=dict)  # URL -> its file, so each URL is fetched once
     _url_locks: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -1455,19 +1536,33 @@ class ImageMaker:
 
     def _fetch(self, item: Item) -> str:
         def attempt(_):
-            data = http_request(item.safe_image_url, timeout=self.policy.timeout, fatal_codes=())
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    image_format = image.format
-                    image.verify()
-            except (OSError, SyntaxError, ValueError):  # not an image, or a broken one
-                raise Retry("bad_image") from None
+            data = http_request(item.safe_image_url, timeout=self.policy.timeout, fatal_codes=(),
+                                max_bytes=self.max_image_bytes)
+            image_format = _image_format(data)
             suffix = {"JPEG": "jpg"}.get(image_format, str(image_format).lower())
             relative = image_path(item.index, "safe", suffix)
             write_atomic(self.root / relative, data)  # the original bytes, not re-encoded
             return relative
 
         return with_retries(attempt, self.policy, self.stats, "download")
+
+
+def _image_format(data: bytes) -> str:
+    """The format of a downloaded image. GiveUp for bytes that Pillow cannot read as an image (an
+    HTML page, a broken file: "bad_image") or for more pixels than Pillow's decompression-bomb
+    limit ("too_many_pixels"); both are the row's content, not worth a retry."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                raise GiveUp("too_many_pixels")
+            image.verify()
+            return image.format
+    except GiveUp:
+        raise
+    except Image.DecompressionBombError:  # over twice the limit, from Image.open; no OSError
+        raise GiveUp("too_many_pixels") from None
+    except Exception:  # Pillow's readers raise many kinds on broken files: these are anyone's
+        raise GiveUp("bad_image") from None
 
 
 def image_phase(job: Job, items: list[Item], maker: ImageMaker, workers: int,
@@ -1641,10 +1736,16 @@ def build_parser() -> argparse.ArgumentParser:
     requests.add_argument("--retry-base-delay", type=float, default=1.0, metavar="S",
                           help="first backoff in seconds, doubled each retry; a server's "
                                "Retry-After wins (default: 1)")
+    requests.add_argument("--max-image-mb", type=float, default=50.0, metavar="MB",
+                          help="largest image a source's URL may send (default: 50); a larger "
+                               "one rejects its row, as do URLs and redirects that are not "
+                               "http(s) and images that do not decode or hold more pixels "
+                               "than Pillow's decompression-bomb limit")
     requests.add_argument("--retry-rejected", action="store_true",
                           help="on resume, ask again for the items an earlier run rejected for "
-                               "their content (refusals, unusable answers, no image kept), after "
-                               "every new item; by default they stay rejected")
+                               "their content (refusals, unusable answers, no image kept, dead or "
+                               "oversized image URLs), after every new item; by default they "
+                               "stay rejected")
     return parser
 
 
@@ -1683,6 +1784,8 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.retries < 0 or args.timeout <= 0 or args.retry_base_delay < 0:
         parser.error("--timeout must be positive; --retries and --retry-base-delay not negative")
+    if not (args.max_image_mb > 0 and math.isfinite(args.max_image_mb)):
+        parser.error("--max-image-mb must be positive")
 
 
 def _load_items(args) -> tuple[list[Item], dict]:
@@ -1805,7 +1908,8 @@ def plan_sources(args) -> Plan:
             llm = ChatLLM(backends["llm"]["url"], args.llm_model, policy, job.stats, api_key)
             caption_phase(job, items, llm, workers)
         maker = ImageMaker(job.out.root, backend, keep_rule, candidates, args.seed, policy,
-                           job.stats, fetch=not args.text_only)
+                           job.stats, fetch=not args.text_only,
+                           max_image_bytes=round(args.max_image_mb * MB))
         maker.fetched.update((r["image_url"], r["safe_image"]) for r in job.done.values()
                              if r.get("image_url") and r.get("safe_image"))
         image_phase(job, items, maker, workers, "images" if backend else "rows")

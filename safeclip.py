@@ -1827,13 +1827,18 @@ def _recorded_config(config_file, meta, sd):
 
 
 def _default_tokenizer(weights_path, config):
-    """OpenAI's vocabulary, looked for next to the weights, then in ./weights and the weights
-    folder. Models with another vocabulary size get none (and an error on first use)."""
-    if config.vocab_size != 49408:
-        return None
-    for folder in (weights_path.parent, Path.cwd() / "weights", weights_folder()):
+    """OpenAI's vocabulary where `default_vocabulary` finds it. Models with another vocabulary
+    size get none (and an error on first use)."""
+    found = default_vocabulary(weights_path) if config.vocab_size == 49408 else None
+    return Tokenizer.from_file(found) if found is not None else None
+
+
+def default_vocabulary(weights_path):
+    """The file of OpenAI's vocabulary that `load` attaches to weights without a tokenizer of
+    their own: beside the weights, then in ./weights, then in the weights folder; or None."""
+    for folder in (Path(weights_path).parent, Path.cwd() / "weights", weights_folder()):
         if (folder / VOCAB_FILE).exists():
-            return Tokenizer.from_file(folder / VOCAB_FILE)
+            return folder / VOCAB_FILE
     return None
 
 
@@ -2205,7 +2210,7 @@ def read_pairs(path, split=None, skip_bad=False):
                 continue
             try:
                 row = _parse_row(line, path.parent)
-            except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            except (ValueError, TypeError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
                 if not skip_bad:
                     raise DataError(f"{path}:{number}: {e}") from None
                 skipped += 1
