@@ -716,10 +716,10 @@ def twin_offset_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=N
 # each as tau * softplus((cos(q, unsafe twin) - cos(q, safe twin) + m) / tau): a hinge with its
 # corner smoothed over tau. Safe-CLIP's terms pull an unsafe item onto its safe twin; these hold
 # it just below. Rows without V* give only the term with no V* in it (V(V) ranking T(T) over T(T*)).
-TWIN_MARGIN = 0.1  # m, in cosine (chosen by measurement, see docs/objectives.md)
-TWIN_MARGIN_TAU = 0.02  # tau: the smoothing of the hinge's corner
-TWIN_MARGIN_LAMBDAS = {**LAMBDAS, "rank_text_safe": 0.25, "rank_text_unsafe": 0.25, "rank_image_safe": 0.25,
-                       "rank_image_unsafe": 0.25}
+TWIN_MARGIN = 0.3  # m, in cosine (chosen by measurement, see docs/objectives.md)
+TWIN_MARGIN_TAU = 0.05  # tau: the smoothing of the hinge's corner
+TWIN_MARGIN_LAMBDAS = {**LAMBDAS, "text_safe": 1.0, "image_safe": 1.0, "nce_text_safe": 1.0, "nce_image_safe": 1.0,
+                       "rank_text_safe": 2.0, "rank_text_unsafe": 2.0, "rank_image_safe": 2.0, "rank_image_unsafe": 2.0}
 
 
 def twin_rank(query, safe, unsafe, margin, tau):

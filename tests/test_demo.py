@@ -103,22 +103,29 @@ def test_the_objectives_benchmark_trains_each_objective_on_the_same_budget_and_c
     assert run.returncode == 0, run.stderr[-3000:]
     out = tmp_path / "obj"
     report = json.loads((out / "eval.json").read_text())
-    assert list(report["models"]) == ["model", "safeclip", "safer-clip", "twin-offset-a2", "baseline"]
+    assert list(report["models"]) == ["safeclip", "safer-clip", "twin-offset", "twin-offset-a2", "twin-margin",
+                                      "safeclip-2x", "baseline"]  # each run under its name
     runs = {"safeclip": out / "demo" / "safeclip", "safer-clip": out / "safer-clip", "twin-offset": out / "twin-offset",
-            "twin-offset-a2": out / "twin-offset-a2"}
+            "twin-offset-a2": out / "twin-offset-a2", "twin-margin": out / "twin-margin"}
     logs = {name: [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for name, run in runs.items()}
     configs = {name: json.loads((run / "train_config.json").read_text()) for name, run in runs.items()}
-    assert len({sum("loss" in r for r in log) for log in logs.values()}) == 1  # the same number of steps
+    steps = {sum("loss" in r for r in log) for log in logs.values()}
+    assert len(steps) == 1  # the same number of steps
+    # ... but for Safe-CLIP once more with twice the steps: what more training alone buys
+    longer = out / "safeclip-2x"
+    assert sum("loss" in json.loads(line) for line in (longer / "log.jsonl").read_text().splitlines()) == 2 * steps.pop()
+    assert json.loads((longer / "train_config.json").read_text())["objective"] == "safeclip"
     # ... and the same recipe: the demo's, down to its LoRA and InfoNCE scale
     assert len({(c["batch_size"], c["lr"], c["seed"], c["model"], c["lora_alpha"], c["nce_scale"])
                 for c in configs.values()}) == 1
     assert configs["safeclip"]["nce_scale"] == "model" and configs["safeclip"]["lora_alpha"] == 4
-    assert {c["objective"] for c in configs.values()} == {"safeclip", "safer-clip", "twin-offset"}
+    assert {c["objective"] for c in configs.values()} == {"safeclip", "safer-clip", "twin-offset", "twin-margin"}
     assert (configs["twin-offset"]["offset"], configs["twin-offset-a2"]["offset"]) == (1, 2)
     assert not configs["twin-offset"]["freeze"]
     summary = (out / "summary.md").read_text()
     rows = [line.split(" | ")[0].lstrip("| ") for line in summary.splitlines() if line.startswith("| ")][1:]
-    assert rows == ["toy CLIP", "safeclip", "safer-clip", "twin-offset-a2", "twin-offset (a=1)"]
+    assert rows == ["toy CLIP", "safeclip", "safer-clip", "twin-offset (a=1)", "twin-offset-a2", "twin-margin",
+                    "safeclip, 2x steps"]
     assert "T->V+V* unsafe@1" in summary and "zero-shot top-1" in summary and summary in run.stdout
 
     # benchmarks/demo_settings.sh on the same demo run: each setting is the demo's Safe-CLIP command
