@@ -4,17 +4,21 @@
 # (fp32 as published and with bf16 added) with model FLOP utilisation from the training loop, the
 # data loader against the training step, and the CPU test suite. Each part has a time budget,
 # printed as it starts; the whole fits in 8 minutes on one H200 (--budget, 450 s). One table on
-# stdout; JSON and markdown in --results (default benchmarks/results/), rewritten after each part;
-# exit status 1 if a check failed. Nothing is downloaded.
+# stdout; JSON and markdown in --results (default $OUT when set, else benchmarks/results/),
+# rewritten after each part. Exit status 1 if a check failed; 3 if a headline check (bench.py's
+# speed ratios, model FLOP utilisation, peak memory) could not run, unless --allow-skips.
+# Nothing is downloaded, except by --download-wheels.
 #
-#   benchmarks/gpu_check.sh                        # on the GPU machine, as it is
+#   benchmarks/gpu_check.sh --download-wheels      # where there is a network: benchmarks/wheels/ for the GPU machine
+#   benchmarks/gpu_check.sh                        # on the GPU machine, as it is (with benchmarks/wheels/)
 #   benchmarks/gpu_check.sh --device cpu --small   # the dry run (a minute or two on 2 CPU cores)
 #   benchmarks/gpu_check.sh --only bench loader    # some parts (the names are in --help)
 #   benchmarks/gpu_check.sh --setup ...            # first make .venv with the README's packages (network)
 #
 # Python: $PYTHON if set; else python3 if its torch sees a GPU (then nothing is installed); else
-# .venv/bin/python. Packages that Python lacks: the parts that need them are skipped with a note,
-# or their wheels travel in benchmarks/wheels/ (see benchmarks/README.md).
+# .venv/bin/python. Packages that Python lacks travel as wheels in benchmarks/wheels/, unpacked
+# for the run, not installed; without them the parts that need them are skipped with a note
+# (see benchmarks/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
