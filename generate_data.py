@@ -44,7 +44,19 @@ What the source lacks is generated
   images           --t2i diffusers:MODEL_ID (a local diffusers pipeline) or --t2i URL (an
                    OpenAI-compatible images server answering base64); --text-only stops at captions
                    (and fetches nothing).
-  Set OPENAI_API_KEY if the servers want a bearer token.
+  Set OPENAI_API_KEY if the servers want a bearer token. --llm and --t2i take a comma-separated
+  list of servers: requests go to each in turn, a failed one is retried on another, and a server
+  that fails SERVER_FAILURES_IN_A_ROW times in a row is dropped (never the last). Every reply is
+  read up to a cap (MAX_REPLY_BYTES for an answer, --max-image-mb per image asked for), so an
+  endless one costs bounded memory and is retried like any other bad answer.
+
+Many GPUs, many machines
+  torchrun --nproc-per-node 8 generate_data.py ...  (or torchrun on several machines, one --out on
+  a shared filesystem): each process makes the items whose index is its RANK modulo WORLD_SIZE, its
+  pipeline on cuda:LOCAL_RANK, and keeps its progress in DIR/shards/RANK/. Rank 0 holds the folder
+  for the whole job and, once every share is done, folds the shares into the dataset: the same
+  files, byte for byte, as one process writes. Run the same command again to resume after any
+  process died.
 
 Output (--out DIR)
   pairs.jsonl            one quadruplet per line: {"id", "safe", "unsafe", "safe_image",
@@ -76,6 +88,7 @@ import argparse
 import base64
 import contextlib
 import csv
+import datetime
 import email.utils
 import errno
 import functools
@@ -91,6 +104,7 @@ import operator
 import os
 import random
 import re
+import shutil
 import socket
 import sys
 import threading
@@ -383,6 +397,14 @@ MAX_REJECTED_IN_A_ROW = 20  # that many rejections in a row means the server is 
 # MAX_REJECTED_IN_A_ROW: a dead link says nothing about the server.
 DOWNLOAD_CONTENT = {"bad_url", "bad_redirect", "bad_image", "too_large", "too_many_pixels"}
 MB = 1 << 20
+# Replies are read up to a cap, so that a server that never stops sending costs bounded memory: an
+# LLM's answer is a sentence (max_tokens 120), and its JSON a few KB; an images server's reply is
+# --max-image-mb per image asked for, in base64 (4 bytes for 3), with REPLY_SLACK_BYTES of JSON.
+MAX_REPLY_BYTES = MB
+REPLY_SLACK_BYTES = MB
+# A server whose requests fail this many times in a row (no connection, timeouts, 5xx, garbage,
+# replies over their cap) is dropped from its list for the rest of the run, unless it is the last.
+SERVER_FAILURES_IN_A_ROW = 5
 MANIFEST_EVERY_S = 10.0     # how often a long run refreshes manifest.json
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # Finished rows and the LLM's answers are committed (one write and one fsync) in batches: an
@@ -458,6 +480,25 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _parse_lines(path: Path, data: bytes) -> list[dict]:
+    rows = []
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise InputError(f"{path}:{number}: damaged line ({e}); delete the output folder to "
+                             f"start over") from None
+    return rows
+
+
+def _whole_lines(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file without a torn last line, read only (JsonlLog cuts it off)."""
+    data = path.read_bytes() if path.exists() else b""
+    return _parse_lines(path, data[:data.rfind(b"\n") + 1])
+
+
 class JsonlLog:
     """An append-only JSON-lines file that survives kills.
 
@@ -479,16 +520,7 @@ class JsonlLog:
             print(f"note: {self.path}: dropping a torn last line left by an interrupted run",
                   file=sys.stderr)
             os.truncate(self.path, end)
-        rows = []
-        for number, line in enumerate(data[:end].splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise InputError(f"{self.path}:{number}: damaged line ({e}); delete the output "
-                                 f"folder to start over") from None
-        return rows
+        return _parse_lines(self.path, data[:end])
 
     def append(self, *rows: dict) -> None:
         """Append whole lines with one write and one fsync (callers pass one row, or a batch).
@@ -496,6 +528,8 @@ class JsonlLog:
         If the disk fills up midway, the lines that fit are kept and the torn one is cut off, so
         the file still ends with a whole line and a later append cannot glue onto a torn one.
         """
+        if not rows:
+            return
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
@@ -767,6 +801,12 @@ class Stats:
         with self._lock:
             self._groups.setdefault(group, Counter())[key] += n
 
+    def merge(self, counts: dict) -> None:
+        """Add another run's counts (as_dict() of its Stats)."""
+        for group, keys in counts.items():
+            for key, n in keys.items():
+                self.add(group, key, n)
+
     def as_dict(self) -> dict:
         with self._lock:
             return {g: dict(sorted(c.items())) for g, c in sorted(self._groups.items())}
@@ -1016,6 +1056,64 @@ def _parse_json(body: bytes):
         raise Retry("bad_json") from None
 
 
+def _server_fault(reason: str) -> bool:
+    """Whether a failed request says the server is unwell (rather than busy, as with 429, or the
+    item unusable, as with a refusal)."""
+    return reason in ("timeout", "connection_error", "bad_json", "too_large") or bool(
+        re.fullmatch(r"http_5\d\d", reason))
+
+
+class Servers:
+    """The servers of one kind (--llm or --t2i URL,URL,...). Requests go to each in turn; a worker
+    whose request failed sends its retry to another one; a server that fails
+    SERVER_FAILURES_IN_A_ROW times in a row is dropped, with a line saying so, unless it is the
+    last (a lone server that is down leaves the items to be rejected, as it always did)."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = list(urls)  # those still in use
+        self._failures = Counter()  # failures in a row, per server
+        self._turn = 0
+        self._lock = threading.Lock()
+        self._worker = threading.local()  # the server of this thread's last failed request
+
+    def ask(self, request: Callable[[str], object]):
+        """request(url) on the next server in turn. A reply over its cap (GiveUp "too_large" from
+        http_request) is the server's fault, not the item's: a Retry, like any other bad reply."""
+        with self._lock:
+            failed = getattr(self._worker, "failed", None)
+            choices = [u for u in self.urls if u != failed] or self.urls
+            url = choices[self._turn % len(choices)]
+            self._turn += 1
+        try:
+            result = request(url)
+        except GiveUp as e:
+            if e.reason != "too_large":
+                raise
+            error = Retry("too_large")
+        except Retry as e:
+            error = e
+        else:
+            self._worker.failed = None
+            with self._lock:
+                self._failures[url] = 0
+            return result
+        self._worker.failed = url
+        if _server_fault(error.reason):
+            self._failed(url, error.reason)
+        raise error
+
+    def _failed(self, url: str, reason: str) -> None:
+        with self._lock:
+            self._failures[url] += 1
+            if (self._failures[url] < SERVER_FAILURES_IN_A_ROW or url not in self.urls
+                    or len(self.urls) == 1):
+                return
+            self.urls.remove(url)
+            left = len(self.urls)
+        tqdm.write(f"note: dropping {url} after {SERVER_FAILURES_IN_A_ROW} failures in a row "
+                   f"(last: {reason}); going on with the other {left}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------
 # Unsafe captions from an LLM
 # ---------------------------------------------------------------------------------------------
@@ -1023,9 +1121,9 @@ def _parse_json(body: bytes):
 
 @dataclass
 class ChatLLM:
-    """An OpenAI-compatible chat-completions server that rewrites captions."""
+    """OpenAI-compatible chat-completions servers that rewrite captions."""
 
-    url: str
+    servers: Servers
     model: str
     policy: RetryPolicy
     stats: Stats
@@ -1036,8 +1134,8 @@ class ChatLLM:
                    "temperature": LLM_TEMPERATURE, "max_tokens": 120}
 
         def attempt(_):
-            reply = _parse_json(http_request(self.url, payload, self.policy.timeout,
-                                             self.api_key))
+            reply = self.servers.ask(lambda url: _parse_json(http_request(
+                url, payload, self.policy.timeout, self.api_key, max_bytes=MAX_REPLY_BYTES)))
             try:
                 choice = reply["choices"][0]
                 content = choice["message"]["content"]
@@ -1064,22 +1162,26 @@ class ChatLLM:
 
 
 class HttpImages:
-    """An OpenAI-compatible images server (POST /v1/images/generations, b64_json answers).
+    """OpenAI-compatible images servers (POST /v1/images/generations, b64_json answers).
 
     The API takes no seed, so the candidates differ only by the server's own randomness.
     """
 
-    def __init__(self, url: str, model: str | None, size: int, timeout: float,
-                 api_key: str | None):
-        self.url, self.model, self.size = url, model, size
-        self.timeout, self.api_key = timeout, api_key
+    def __init__(self, servers: Servers, model: str | None, size: int, timeout: float,
+                 api_key: str | None, max_image_bytes: int):
+        self.servers, self.model, self.size = servers, model, size
+        self.timeout, self.api_key, self.max_image_bytes = timeout, api_key, max_image_bytes
 
     def generate(self, prompt: str, seeds: list[int]) -> list[Image.Image]:
         payload = {"prompt": prompt, "n": len(seeds), "size": f"{self.size}x{self.size}",
                    "response_format": "b64_json"}
         if self.model:
             payload["model"] = self.model
-        reply = _parse_json(http_request(self.url, payload, self.timeout, self.api_key))
+        cap = len(seeds) * self.max_image_bytes * 4 // 3 + REPLY_SLACK_BYTES
+        return self.servers.ask(lambda url: self._images(url, payload, cap))
+
+    def _images(self, url: str, payload: dict, cap: int) -> list[Image.Image]:
+        reply = _parse_json(http_request(url, payload, self.timeout, self.api_key, max_bytes=cap))
         entries = reply.get("data") if isinstance(reply, dict) else None
         if not isinstance(entries, list) or not entries:
             raise Retry("bad_response")
@@ -1087,7 +1189,7 @@ class HttpImages:
         for entry in entries:
             if not isinstance(entry, dict) or not isinstance(entry.get("b64_json"), str):
                 if isinstance(entry, dict) and "url" in entry:
-                    raise FatalError(f"{self.url} answered with image URLs; this script asks "
+                    raise FatalError(f"{url} answered with image URLs; this script asks "
                                      f"for response_format=b64_json")
                 raise Retry("bad_response")
             try:
@@ -1103,7 +1205,7 @@ class HttpImages:
 class DiffusersImages:
     """A local diffusers pipeline (optional dependency; float16 on a GPU)."""
 
-    def __init__(self, model_id: str, size: int, steps: int | None = None):
+    def __init__(self, model_id: str, size: int, steps: int | None = None, gpu: int = 0):
         try:
             import torch
             from diffusers import AutoPipelineForText2Image
@@ -1112,8 +1214,12 @@ class DiffusersImages:
                              f"requirements-extras.txt (pip install -r requirements-extras.txt):"
                              f" {e}") from None
         self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self.device = f"cuda:{gpu}" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available() and gpu >= torch.cuda.device_count():
+            raise FatalError(f"LOCAL_RANK is {gpu}, but this machine has "
+                             f"{torch.cuda.device_count()} GPUs: start one process per GPU "
+                             f"(torchrun --nproc-per-node {torch.cuda.device_count()})")
+        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         self.pipe = AutoPipelineForText2Image.from_pretrained(model_id, torch_dtype=dtype)
         self.pipe = self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -1173,29 +1279,67 @@ def _by_content(recipe: dict) -> dict:
     return {**recipe, "source": source}
 
 
-class OutputDir:
-    """DIR with pairs.jsonl, images/, manifest.json and the LLM's answers; resumable."""
+def _read_manifest(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise InputError(f"{path}: damaged ({e}); delete {path.parent} to start over") from None
 
-    def __init__(self, root: Path):
-        root.mkdir(parents=True, exist_ok=True)
-        self.root = root
-        self._lock = _lock_folder(root)
-        self.manifest_path = root / "manifest.json"
-        self.previous = None
-        if self.manifest_path.exists():
-            try:
-                self.previous = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise InputError(f"{self.manifest_path}: damaged ({e}); delete {root} to start "
-                                 f"over") from None
-        self.pairs = JsonlLog(root / "pairs.jsonl")
-        self.answers = JsonlLog(root / "unsafe_captions.jsonl")
-        self.rejections = JsonlLog(root / "rejected.jsonl")
-        if self.previous is None and self.pairs.rows:
-            raise InputError(f"{root} holds a pairs.jsonl without manifest.json: it was not made "
-                             f"by this script; choose another --out")
-        for temp in (root / "images").rglob("*.tmp-*") if (root / "images").is_dir() else ():
-            temp.unlink()  # a half-written image from a killed run
+
+def _images_on_disk(root: Path, row: dict) -> bool:
+    """Whether a row's generated images are in the folder (a path that is absolute is the
+    source's own file)."""
+    return all(path is None or os.path.isabs(path) or (root / path).is_file()
+               and (root / path).stat().st_size > 0
+               for path in (row.get("safe_image"), row.get("unsafe_image")))
+
+
+@dataclass
+class Progress:
+    """What a folder's files record, read only: the rows whose images are on disk, the LLM's
+    answers, the rejections as they happened and the manifest."""
+
+    rows: list[dict]
+    answers: list[dict]
+    rejections: list[dict]
+    manifest: dict
+
+    @classmethod
+    def read(cls, folder: Path, root: Path) -> "Progress":
+        return cls([r for r in _whole_lines(folder / "pairs.jsonl") if _images_on_disk(root, r)],
+                   _whole_lines(folder / "unsafe_captions.jsonl"),
+                   _whole_lines(folder / "rejected.jsonl"),
+                   _read_manifest(folder / "manifest.json") or {})
+
+
+class OutputDir:
+    """DIR with pairs.jsonl, images/, manifest.json and the LLM's answers; resumable.
+
+    A share of a torchrun job keeps the same files in DIR/shards/RANK/ and reads the dataset's own
+    (`inherited`) without writing them: rank 0 writes those only before the shares start and once
+    they are all done.
+    """
+
+    def __init__(self, root: Path, share: Share | None = None):
+        self.root, self.share = root, share
+        self.folder = root if share is None else root / "shards" / str(share.rank)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # The dataset's lock, held by the only process or by rank 0 for the whole job.
+        self._lock = _lock_folder(root) if share is None else None
+        self.manifest_path = self.folder / "manifest.json"
+        self.previous = _read_manifest(self.manifest_path)
+        self.pairs = JsonlLog(self.folder / "pairs.jsonl")
+        self.answers = JsonlLog(self.folder / "unsafe_captions.jsonl")
+        self.rejections = JsonlLog(self.folder / "rejected.jsonl")
+        self.inherited = Progress.read(root, root) if share else Progress([], [], [], {})
+        if share is None:
+            if self.previous is None and self.pairs.rows:
+                raise InputError(f"{root} holds a pairs.jsonl without manifest.json: it was not "
+                                 f"made by this script; choose another --out")
+            for temp in (root / "images").rglob("*.tmp-*") if (root / "images").is_dir() else ():
+                temp.unlink()  # a half-written image from a killed run
 
     def close(self) -> None:
         self.pairs.close()
@@ -1221,17 +1365,17 @@ class OutputDir:
         old_source = previous.get("recipe", {}).get("source", {})
         return previous.get("source_file") or old_source.get("file")
 
-    def _on_disk(self, path: str | None) -> bool:
-        if path is None or os.path.isabs(path):  # none, or the source's own file
-            return True
-        path = self.root / path
-        return path.is_file() and path.stat().st_size > 0
+    def share_folders(self) -> list[Path]:
+        """The progress folders of torchrun's shares (of this job, or of one that died)."""
+        shards = self.root / "shards"
+        return sorted((f for f in shards.iterdir() if f.is_dir()), key=lambda f: f.name) \
+            if shards.is_dir() else []
 
     def finished_rows(self) -> dict[str, dict]:
         """Rows already written whose generated images are on disk, by id (last one wins)."""
         done = {}
         for row in self.pairs.rows:
-            if self._on_disk(row.get("safe_image")) and self._on_disk(row.get("unsafe_image")):
+            if _images_on_disk(self.root, row):
                 done[row["id"]] = row
         if len(done) != len(self.pairs.rows):  # duplicates or lost images: keep the good rows
             self.pairs.rewrite(sorted(done.values(), key=lambda r: int(r["id"])))
@@ -1253,32 +1397,65 @@ def rejected_for_content(reason: str, stage: str | None = None) -> bool:
 
 
 class Job:
-    """One run: the items, what is done, what was rejected, and the manifest that says so."""
+    """One run over the dataset, or over a share of it under torchrun: the items, what is done,
+    what was rejected, and the manifest that says so."""
 
-    def __init__(self, out: OutputDir, recipe: dict, backends: dict, total: int,
-                 retry_rejected: bool = False, source_file: str | None = None):
-        self.out, self.recipe, self.backends, self.total = out, recipe, backends, total
-        self.retry_rejected, self.source_file = retry_rejected, source_file
+    def __init__(self, out: OutputDir, plan: Plan, retry_rejected: bool = False):
+        self.out, self.recipe, self.backends = out, plan.recipe, plan.backends
+        self.retry_rejected, self.source_file = retry_rejected, plan.source_file
+        self.share = out.share or Share()
+        self.total = len(range(self.share.rank, plan.total, self.share.world))  # ids 0..total-1
         previous = out.previous or {}
         self.stats = Stats(previous.get("requests"))
-        self.done = out.finished_rows()
-        # manifest.json is refreshed every few seconds, rejected.jsonl at each rejection: together
-        # they know every rejection of a killed run. A row or an answer made since settles it.
-        answered = {a["id"] for a in out.answers.rows}
-        self.rejected = {r["id"]: r for r in previous.get("rejected", []) + out.rejections.rows
-                         if r["id"] not in self.done}
-        for i in [i for i, r in self.rejected.items() if r["stage"] == "llm" and i in answered]:
-            del self.rejected[i]
-        # What earlier runs rejected for its content would most likely be rejected again: it is
-        # asked again only with --retry-rejected, after every new item, and outside the count of
-        # rejections in a row (which is there to notice a dead server, not a refused category).
-        self.earlier = {i for i, r in self.rejected.items()
-                        if rejected_for_content(r["reason"], r.get("stage"))}
+        mine = self.share.owns
+        self.done = {r["id"]: r for r in out.inherited.rows if mine(r["id"])}
+        self.done.update(out.finished_rows())
+        self.answers = {a["id"]: a for a in out.inherited.answers + out.answers.rows}
+        self.rejected: dict[str, dict] = {}
+        self._note_rejections(out.inherited.manifest.get("rejected", []) + out.inherited.rejections
+                              + previous.get("rejected", []) + out.rejections.rows)
+        self.earlier: set[str] = set()
         self._staged: list[dict] = []   # finished rows not yet in pairs.jsonl
         self._answers: list[dict] = []  # answers not yet in unsafe_captions.jsonl
         self._committed_at = time.monotonic()
         self._in_a_row = 0
         self._saved_at = 0.0
+        if out.share is None:
+            self.take_in_shares()  # of a job that died
+        # What earlier runs rejected for its content would most likely be rejected again: it is
+        # asked again only with --retry-rejected, after every new item, and outside the count of
+        # rejections in a row (which is there to notice a dead server, not a refused category).
+        self.earlier = {i for i, r in self.rejected.items()
+                        if rejected_for_content(r["reason"], r.get("stage"))}
+
+    def _note_rejections(self, rejections: list[dict]) -> None:
+        """Rejections as recorded (the manifest's list, refreshed every few seconds, and
+        rejected.jsonl, at each one: together they know every rejection of a killed run), in
+        order. A row or an LLM answer made since settles one."""
+        self.rejected.update((r["id"], r) for r in rejections if self.share.owns(r["id"]))
+        for i in [i for i, r in self.rejected.items()
+                  if i in self.done or r["stage"] == "llm" and i in self.answers]:
+            del self.rejected[i]
+
+    def take_in_shares(self) -> None:
+        """Fold the progress folders of torchrun's shares into the dataset, then delete them: their
+        rows, answers and rejections into its files, their request counts into its manifest. Rank 0
+        does it once every share is done, and any run at its start for a job that died."""
+        for folder in self.out.share_folders():
+            share = Progress.read(folder, self.out.root)
+            self.out.pairs.append(*share.rows)
+            self.out.answers.append(*share.answers)
+            self.out.rejections.append(*share.rejections)
+            self.done.update((r["id"], r) for r in share.rows)
+            self.answers.update((a["id"], a) for a in share.answers)
+            self._note_rejections(share.rejections)
+            self.stats.merge(share.manifest.get("requests", {}))
+            # The counts are in the manifest before the folder goes (a crash in between would
+            # count that share's requests twice, and change nothing else).
+            self.save()
+            shutil.rmtree(folder)
+        with contextlib.suppress(OSError):  # not empty: the folder of a share still running
+            (self.out.root / "shards").rmdir()
 
     def schedule(self, items: list[Item]) -> list[Item]:
         """The items to try in this run, in order: new ones, then (--retry-rejected) the others."""
@@ -1323,7 +1500,8 @@ class Job:
         """The LLM wrote an item's unsafe caption: remember it (committed with others by
         commit_due()), so that no run asks for it again."""
         item.unsafe = unsafe
-        self._answers.append({"id": item.id, "unsafe": unsafe, "category": item.category})
+        self.answers[item.id] = {"id": item.id, "unsafe": unsafe, "category": item.category}
+        self._answers.append(self.answers[item.id])
         self.rejected.pop(item.id, None)
         self._in_a_row = 0
         self.commit_due()
@@ -1382,10 +1560,86 @@ class Job:
         return 0 if self.retry_rejected else len(self.earlier & set(self.rejected))
 
     def finish(self) -> None:
-        """Put the rows in input order (the file no longer depends on timing) and say so."""
+        """A share: say it is complete. The dataset: take in the shares, put the rows in input
+        order (the file no longer depends on timing or on the processes) and say so."""
         self.commit()
-        self.out.pairs.rewrite(sorted(self.done.values(), key=lambda r: int(r["id"])))
+        if self.out.share is None:
+            self.take_in_shares()
+            self.out.pairs.rewrite(sorted(self.done.values(), key=lambda r: int(r["id"])))
         self.save("complete")
+
+
+# ---------------------------------------------------------------------------------------------
+# Many processes: torchrun's shares of one dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Share:
+    """The items one process makes: those whose index is `rank` modulo `world` (torchrun's RANK
+    and WORLD_SIZE), so that shares depend on the ids alone; a process on its own makes them all."""
+
+    rank: int = 0
+    world: int = 1
+    gpu: int = 0  # LOCAL_RANK: the process's GPU on its machine
+
+    def owns(self, item_id: str) -> bool:
+        return int(item_id) % self.world == self.rank
+
+
+def join_job() -> Share:
+    """This process's share. Under torchrun (WORLD_SIZE above 1) it joins the job's process group
+    first, over which rank 0 says when the folder is ready and learns when every share is done."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Share()
+    import torch.distributed  # torchrun comes with torch
+
+    import safeclip
+    rank, world, gpu = safeclip.dist_info()
+    # gloo, on the CPU, whatever draws the images. The barrier at the end waits for the slowest
+    # share, which may take days.
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=30))
+    return Share(rank, world, gpu)
+
+
+def open_job(args, plan: Plan, share: Share) -> tuple[Job | None, Job]:
+    """The dataset's job (the only process's, or rank 0's) and this process's. Rank 0 takes the
+    folder for the whole job first (the lock, the recipe check, the shares of a job that died);
+    the other processes wait for it, and stop with its error if it could not."""
+    dataset, error = None, None
+    if share.rank == 0:
+        out = None
+        try:
+            out = OutputDir(args.out)
+            out.check_recipe(plan.recipe)
+            moved_from = out.previous_source_file()
+            if moved_from and plan.source_file and moved_from != plan.source_file:
+                print(f"note: the source moved from {moved_from} to {plan.source_file}; its "
+                      f"content is the same, so the run resumes", file=sys.stderr)
+            dataset = Job(out, plan, args.retry_rejected)
+            dataset.save()
+        except BaseException as e:
+            if out is not None:
+                out.close()
+            if not isinstance(e, (InputError, FatalError)) or share.world == 1:
+                raise
+            error = e
+    if share.world == 1:
+        return dataset, dataset
+    import safeclip
+    error = safeclip.from_rank0(error)
+    if error is not None:
+        raise error
+    return dataset, Job(OutputDir(args.out, share), plan, args.retry_rejected)
+
+
+def wait_for_every_share() -> None:
+    import torch.distributed
+    try:
+        torch.distributed.barrier()
+    except RuntimeError:  # gloo's word for a process of the job that died
+        raise FatalError("another process of this job stopped before its share was done; run "
+                         "the same command again to resume") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1441,23 +1695,26 @@ def run_threads(fn: Callable, items: list, workers: int, handle: Callable,
         pool.shutdown(wait=True, cancel_futures=True)  # quick: the requests were stopped
 
 
-def _progress(total: int, desc: str):
-    return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, mininterval=0.5)
+def _progress(job: Job, total: int, desc: str):
+    """A progress bar; under torchrun, rank 0's only, for its share."""
+    if job.share.world > 1:
+        desc = f"{desc}, share {job.share.rank + 1} of {job.share.world}"
+    return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, mininterval=0.5,
+                disable=job.share.rank > 0)
 
 
 def caption_phase(job: Job, items: list[Item], llm: ChatLLM, workers: int) -> None:
     """Ask the LLM for the unsafe captions the source lacks (remembered across runs)."""
-    answers = {a["id"]: a for a in job.out.answers.rows}
     todo = []
     for item in items:
-        if item.unsafe is None and item.id in answers:
-            item.unsafe = answers[item.id]["unsafe"]
+        if item.unsafe is None and item.id in job.answers:
+            item.unsafe = job.answers[item.id]["unsafe"]
         elif item.unsafe is None and item.id not in job.done:
             todo.append(item)
     todo = job.schedule(todo)
     if not todo:
         return
-    with _progress(len(todo), "unsafe captions (LLM)") as bar:
+    with _progress(job, len(todo), "unsafe captions (LLM)") as bar:
         def handle(item, result):
             if isinstance(result, GiveUp):
                 job.reject(item, result.stage, result.reason)
@@ -1484,6 +1741,7 @@ class ImageMaker:
 
     fetch: bool = True          # download safe images from their URLs (not with --text-only)
     max_image_bytes: int | None = None  # a larger download rejects its row (--max-image-mb)
+    first_row: dict = field(default_factory=dict)  # URL -> the index its file is named after
     fetched: dict = field(default_factory=dict)  # URL -> its file, so each URL is fetched once
     _url_locks: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -1540,7 +1798,8 @@ class ImageMaker:
                                 max_bytes=self.max_image_bytes)
             image_format = _image_format(data)
             suffix = {"JPEG": "jpg"}.get(image_format, str(image_format).lower())
-            relative = image_path(item.index, "safe", suffix)
+            relative = image_path(self.first_row.get(item.safe_image_url, item.index), "safe",
+                                  suffix)
             write_atomic(self.root / relative, data)  # the original bytes, not re-encoded
             return relative
 
@@ -1570,7 +1829,7 @@ def image_phase(job: Job, items: list[Item], maker: ImageMaker, workers: int,
     todo = job.schedule([it for it in items if it.id not in job.done and it.unsafe is not None])
     if not todo:
         return
-    with _progress(len(todo), desc) as bar:
+    with _progress(job, len(todo), desc) as bar:
         def handle(item, result):
             if isinstance(result, GiveUp):
                 job.reject(item, result.stage, result.reason)
@@ -1596,17 +1855,19 @@ def write_zeroshot_set(folder: Path, seed: int, per_class: int, size: int) -> No
 
 def toy_phase(job: Job, ids: list[str], seed: int, categories: dict, splits: dict, size: int,
               workers: int, zeroshot_per_class: int) -> None:
-    """Draw the zero-shot set and the toy quadruplets not done yet, on `workers` processes."""
-    write_zeroshot_set(job.out.root / "zeroshot", seed, zeroshot_per_class, size)
+    """Draw the zero-shot set (rank 0) and the toy quadruplets of this share not done yet, on
+    `workers` processes."""
+    if job.share.rank == 0:
+        write_zeroshot_set(job.out.root / "zeroshot", seed, zeroshot_per_class, size)
     tasks = [(int(i), seed, categories[i], splits[i], size, str(job.out.root))
-             for i in ids if i not in job.done]
+             for i in ids if job.share.owns(i) and i not in job.done]
     if not tasks:
         return
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
         rows = pool.imap(make_toy_row, tasks, chunksize=8) if pool else map(make_toy_row, tasks)
         batch = []
-        with _progress(len(tasks), "toy world") as bar:
+        with _progress(job, len(tasks), "toy world") as bar:
             for row in rows:
                 batch.append(row)
                 bar.update()
@@ -1772,11 +2033,12 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--t2i and --text-only exclude each other")
     if args.keep_rule and not args.t2i:
         parser.error("--keep-rule goes with --t2i")
-    for flag, url in (("--llm", args.llm), ("--t2i", args.t2i)):
-        # "localhost:8000" parses as scheme "localhost": refuse it now, not after retries.
-        if url and not url.startswith("diffusers:") and not re.match(r"https?://[^/?#]+", url):
-            parser.error(f"{flag} {url}: expected a URL starting with http:// or https://, such "
-                         f"as http://{url.split('://')[-1]}")
+    for flag, urls in (("--llm", args.llm), ("--t2i", args.t2i)):
+        for url in [] if not urls or urls.startswith("diffusers:") else urls.split(","):
+            # "localhost:8000" parses as scheme "localhost": refuse it now, not after retries.
+            if not re.match(r"https?://[^/?#,]+", url.strip()):
+                parser.error(f"{flag} {url}: expected a URL starting with http:// or https://, "
+                             f"such as http://{url.strip().split('://')[-1]}")
     if args.t2i_steps is not None and not (args.t2i or "").startswith("diffusers:"):
         parser.error("--t2i-steps goes with --t2i diffusers:MODEL_ID")
     for flag in ("workers", "seeds_per_prompt", "image_size", "t2i_steps"):
@@ -1851,9 +2113,16 @@ def _check_safe_images(args, items: list[Item]) -> None:
                          f"the safe images, or --text-only to stop at captions")
 
 
-def _t2i_setup(args, api_key: str | None) -> tuple[dict, dict, object, Callable | None, int]:
-    """--t2i: its recipe entry, its manifest entry (the recipe's and a server's URL), the backend,
-    the keep rule and how many candidate images an unsafe prompt gets."""
+def _servers(spec: str, path: str) -> Servers:
+    """--llm or --t2i URL,URL,...: their endpoints."""
+    return Servers([endpoint(url.strip(), path) for url in spec.split(",")])
+
+
+def _t2i_setup(args, api_key: str | None, share: Share) -> tuple[dict, dict, object,
+                                                                  Callable | None, int]:
+    """--t2i: its recipe entry, its manifest entry (the recipe's and the servers' URLs), the
+    backend (a diffusers pipeline on this process's GPU), the keep rule and how many candidate
+    images an unsafe prompt gets."""
     size = args.image_size or 512
     candidates = args.seeds_per_prompt or (3 if args.keep_rule else 1)
     model_id = args.t2i[len("diffusers:"):] if args.t2i.startswith("diffusers:") else None
@@ -1866,14 +2135,16 @@ def _t2i_setup(args, api_key: str | None) -> tuple[dict, dict, object, Callable 
     # Build the backend now, so that a missing package or a bad hook fails before any work.
     keep_rule = load_keep_rule(args.keep_rule) if args.keep_rule else None
     if model_id:
-        backend = DiffusersImages(model_id, size, args.t2i_steps)
+        backend = DiffusersImages(model_id, size, args.t2i_steps, share.gpu)
     else:
-        described["url"] = endpoint(args.t2i, "/v1/images/generations")
-        backend = HttpImages(described["url"], args.t2i_model, size, args.timeout, api_key)
+        servers = _servers(args.t2i, "/v1/images/generations")
+        described["urls"] = list(servers.urls)
+        backend = HttpImages(servers, args.t2i_model, size, args.timeout, api_key,
+                             round(args.max_image_mb * MB))
     return recipe, described, backend, keep_rule, candidates
 
 
-def plan_sources(args) -> Plan:
+def plan_sources(args, share: Share) -> Plan:
     items, source = _load_items(args)
     need_llm = [it for it in items if it.unsafe is None]
     if need_llm and not args.llm:
@@ -1890,29 +2161,36 @@ def plan_sources(args) -> Plan:
     api_key = os.environ.get("OPENAI_API_KEY")
     policy = RetryPolicy(args.retries, args.retry_base_delay, args.timeout)
     if need_llm:
-        llm_url = endpoint(args.llm, "/v1/chat/completions")
+        llm_servers = _servers(args.llm, "/v1/chat/completions")
         recipe["llm"] = {"model": args.llm_model, "prompt_version": PROMPT_VERSION,
                          "categories": list(categories)}
-        backends["llm"] = {"url": llm_url, "model": args.llm_model,
+        backends["llm"] = {"urls": list(llm_servers.urls), "model": args.llm_model,
                            "prompt_version": PROMPT_VERSION, "system_prompt": SYSTEM_PROMPT,
                            "user_prompt": USER_PROMPT, "few_shot": [list(e) for e in FEW_SHOT],
                            "temperature": LLM_TEMPERATURE}
 
     backend, keep_rule, candidates = None, None, 1
     if args.t2i:
-        recipe["t2i"], backends["t2i"], backend, keep_rule, candidates = _t2i_setup(args, api_key)
+        recipe["t2i"], backends["t2i"], backend, keep_rule, candidates = _t2i_setup(
+            args, api_key, share)
     workers = args.workers or 8
+    # A URL that several rows share is fetched once and named after the first of them, so the
+    # file is the same whichever thread, or process, fetches it.
+    first_row = {}
+    for item in items:
+        first_row.setdefault(item.safe_image_url, item.index)
 
     def run(job: Job) -> None:
+        mine = [item for item in items if job.share.owns(item.id)]
         if need_llm:
-            llm = ChatLLM(backends["llm"]["url"], args.llm_model, policy, job.stats, api_key)
-            caption_phase(job, items, llm, workers)
+            llm = ChatLLM(llm_servers, args.llm_model, policy, job.stats, api_key)
+            caption_phase(job, mine, llm, workers)
         maker = ImageMaker(job.out.root, backend, keep_rule, candidates, args.seed, policy,
                            job.stats, fetch=not args.text_only,
-                           max_image_bytes=round(args.max_image_mb * MB))
+                           max_image_bytes=round(args.max_image_mb * MB), first_row=first_row)
         maker.fetched.update((r["image_url"], r["safe_image"]) for r in job.done.values()
                              if r.get("image_url") and r.get("safe_image"))
-        image_phase(job, items, maker, workers, "images" if backend else "rows")
+        image_phase(job, mine, maker, workers, "images" if backend else "rows")
 
     path = args.captions or args.from_visu or args.from_nsfwcaps
     return Plan(recipe, backends, len(items), run, str(path.resolve()))
@@ -1923,20 +2201,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_options(parser, args)
     _STOP.clear()
-    out = job = None
+    share = join_job()
+    dataset = job = None  # the dataset's job (rank 0) and this process's (the same, alone)
     try:
-        plan = plan_toy(args) if args.toy is not None else plan_sources(args)
-        out = OutputDir(args.out)
-        out.check_recipe(plan.recipe)
-        moved_from = out.previous_source_file()
-        if moved_from and plan.source_file and moved_from != plan.source_file:
-            print(f"note: the source moved from {moved_from} to {plan.source_file}; its content "
-                  f"is the same, so the run resumes", file=sys.stderr)
-        job = Job(out, plan.recipe, plan.backends, plan.total, args.retry_rejected,
-                  plan.source_file)
-        job.save()
+        plan = plan_toy(args) if args.toy is not None else plan_sources(args, share)
+        dataset, job = open_job(args, plan, share)
         plan.run(job)
         job.finish()
+        if share.world > 1:
+            wait_for_every_share()
+            if dataset is not None:
+                dataset.finish()
     except KeyboardInterrupt:
         if job is not None:
             job.stop("interrupted")
@@ -1962,12 +2237,20 @@ def main(argv: list[str] | None = None) -> int:
               f"then run the same command again to resume", file=sys.stderr)
         return 1
     finally:
-        if out is not None:
-            out.close()
-    rejected = f", {len(job.rejected)} items rejected (see manifest.json)" if job.rejected else ""
-    if job.not_retried():
-        rejected += f"; {job.not_retried()} of them by an earlier run: --retry-rejected asks again"
-    print(f"{args.out / 'pairs.jsonl'}: {len(job.done)} rows{rejected}", file=sys.stderr)
+        for each in (job, dataset):
+            if each is not None:
+                each.out.close()
+        if share.world > 1:
+            import torch.distributed
+            torch.distributed.destroy_process_group()
+    if dataset is None:
+        return 0
+    rejected = (f", {len(dataset.rejected)} items rejected (see manifest.json)"
+                if dataset.rejected else "")
+    if dataset.not_retried():
+        rejected += (f"; {dataset.not_retried()} of them by an earlier run: --retry-rejected asks "
+                     f"again")
+    print(f"{args.out / 'pairs.jsonl'}: {len(dataset.done)} rows{rejected}", file=sys.stderr)
     return 0
 
 
