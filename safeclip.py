@@ -102,16 +102,21 @@ class CLIPConfig:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm in float32 whatever the input dtype: bf16/fp16 statistics lose too much."""
+    """LayerNorm in the input's dtype, its statistics in float32 (PyTorch's kernels accumulate
+    bf16 and fp16 in float32): one kernel, and no float32 copy of the input kept for backward, as
+    autocast's float32 LayerNorm would keep."""
 
     def forward(self, x):
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
-                            self.bias.float(), self.eps).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class QuickGELU(nn.Module):
+    """OpenAI's x * sigmoid(1.702 x), written as silu(1.702 x) / 1.702: the same function, whose
+    backward keeps one tensor instead of two."""
+
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+        return F.silu(1.702 * x) / 1.702
 
 
 class Linear(nn.Linear):
@@ -146,10 +151,14 @@ class Attention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, L, C))  # (B, L, C)
 
     def adapt(self, x, k, v):
-        """Keys and values plus their LoRA adapters' contributions (section 4), if any."""
+        """Keys and values plus their LoRA adapters' contributions (section 4), if any. Both
+        adapters read the same input: it is dropped out once, and kept for backward once."""
         if self.lora_k is None:
             return k, v
-        return k + self.lora_k(x), v + self.lora_v(x)
+        x = self.lora_k.dropout(x)
+        if torch.is_autocast_enabled(x.device.type):  # (else each adapter's matmul would keep its own cast copy)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return k + self.lora_k.project(x), v + self.lora_v.project(x)
 
     # -- same result, less work ----------------------------------------------------------------
     def pooled(self, x, causal, query):
@@ -419,7 +428,11 @@ class LoRA(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scale
+        return self.project(self.dropout(x))
+
+    def project(self, x):
+        """B A x (alpha / r), scaled on the rank-r intermediate: r values a row, not the output's width."""
+        return F.linear(F.linear(x, self.A) * self.scale, self.B)
 
     def conv(self, pixels, stride):
         """The same adapter over image patches: A is a patch-sized convolution, B a 1x1 one."""
@@ -793,10 +806,11 @@ def active_terms(rows):
 class Quadruplets(torch.utils.data.Dataset):
     """Row i -> (safe pixels, unsafe pixels or None, i); captions are tokenized up front. With
     `cache`, each image is decoded and preprocessed once, in its first epoch, and then kept: on a
-    CPU, the demo's steps (48-pixel images) then run ~12% faster."""
+    CPU, the demo's steps (48-pixel images) then run ~12% faster. `source` (the data file) names
+    the row of an image that cannot be read."""
 
-    def __init__(self, rows, preprocess, cache=False):
-        self.rows, self.preprocess = rows, preprocess
+    def __init__(self, rows, preprocess, cache=False, source="pairs.jsonl"):
+        self.rows, self.preprocess, self.source = rows, preprocess, source
         self.cache = {} if cache else None
 
     def __len__(self):
@@ -804,8 +818,11 @@ class Quadruplets(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.rows[i]
-        unsafe = self.pixels(row["unsafe_image"]) if row["unsafe_image"] else None
-        return self.pixels(row["safe_image"]), unsafe, i
+        try:
+            unsafe = self.pixels(row["unsafe_image"]) if row["unsafe_image"] else None
+            return self.pixels(row["safe_image"]), unsafe, i
+        except DataError as e:  # an image that vanished or broke after the run started
+            raise DataError(f"{self.source}:{row.get('line', i + 1)}: {e}") from None
 
     def pixels(self, path):
         if self.cache is None:
@@ -1058,27 +1075,20 @@ def train(args):
         validation = lambda: validate(model, val_rows, ids["val"], preprocess, refs["val"], loss_fn, args, device)
         run.begin(model, trainable, optimizer, scaler, schedule, total_steps, train_rows, loss_fn,
                   validation if val_rows else lambda: None, device)
-        # Decoded images are kept when they fit in --image-cache and are loaded in this process (a
-        # worker's copy would die with the epoch's DataLoader).
+        # Decoded images are kept when they fit in --image-cache and are loaded in this process (each
+        # worker would keep a copy of its own).
         cache = args.workers == 0 and image_cache_mib(train_rows, model.config.image_resolution) <= args.image_cache
-        dataset = Quadruplets(train_rows, preprocess, cache=cache)
+        dataset = Quadruplets(train_rows, preprocess, cache=cache, source=args.data)
 
         # -- the loop ---------------------------------------------------------------------------
         towers.train()
-        while run.step < total_steps and not run.stopped:
-            epoch, done = schedule.locate(run.step)
-            batches = schedule.batches(epoch)[done * args.accum:]
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=[b[rank::world].tolist() for b in batches], num_workers=args.workers,
-                collate_fn=collate_quadruplets, pin_memory=device.type == "cuda", worker_init_fn=_quiet_worker,
-                generator=torch.Generator().manual_seed(args.seed))
-            micro_batches = iter(loader)
-            for _ in range(len(batches) // args.accum):
+        with training_steps(dataset, schedule, run.step, total_steps, args.workers, args.seed, device) as steps:
+            for micro_batches in steps:  # one optimizer step's --accum micro-batches, from run.step on
+                epoch = schedule.locate(run.step)[0]
                 lr = lr_at(run.step, args, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                step = [next(micro_batches) for _ in range(args.accum)]
-                loss, terms = forward_backward(step, embed_batch, loss_of, scaler, no_sync)
+                loss, terms = forward_backward(micro_batches, embed_batch, loss_of, scaler, no_sync)
                 scale = update(optimizer, scaler, trainable.values(), args.grad_clip)
                 if args.objective == "clip":  # CLIP's own temperature, capped at 100 as OpenAI's is
                     with torch.no_grad():
@@ -1842,9 +1852,13 @@ def default_vocabulary(weights_path):
     return None
 
 
+class MissingTokenizer(CheckpointError, RuntimeError):
+    """A model loaded without any tokenizer (a RuntimeError too, as it always was)."""
+
+
 def require_tokenizer(model):
     if model.tokenizer is None:
-        raise RuntimeError(
+        raise MissingTokenizer(
             f"no tokenizer for this model: put OpenAI's {VOCAB_FILE} in weights/ "
             "(`python safeclip.py download ViT-B/32` fetches it) or pass a tokenizer "
             "(--tokenizer PATH: a tokenizer.json, the .txt.gz vocabulary, or a folder holding either)")
@@ -2003,7 +2017,7 @@ def resolve_model(model, flag=None):
     sha256, filename = url.split("/")[-2:]
     folder = weights_folder()
     path = folder / filename
-    if path.is_file() and (folder / VOCAB_FILE).is_file() and sha256_file(path) == sha256:
+    if (folder / VOCAB_FILE).is_file() and verified(path, sha256):
         return path
     try:
         return download(model, folder)
@@ -2072,27 +2086,76 @@ def download_file(url, path, sha256, progress=True):
 
     Bytes go to `path.part` first, which a later call resumes. Only a file whose SHA-256 matches is
     renamed to `path`, so `path` is never partial or wrong (a wrong one found there is replaced).
+    One process at a time fetches a given file: the others (the ranks of a torchrun job, another
+    job on the same weights folder) wait for it, then find the file there and verified.
     """
     path = Path(path)
-    if path.is_file():
-        actual = sha256_file(path)
-        if actual == sha256:
-            _say(progress, f"{path} is already present and verified: nothing to download")
-            return path
-        _say(progress, f"{path} has SHA-256 {actual}, expected {sha256}: downloading it again")
-    elif path.exists():
+    if path.exists() and not path.is_file():
         raise DownloadError(f"{path} exists but is not a file: move it away and run again")
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    _fetch(url, part, progress)
-    actual = sha256_file(part)
-    if actual != sha256:
-        part.unlink()  # resuming from wrong bytes can never give the right file
-        raise DownloadError(f"{url} gave a file with SHA-256 {actual}, expected {sha256}; it was "
-                            "deleted. Run again; if this repeats, the server or mirror holds a "
-                            "different file.")
-    os.replace(part, path)
+    with _folder_lock(path.parent, f"another process is fetching into {path.parent}: waiting for it", progress):
+        if verified(path, sha256):
+            _say(progress, f"{path} is already present and verified: nothing to download")
+            return path
+        if path.is_file():
+            _say(progress, f"{path} does not have SHA-256 {sha256}: downloading it again")
+        part = path.with_name(path.name + ".part")
+        _fetch(url, part, progress)
+        actual = sha256_file(part)
+        if actual != sha256:
+            part.unlink()  # resuming from wrong bytes can never give the right file
+            raise DownloadError(f"{url} gave a file with SHA-256 {actual}, expected {sha256}; it was "
+                                "deleted. Run again; if this repeats, the server or mirror holds a "
+                                "different file.")
+        os.replace(part, path)
+        _stamp(path, sha256)
     return path
+
+
+def verified(path, sha256):
+    """Whether `path` is a file with this SHA-256. The hash is computed once (890 MB for ViT-L/14,
+    seconds) and remembered in a stamp beside the file, `.NAME.sha256`, valid while the file keeps
+    its size and modification time: the ranks of a job, and later runs, then check the stamp alone."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    stamp, stat = path.with_name(f".{path.name}.sha256"), path.stat()
+    try:
+        if stamp.read_text().split() == [sha256, str(stat.st_size), str(stat.st_mtime_ns)]:
+            return True
+    except OSError:
+        pass
+    if sha256_file(path) != sha256:
+        return False
+    _stamp(path, sha256)
+    return True
+
+
+def _stamp(path, sha256):
+    stat = path.stat()
+    try:  # a read-only weights folder only costs a hash per run
+        _atomic_write(path.with_name(f".{path.name}.sha256"),
+                      lambda tmp: Path(tmp).write_text(f"{sha256} {stat.st_size} {stat.st_mtime_ns}\n"))
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def _folder_lock(folder, waiting, progress=True):
+    """An exclusive flock on the folder itself while the block runs, waiting (and saying so) while
+    another process holds it. It leaves no file behind, and the OS drops it when its holder dies,
+    so no stale lock can remain."""
+    import fcntl
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(progress, waiting)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _fetch(url, part, progress):
@@ -2498,7 +2561,7 @@ def training_rows(args, world, verbose):
         raise DataError(f"{args.data}: {left}, fewer than one step of "
                         f"{args.batch_size} x {args.accum} (--batch-size x --accum)")
     if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
+        raise TrainingError(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
     return train_rows, [r for r in rows if r["split"] == "val"], skipped
 
 
@@ -2663,6 +2726,46 @@ class Schedule:
         return shuffled[: steps * self.batch * self.accum].view(steps * self.accum, self.batch)
 
 
+class MicroBatches:
+    """This rank's rows of every micro-batch from step `start` to `total`, epoch after epoch: the
+    batch sampler of the run's one DataLoader, whose workers then live for the whole run (a loader
+    per epoch would start fresh workers, and stall, at every epoch's start)."""
+
+    def __init__(self, schedule, start, total):
+        self.schedule, self.start, self.total = schedule, start, total
+        self.rank, self.world = dist_info()[:2]
+
+    def __len__(self):
+        return (self.total - self.start) * self.schedule.accum
+
+    def __iter__(self):
+        step, accum = self.start, self.schedule.accum
+        while step < self.total:
+            epoch, done = self.schedule.locate(step)
+            batches = self.schedule.batches(epoch)[done * accum: (done + self.total - step) * accum]
+            for rows in batches:
+                yield rows[self.rank::self.world].tolist()
+            step += len(batches) // accum
+
+
+@contextlib.contextmanager
+def training_steps(dataset, schedule, start, total, workers, seed, device):
+    """The steps from `start` to `total`, each a list of --accum collated micro-batches, loaded by
+    `workers` processes. The workers stop when the block is left, however it is left: an error
+    whose traceback keeps this frame alive would otherwise keep them too, and the interpreter's
+    exit would wait on them for ever (they ignore SIGTERM, see `_quiet_worker`)."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=MicroBatches(schedule, start, total), num_workers=workers,
+        collate_fn=collate_quadruplets, pin_memory=torch.device(device).type == "cuda",
+        worker_init_fn=_quiet_worker, generator=torch.Generator().manual_seed(seed))
+    batches = iter(loader)
+    try:
+        yield iter(lambda: list(itertools.islice(batches, schedule.accum)), [])
+    finally:
+        if hasattr(batches, "_shutdown_workers"):  # (a loader with workers)
+            batches._shutdown_workers()
+
+
 class Run:
     """A training run's bookkeeping in its --out folder, used as `with Run(args, ...) as run:`.
 
@@ -2738,13 +2841,30 @@ class Run:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, error, traceback):
         if getattr(self, "bar", None) is not None:
             self.bar.close()  # before any error message
         for signum, handler in self.old_handlers.items():
             signal.signal(signum, handler)
         if self.lock is not None:
             self.lock.close()  # releases the lock
+        if error is not None and not isinstance(error, (*USER_ERRORS, Stopped, KeyboardInterrupt)):
+            error.add_note(self._what_now(error))  # printed under the traceback
+
+    def _what_now(self, error):
+        """What a failure that keeps its traceback (out of memory, NCCL, the compiler) left, and, for
+        out of memory, the ways out."""
+        args = self.args
+        kept = (f"The checkpoint {self.ckpt_path} (step {self.saved_step}) is intact: once fixed, the same command "
+                "with --resume goes on from there." if self.saved_step else "No checkpoint was written yet.")
+        if not isinstance(error, torch.OutOfMemoryError):
+            return f"error: at step {self.step + 1}. {kept}"
+        world = dist_info()[1]
+        return (f"error: out of memory at step {self.step + 1} with --batch-size {args.batch_size} "
+                f"({args.batch_size // world} rows per process, --accum {args.accum}). Ways out: "
+                f"--grad-checkpointing (activations of one block at a time, ~1/3 more compute); "
+                f"--batch-size {max(1, args.batch_size // 2)} --accum {2 * args.accum} (the same batch in two "
+                "halves); or a smaller --batch-size. docs/training.md tables what fits each GPU. " + kept)
 
     @property
     def step(self):
@@ -3337,6 +3457,11 @@ def build_parser():
     return parser
 
 
+# The user's errors (data, settings, files, downloads): one line that says what to do. Anything
+# else (out of memory, NCCL, the compiler, a bug) keeps its traceback: that is what debugs it.
+USER_ERRORS = (DataError, CheckpointError, TrainingError, DownloadError, FileNotFoundError)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "train":
@@ -3349,10 +3474,20 @@ def main(argv=None):
     except Stopped as e:  # SIGTERM or Ctrl-C: the checkpoint is written
         print(e, file=sys.stderr)
         return e.code
-    except (DataError, CheckpointError, TrainingError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {_own_message(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _own_message(error):
+    """An error's own message. A data-loading worker's error reaches this process wrapped in the
+    worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback
+    ..."), whose last line is the error itself."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 if __name__ == "__main__":
