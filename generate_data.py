@@ -69,6 +69,9 @@ Output (--out DIR)
                          statistics and every rejected item with its reason
   unsafe_captions.jsonl  the LLM's accepted answers, so that a resumed run never asks twice
   rejected.jsonl         every rejection as it happens, so that a resumed run knows them all
+  shards/RANK/           under torchrun, while the job runs: each process's pairs.jsonl,
+                         unsafe_captions.jsonl, rejected.jsonl and manifest.json, folded into
+                         the files above once every process is done
 
 Re-running the same command resumes: finished rows are kept and nothing is duplicated. Images are
 written to a temporary name and renamed into place; the LLM's answers and finished rows are
@@ -1922,7 +1925,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  %(prog)s --from-visu visu_test.json --coco-root /data/coco --out data/visu\n"
                "  %(prog)s --from-nsfwcaps nsfwcaps.csv --out data/nsfwcaps\n"
                "  %(prog)s --captions data/visu/pairs.jsonl --t2i http://localhost:9000 "
-               "--out data/visu-images",
+               "--out data/visu-images\n"
+               "  torchrun --nproc-per-node 8 %(prog)s --captions data/visu/pairs.jsonl \\\n"
+               "      --t2i diffusers:stabilityai/stable-diffusion-2-1 --out data/visu-images",
         formatter_class=argparse.RawDescriptionHelpFormatter)
 
     source = parser.add_argument_group("source (pick one)")
@@ -1947,7 +1952,8 @@ def build_parser() -> argparse.ArgumentParser:
     llm = parser.add_argument_group("unsafe captions")
     llm.add_argument("--llm", metavar="URL",
                      help="OpenAI-compatible server (base URL, .../v1 or the full "
-                          "/v1/chat/completions URL) for rows without an unsafe caption")
+                          "/v1/chat/completions URL) for rows without an unsafe caption; "
+                          "several as URL,URL,... share the requests")
     llm.add_argument("--llm-model", metavar="NAME", help="model name sent to --llm")
     llm.add_argument("--categories", type=parse_categories, metavar="LIST",
                      help="comma-separated categories to inject, dealt evenly over the items "
@@ -1956,8 +1962,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     images = parser.add_argument_group("images")
     images.add_argument("--t2i", metavar="SPEC",
-                        help="diffusers:MODEL_ID (local pipeline, needs requirements-extras.txt) "
-                             "or the URL of an OpenAI-compatible images server")
+                        help="diffusers:MODEL_ID (local pipeline, needs requirements-extras.txt; "
+                             "on cuda:LOCAL_RANK under torchrun) or the URL of an "
+                             "OpenAI-compatible images server (several as URL,URL,...)")
     images.add_argument("--t2i-model", metavar="NAME", help="model name sent to an images server")
     images.add_argument("--t2i-steps", type=int, metavar="N",
                         help="denoising steps of a diffusers:MODEL_ID pipeline (default: the "
@@ -2001,7 +2008,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="largest image a source's URL may send (default: 50); a larger "
                                "one rejects its row, as do URLs and redirects that are not "
                                "http(s) and images that do not decode or hold more pixels "
-                               "than Pillow's decompression-bomb limit")
+                               "than Pillow's decompression-bomb limit; an images server's "
+                               "reply may hold that much per image asked for")
     requests.add_argument("--retry-rejected", action="store_true",
                           help="on resume, ask again for the items an earlier run rejected for "
                                "their content (refusals, unusable answers, no image kept, dead or "
