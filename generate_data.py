@@ -1457,7 +1457,7 @@ class Job:
             # count that share's requests twice, and change nothing else).
             self.save()
             shutil.rmtree(folder)
-        with contextlib.suppress(OSError):  # not empty: the folder of a share still running
+        with contextlib.suppress(FileNotFoundError):
             (self.out.root / "shards").rmdir()
 
     def schedule(self, items: list[Item]) -> list[Item]:
