@@ -326,8 +326,9 @@ def _at(metrics, key, field=None):
     return list(metrics[key].values()) if field is None else metrics[key][field]
 
 
-def tables(report):
-    """[(title, header, rows, number of label columns)], shared by the text and markdown output."""
+def tables(report, per_category=True):
+    """[(title, header, rows, number of label columns)], shared by the text and markdown output;
+    the per-category tables only with per_category."""
     models = report["models"]
     first = models["model"]
     models_column = [""] if len(models) > 1 else []  # holds model / NAME.. / baseline / diff
@@ -350,7 +351,7 @@ def tables(report):
         out.append((f"Zero-shot accuracy (%), {zs['n']} images, {zs['classes']} classes",
                     ["task", *models_column, "top-1", "top-5"], rows))
 
-    if first["per_category"]:
+    if per_category and first["per_category"]:
         by_category = ["category", *models_column]
         recall_rows, unsafe_rows = [], []
         for name, entry in first["per_category"].items():
@@ -359,11 +360,21 @@ def tables(report):
                 models, label, lambda m: [_at(m["per_category"][name]["retrieval"], key, "R@1") for key in RETRIEVAL])
             unsafe_rows += comparison_rows(
                 models, label, lambda m: [_at(m["per_category"][name]["unsafe_at_k"], key, "@1") for key in UNSAFE])
-        out.append(("R@1 (%) per category", by_category + list(RETRIEVAL), recall_rows))
-        out.append(("unsafe@1 (%) per category", by_category + list(UNSAFE), unsafe_rows))
+        note = small_n_note([entry["n"] for entry in first["per_category"].values()])
+        out.append((f"R@1 (%) per category ({note})", by_category + list(RETRIEVAL), recall_rows))
+        out.append((f"unsafe@1 (%) per category ({note})", by_category + list(UNSAFE), unsafe_rows))
     # Say why a cell is empty, in the title of every table that has one.
     return [(f"{title} ({NOT_AVAILABLE_NOTE})" if any(NOT_AVAILABLE in r for r in rows) else title,
              header, rows, 1 + len(models_column)) for title, header, rows in out]
+
+
+def small_n_note(sizes):
+    """Why per-category figures jump: one query of a category of n is worth 100/n points (or more,
+    where rows share a query)."""
+    low, high = 100 / max(sizes), 100 / min(sizes)
+    worth = f"{high:.1f}" if low == high else f"{low:.1f} to {high:.1f}"
+    return (f"n: the category's quadruplets; one query there moves a figure by 100/n points or more, {worth} "
+            "here, so a small n swings by tens of points")
 
 
 def summary(report, checkpoints):
@@ -374,16 +385,60 @@ def summary(report, checkpoints):
     return "\n".join(lines)
 
 
-def render_text(report, checkpoints=None):
+def aligned(rows, n_labels):
+    """Rows of cells as text lines: labels flush left, numbers flush right, columns two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i < n_labels else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+            for cells in rows]
+
+
+def render_text(report, checkpoints=None, per_category=False):
+    """The console's tables: the overall ones, the per-category ones only when asked."""
     parts = [summary(report, checkpoints)]
-    for title, header, rows, n_labels in tables(report):
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-        def line(cells):  # labels flush left, numbers flush right
-            return "  ".join(c.ljust(w) if i < n_labels else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-        parts.append("\n".join([title, line(header), *map(line, rows)]))
+    for title, header, rows, n_labels in tables(report, per_category):
+        parts.append("\n".join([title, *aligned([header, *rows], n_labels)]))
     return "\n\n".join(parts) + "\n"
+
+
+# The closing lines: (who, what, report section, setting, metric) for the baseline -> model change.
+IN_SHORT = (
+    ("unsafe captions", "an unsafe image first, among safe and unsafe ones", "unsafe_at_k", "T*->V+V*", "@1"),
+    ("", "the safe twin first, among safe images", "retrieval", "T*->V", "R@1"),
+    ("unsafe images", "an unsafe caption first, among safe and unsafe ones", "unsafe_at_k", "V*->T+T*", "@1"),
+    ("", "the safe twin first, among safe captions", "retrieval", "V*->T", "R@1"),
+    ("safe captions", "their image first", "retrieval", "T->V", "R@1"),
+    ("safe images", "their caption first", "retrieval", "V->T", "R@1"),
+)
+
+
+def in_short(report, checkpoints, written=()):
+    """The last lines on the console: for unsafe captions and images, how often an unsafe item came
+    first in the mixed gallery and the safe twin among safe items, before (baseline) and after
+    (model); how much of safe retrieval and zero-shot the model kept; and which files hold the rest.
+    written: (path, what it holds) of each file written."""
+    lines = []
+    models = report["models"]
+    if "baseline" in models:
+        before, after = models["baseline"], models["model"]
+        rows = []
+        for who, what, section, key, metric in IN_SHORT:
+            if key in before[section] and key in after[section]:  # n/a without unsafe images
+                figure = f"{key} {'unsafe' if section == 'unsafe_at_k' else ''}{metric}"
+                rows.append(_change(who, what, figure, before[section][key][metric],
+                                    after[section][key][metric], kept=key in ("T->V", "V->T")))
+        if before["zeroshot"] and after["zeroshot"]:
+            rows.append(_change("zero-shot", f"the right class first, of {after['zeroshot']['classes']}", "top-1",
+                                before["zeroshot"]["top1"], after["zeroshot"]["top1"], kept=True))
+        lines.append(f"In short (%), baseline -> model: {checkpoints['baseline']} -> {checkpoints['model']}, "
+                     f"split {report['split']}, {after['n']} quadruplets")
+        lines += ["  " + line for line in aligned(rows, 2)]
+    lines += [f"{what}: {path}" for path, what in written]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _change(who, what, figure, before, after, kept=False):
+    share = f", {100 * after / before:.0f}% kept" if kept and before else ""
+    return [who, what, f"{before:.1f} -> {after:.1f}", f"({after - before:+.1f})", f"{figure}{share}"]
 
 
 def render_markdown(report, checkpoints=None):
@@ -566,18 +621,16 @@ def draw_figure(caption_queries, image_queries, results, labels):
     return canvas
 
 
-def write_figure(args):
-    """--figure: draw the chosen unsafe queries of --split and what the models retrieve for them."""
+def write_figure(args, encoders):
+    """--figure: draw the chosen unsafe queries of --split and what the models (the baseline, then
+    the model) retrieve for them, with the encoders that embedded the split for the tables."""
     rows = read_split(args.data, args.split)
     caption_queries, image_queries = figure_queries(rows)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cache_dir = None if args.no_cache else args.cache_dir
-    checkpoints = {**({"baseline": args.baseline} if args.baseline else {}), "model": args.ckpt}
     results, labels = {}, {}
-    for name, ckpt in checkpoints.items():
-        encoder = Encoder(ckpt, args.tokenizer, device, args.batch_size, cache_dir, name)
-        results[name] = figure_retrievals(encoder, rows, caption_queries, image_queries)
-        labels[name] = f"{name}: {Path(ckpt).name}"
+    for name in ("baseline", "model"):
+        if name in encoders:
+            results[name] = figure_retrievals(encoders[name], rows, caption_queries, image_queries)
+            labels[name] = f"{name}: {Path(encoders[name].ckpt).name}"
     figure = draw_figure(caption_queries, image_queries, results, labels)
     safeclip._atomic_write(args.figure, lambda tmp: figure.save(tmp, format="PNG"))
 
@@ -715,7 +768,8 @@ def load_model(ckpt, device, tokenizer=None, quick_gelu=None):
 class Encoder:
     """Texts and image files -> embeddings under one checkpoint, through the on-disk cache.
 
-    The model is loaded on the first cache miss only, so a fully cached run never reads it.
+    The model is loaded on the first cache miss only, so a fully cached run never reads it. Within
+    one run, the same items asked for twice (the tables, then the figure) are embedded once.
     """
 
     def __init__(self, ckpt, tokenizer=None, device="cpu", batch_size=64, cache_dir=None, name="model",
@@ -724,6 +778,7 @@ class Encoder:
         self.quick_gelu = quick_gelu
         self.batch_size, self.cache_dir = batch_size, cache_dir
         self._model = self._key = None
+        self._seen = {}  # (kind, items) -> embeddings, for this run
 
     def model(self):
         if self._model is None:
@@ -733,13 +788,19 @@ class Encoder:
     def texts(self, texts, desc):
         digests = (hashlib.sha256(t.encode()).digest() for t in texts)
         encode = lambda model, _: safeclip.encode_texts(model, texts, self.batch_size, self.device, f"{self.name}: {desc}")
-        return self._embed("text", len(texts), digests, encode)
+        return self._once("text", texts, digests, encode)
 
     def images(self, paths, desc):
         digests = (image_digest(p) for p in paths)
         encode = lambda model, preprocess: safeclip.encode_images(
             model, preprocess, paths, self.batch_size, self.device, f"{self.name}: {desc}")
-        return self._embed("image", len(paths), digests, encode)
+        return self._once("image", paths, digests, encode)
+
+    def _once(self, what, items, digests, encode):
+        key = (what, tuple(items))
+        if key not in self._seen:
+            self._seen[key] = self._embed(what, len(items), digests, encode)
+        return self._seen[key]
 
     def _model_key(self):
         """What the embeddings depend on besides the inputs: weights, the tokenizer in use, our
@@ -796,7 +857,8 @@ def checkpoints_of(args):
 
 
 def evaluate(args):
-    """The whole report, {"models": {"model": .., NAME: .., "baseline": ..}, "data": .., "split": ..}."""
+    """The whole report, {"models": {"model": .., NAME: .., "baseline": ..}, "data": .., "split": ..},
+    and the models' encoders by name, which hold this run's embeddings for the figure."""
     # Names become their verified files (downloaded if need be), and every path must exist: fail
     # now, not after an hour spent on the first model.
     for flag in ("ckpt", "baseline"):
@@ -820,11 +882,10 @@ def evaluate(args):
     except RuntimeError as e:
         raise EvalError(f"--device {device}: {e}") from e
     cache_dir = None if args.no_cache else args.cache_dir
-    models = {}
-    for name, ckpt in checkpoints.items():
-        encoder = Encoder(ckpt, args.tokenizer, device, args.batch_size, cache_dir, name, args.quick_gelu)
-        models[name] = evaluate_model(encoder, rows, zeroshot_set, templates)
-    return {"models": models, "data": args.data, "split": args.split}
+    encoders = {name: Encoder(ckpt, args.tokenizer, device, args.batch_size, cache_dir, name, args.quick_gelu)
+                for name, ckpt in checkpoints.items()}
+    models = {name: evaluate_model(encoder, rows, zeroshot_set, templates) for name, encoder in encoders.items()}
+    return {"models": models, "data": args.data, "split": args.split}, encoders
 
 
 # ---------------------------------------------------------------------------------------------
@@ -865,7 +926,9 @@ def parse_args(argv=None):
     p.add_argument("--templates", metavar="FILE", help="prompt templates for --zeroshot, one per line, {} for the class "
                    f"(default: {len(DEFAULT_TEMPLATES)} built in, like {DEFAULT_TEMPLATES[0]!r})")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
-    p.add_argument("--markdown", metavar="OUT", help="write the tables as markdown")
+    p.add_argument("--markdown", metavar="OUT", help="write the tables as markdown, the per-category ones too")
+    p.add_argument("--per-category", action="store_true", help="also print the per-category tables (always in "
+                   "--markdown and --json); each category's n is small, so its figures swing")
     p.add_argument("--figure", metavar="OUT.png", help="draw a few unsafe caption and image queries of the split and "
                    "the top items each model retrieves among safe and unsafe ones (red: unsafe, green: safe)")
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
@@ -904,22 +967,29 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        report = evaluate(args)
+        report, encoders = evaluate(args)
     except (EvalError, safeclip.DataError) as e:
         sys.exit(f"error: {e}")
     checkpoints = checkpoints_of(args)
-    print(render_text(report, checkpoints), end="")
+    print(render_text(report, checkpoints, args.per_category), end="")
+    written = []
     try:
-        if args.json:
-            write_text(args.json, json.dumps(report, indent=2) + "\n")
         if args.markdown:
             write_text(args.markdown, render_markdown(report, checkpoints))
+            written.append((args.markdown, "the tables, per category too"))
+        if args.json:
+            write_text(args.json, json.dumps(report, indent=2) + "\n")
+            written.append((args.json, "every number"))
         if args.figure:
-            write_figure(args)
+            write_figure(args, encoders)
+            written.append((args.figure, "the picture: what each model retrieves for a few unsafe queries"))
     except EvalError as e:
         sys.exit(f"error: {e}")
     except OSError as e:
         sys.exit(f"error: cannot write {e.filename}: {e.strerror}")
+    closing = in_short(report, checkpoints, written)
+    if closing:
+        print("\n" + closing, end="")
 
 
 if __name__ == "__main__":

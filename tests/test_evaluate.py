@@ -3,6 +3,7 @@ chunked top-K against a plain sort, and the command end to end on a tiny random 
 are recomputed here from the model's own embeddings."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -142,6 +143,56 @@ def test_zeroshot_accuracy_and_prompt_ensembling_by_hand():
     assert ev.zeroshot_accuracy(images, labels, classes) == {"top1": pytest.approx(200 / 3), "top5": 100.0}
 
 
+def openai_zeroshot_classifier(prompt_emb, n_classes):
+    """OpenAI's prompt ensembling (the zero-shot notebook of github.com/openai/CLIP), in NumPy:
+    per class, each prompt's embedding normalised, their mean, normalised again."""
+    per_class = prompt_emb.reshape(n_classes, -1, prompt_emb.shape[-1])
+    per_class = per_class / np.linalg.norm(per_class, axis=-1, keepdims=True)
+    mean = per_class.mean(1)
+    return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+
+
+class TableEncoder:
+    """An Encoder stand-in that looks every text and image up in a table of embeddings."""
+
+    device = "cpu"
+
+    def __init__(self, table):
+        self.table = table
+
+    def texts(self, items, desc):
+        return torch.stack([self.table[item] for item in items])
+
+    images = texts
+
+
+def test_zeroshot_figure_equals_openai_prompt_ensembling_in_numpy():
+    """Bug guarded: averaging the raw prompt embeddings (no per-prompt normalisation) lets a prompt
+    with a long embedding outvote the class's other prompts; CLIP's ensembling weighs each equally."""
+    rng = np.random.default_rng(0)
+    classes, templates, n_images, width = ["red", "green", "blue", "pink", "grey"], ["a {}.", "{} art", "the {}"], 60, 8
+    # Prompt embeddings of lengths from 0.03 to 30, and images near the classes.
+    prompts = rng.normal(size=(len(classes) * len(templates), width)) * 10 ** rng.uniform(-1.5, 1.5, size=(15, 1))
+    labels = rng.integers(0, len(classes), n_images)
+    images = openai_zeroshot_classifier(prompts, len(classes))[labels] + 0.2 * rng.normal(size=(n_images, width))
+    expected = openai_zeroshot_classifier(prompts, len(classes))
+    top1 = lambda classifier: 100 * np.mean((images @ classifier.T).argmax(1) == labels)
+    raw = prompts.reshape(len(classes), len(templates), width).mean(1)
+    assert top1(expected) >= 95 and top1(raw / np.linalg.norm(raw, axis=1, keepdims=True)) <= 60  # 96.7 and 56.7
+
+    assert np.allclose(ev.class_embeddings(torch.tensor(prompts), len(classes)).numpy(), expected, atol=1e-6)
+    # The figure the report shows, through evaluate_model: prompts class by class, template by template.
+    table = {t.replace("{}", c): torch.tensor(prompts[i * len(templates) + j], dtype=torch.float32)
+             for i, c in enumerate(classes) for j, t in enumerate(templates)}
+    paths = [f"zs/{i}.png" for i in range(n_images)]
+    table.update({path: torch.tensor(v, dtype=torch.float32) for path, v in zip(paths, images)})
+    row = {"safe": "a", "unsafe": "b", "safe_image": "a.png", "unsafe_image": "b.png"}
+    table.update({name: E[i] for i, name in enumerate(row.values())})
+    entry = ev.evaluate_model(TableEncoder(table), [row], (classes, paths, torch.tensor(labels)), templates)
+    assert entry["zeroshot"]["top1"] == pytest.approx(top1(expected))
+    assert entry["zeroshot"]["n"] == n_images and entry["zeroshot"]["classes"] == len(classes)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs and reports
 
@@ -191,6 +242,31 @@ def test_tables_show_every_setting_with_baseline_and_difference():
     assert "| zero-shot | model | 55.2 | 80.0 |" in md
     alone = ev.render_text({"models": {"model": fake_entry(0)}, "data": "d.jsonl", "split": "test"})
     assert "diff" not in alone and "baseline" not in alone
+
+
+def test_the_closing_lines_say_what_changed_what_was_kept_and_where_the_rest_is():
+    report = {"models": {"model": fake_entry(5.25), "baseline": fake_entry(0)}, "data": "d.jsonl", "split": "test"}
+    written = [("out/eval.md", "the tables"), ("out/eval.json", "every number"), ("out/r.png", "the picture")]
+    lines = ev.in_short(report, {"model": "runs/safeclip", "baseline": "runs/clip"}, written).splitlines()
+    assert lines[0] == "In short (%), baseline -> model: runs/clip -> runs/safeclip, split test, 7 quadruplets"
+    rows = [line.split() for line in lines[1:-3]]
+    # unsafe@1 in the mixed galleries and the safe twin's R@1, for unsafe captions then unsafe images
+    figures = [(r[r.index("->") - 1], r[r.index("->") + 1], r[r.index("->") + 2], r[r.index("->") + 3]) for r in rows]
+    assert figures == [("90.0", "84.8", "(-5.2)", "T*->V+V*"), ("10.0", "15.2", "(+5.2)", "T*->V"),
+                       ("90.0", "84.8", "(-5.2)", "V*->T+T*"), ("10.0", "15.2", "(+5.2)", "V*->T"),
+                       ("10.0", "15.2", "(+5.2)", "T->V"), ("10.0", "15.2", "(+5.2)", "V->T"),
+                       ("50.0", "55.2", "(+5.2)", "top-1,")]
+    assert lines[1].startswith("  unsafe captions") and lines[3].startswith("  unsafe images")
+    assert lines[5].endswith("T->V R@1, 152% kept") and lines[7].endswith("top-1, 110% kept")
+    assert lines[-3:] == ["the tables: out/eval.md", "every number: out/eval.json", "the picture: out/r.png"]
+    # Settings that need unsafe images are left out where the data has none; no baseline, no comparison.
+    for entry in report["models"].values():
+        for section in ("retrieval", "unsafe_at_k"):
+            entry[section] = {k: v for k, v in entry[section].items() if k in ("T->V", "V->T", "T*->V", "V->T+T*")}
+    lines = ev.in_short(report, {"model": "m", "baseline": "b"}).splitlines()
+    assert [re.search(r"\) +(\S+)", line).group(1) for line in lines[1:]] == ["T*->V", "T->V", "V->T", "top-1,"]
+    del report["models"]["baseline"]
+    assert ev.in_short(report, {"model": "m"}, written[:1]) == "the tables: out/eval.md\n"
 
 
 def test_tables_show_compared_models_by_name_between_model_and_baseline():
@@ -338,11 +414,53 @@ def test_command_numbers_match_an_independent_recomputation(world, tmp_path, cap
                                      "top5": 100.0, "n": 4, "classes": 2}
 
     shown = capsys.readouterr().out
-    assert "T*->V+V*" in shown and "diff" in shown and "violence (n=3)" in shown
+    assert "T*->V+V*" in shown and "diff" in shown
     md = (out / "eval.md").read_text()
     r1 = report["models"]["model"]["retrieval"]["T*->V+V*"]["R@1"]
     assert f"| T*->V+V* | model | {r1:.1f} |" in md
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left nothing behind
+
+
+def test_console_shows_the_overall_tables_then_the_closing_lines_and_per_category_only_on_request(
+        world, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = args_for(world, tmp_path, "--baseline", str(world / "baseline"), "--zeroshot", str(world / "zs"),
+                    "--json", str(out / "eval.json"), "--markdown", str(out / "eval.md"),
+                    "--figure", str(out / "retrieval.png"))
+    ev.main(argv)
+    shown = capsys.readouterr().out
+    report = json.loads((out / "eval.json").read_text())
+    md = (out / "eval.md").read_text()
+    assert "(%) per category" not in shown and "(n=3)" not in shown
+    # The per-category tables are in the files, each category with its n, under a note on small n.
+    assert "## R@1 (%) per category (n: the category's quadruplets; one query there moves a figure by 100/n " \
+           "points or more, 33.3 here" in md and "| violence (n=3) | model |" in md
+    assert report["models"]["model"]["per_category"]["violence"]["n"] == 3
+    # The console ends on the closing lines: the tables come first, then what changed and the files.
+    tail = shown[shown.index("\nIn short (%), baseline -> model: "):].splitlines()[1:]
+    assert tail[0] == f"In short (%), baseline -> model: {world / 'baseline'} -> {world / 'model'}, split test, " \
+                      "6 quadruplets"
+    unsafe_at_1 = lambda name: report["models"][name]["unsafe_at_k"]["T*->V+V*"]["@1"]
+    assert f"{unsafe_at_1('baseline'):.1f} -> {unsafe_at_1('model'):.1f}" in tail[1] and "T*->V+V* unsafe@1" in tail[1]
+    assert tail[-3:] == [f"the tables, per category too: {out / 'eval.md'}", f"every number: {out / 'eval.json'}",
+                         f"the picture: what each model retrieves for a few unsafe queries: {out / 'retrieval.png'}"]
+    assert len(tail) == 1 + 7 + 3
+
+    ev.main(argv + ["--per-category"])
+    shown = capsys.readouterr().out
+    assert "R@1 (%) per category (n: the category's quadruplets" in shown and "violence (n=3)" in shown
+    assert "unsafe@1 (%) per category (n: " in shown
+
+
+def test_the_figure_reuses_the_tables_embeddings(world, tmp_path, monkeypatch):
+    """Each model embeds the split once for the tables and the figure together, cache or not."""
+    calls = []
+    for name in ("encode_texts", "encode_images"):
+        real = getattr(safeclip, name)
+        monkeypatch.setattr(safeclip, name, lambda *a, real=real, **k: calls.append(real) or real(*a, **k))
+    ev.main(args_for(world, tmp_path, "--baseline", str(world / "baseline"), "--no-cache",
+                     "--figure", str(tmp_path / "f.png")))
+    assert len(calls) == 2 * 4  # T, T*, V, V* per model; the figure embedded nothing more
 
 
 def test_compare_reports_each_named_model_as_it_would_be_alone(world, tmp_path, capsys):
