@@ -308,14 +308,15 @@ class CLIP(nn.Module):
 
         The mask is causal, so the output at EOT depends only on the tokens before it: the padding
         after the longest EOT of the batch can be dropped. A 12-word caption then costs ~15
-        positions instead of 77, with the same result up to float rounding.
+        positions instead of 77, with the same result up to float rounding. (Ids on the CPU are
+        trimmed here; ids already on a GPU as they are: whoever moves them trims them first.)
         """
         if ids.shape[1] > self.config.context_length:
             raise ValueError(f"token ids are {ids.shape[1]} long; this model reads at most "
                              f"{self.config.context_length}")
+        if ids.device.type == "cpu" and not torch.compiler.is_compiling():  # (reading the length from a
+            ids = trim_padding(ids, multiple=1)  # GPU's ids would wait for it: the training step trims first)
         eot = ids.argmax(dim=-1)  # EOT has the highest id in the vocabulary
-        if not torch.compiler.is_compiling():  # (a length read from the data would break the graph;
-            ids = ids[:, : int(eot.max()) + 1]  # the training step trims before compiled code, see `embed`)
         n = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:n]  # (B, n, C)
         x = self.transformer(x, causal=True, pool=eot)  # (B, C)
@@ -608,16 +609,16 @@ def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=Non
     scale: the InfoNCE logit scale (the paper's fixed 100).
     """
     lambdas = {**LAMBDAS, **(lambdas or {})}
-    t_ref_u, v_ref_u = (t_ref, v_ref) if has_unsafe_image is None else (t_ref[has_unsafe_image], v_ref[has_unsafe_image])
+    rows = slice(None) if has_unsafe_image is None else has_unsafe_image  # the rows that have V*
     terms = {
         "text_safe": cosine_distance(t_safe, t_ref),
         "text_unsafe": cosine_distance(t_unsafe, t_ref),
         "image_safe": cosine_distance(v_safe, v_ref),
-        "image_unsafe": cosine_distance(v_unsafe, v_ref_u) if len(v_unsafe) else None,
+        "image_unsafe": cosine_distance(v_unsafe, v_ref[rows]) if len(v_unsafe) else None,
         "nce_text_safe": info_nce(t_safe, v_ref, scale),
         "nce_text_unsafe": info_nce(t_unsafe, v_ref, scale),
         "nce_image_safe": info_nce(t_ref, v_safe, scale),
-        "nce_image_unsafe": info_nce(t_ref_u, v_unsafe, scale) if len(v_unsafe) else None,
+        "nce_image_unsafe": info_nce(t_ref[rows], v_unsafe, scale) if len(v_unsafe) else None,
     }
     terms = {k: v for k, v in terms.items() if v is not None}
     return weighted_total(terms, lambdas), terms  # renormalised over the terms present
@@ -943,19 +944,22 @@ def gather(x):
     return _AllGather.apply(x)  # (Part II)
 
 
-def embed(towers, ids, device, precision, batch):
-    """A micro-batch -> the embeddings [T, T*, V, V*, which rows have V*] of its rows (V* only for
-    those) on all ranks, and those rows' indices. `ids` holds the (safe, unsafe) token ids of the
-    training rows."""
-    safe_pix, unsafe_pix, has_v_unsafe, idx = batch
-    t_ids = trim_padding(torch.cat([ids[0][idx], ids[1][idx]]))  # on the CPU: no device sync
+def embed(towers, ids, refs, device, precision, batch):
+    """A micro-batch -> the embeddings [T, T*, V, V*, which rows have V*] of the rows of every rank
+    (V* only for those rows; None when all have one), and those rows' frozen references. `ids`
+    holds the (safe, unsafe) token ids of the training rows, `refs` their references, on `device`.
+    Every shape is decided from host data (the batch's rows), so nothing here waits for the GPU."""
+    safe_pix, unsafe_pix, has_v_unsafe, idx, rows, has_all = batch  # rows, has_all: of every rank
+    t_ids = trim_padding(torch.cat([ids[0][idx], ids[1][idx]]))  # on the CPU
     pixels = torch.cat([safe_pix.to(device, non_blocking=True), unsafe_pix.to(device, non_blocking=True)])
     with autocast(device, precision):
-        text, image = towers(t_ids.to(device, non_blocking=True), pixels)  # (only the V* that exist)
+        text, image = towers(to_device(t_ids, device), pixels)  # (only the V* that exist)
     t_safe, t_unsafe = text.float().chunk(2)
     v_safe, v_unsafe = image.float().split([len(idx), len(unsafe_pix)])
-    v_unsafe, has_v_unsafe = gather_some(v_unsafe, has_v_unsafe.to(device))
-    return [gather(t_safe), gather(t_unsafe), gather(v_safe), v_unsafe, has_v_unsafe], gather(idx.to(device)).cpu()
+    v_unsafe = gather_some(v_unsafe, has_v_unsafe, has_all)
+    has = None if has_all.all() else has_all
+    row_refs = {k: v.index_select(0, to_device(rows, v.device)) for k, v in refs.items()}
+    return [gather(t_safe), gather(t_unsafe), gather(v_safe), v_unsafe, has], row_refs
 
 
 def trim_padding(ids, multiple=8):
@@ -966,15 +970,15 @@ def trim_padding(ids, multiple=8):
     return ids[:, : min(ids.shape[1], -(-n // multiple) * multiple)]
 
 
-def batch_loss(loss_fn, refs, logit_scale, emb, idx):
-    """The loss of a batch from its embeddings and row indices: (total, terms). `loss_fn` is the
-    objective with its settings bound, `refs` its per-row frozen references; None is CLIP's own
-    loss (pre-training), over every caption-image pair the batch holds."""
+def batch_loss(loss_fn, logit_scale, emb, refs):
+    """The loss of a batch from its embeddings and its rows' frozen references: (total, terms).
+    `loss_fn` is the objective with its settings bound; None is CLIP's own loss (pre-training),
+    over every caption-image pair the batch holds."""
     t_safe, t_unsafe, v_safe, v_unsafe, has_v_unsafe = emb
     if loss_fn is None:
-        return clip_loss(torch.cat([t_safe, t_unsafe[has_v_unsafe]]), torch.cat([v_safe, v_unsafe]), logit_scale), {}
-    return loss_fn(t_safe, t_unsafe, v_safe, v_unsafe, has_unsafe_image=has_v_unsafe,
-                   **{k: v[idx].to(t_safe.device) for k, v in refs.items()})
+        t_paired = t_unsafe if has_v_unsafe is None else t_unsafe[has_v_unsafe]
+        return clip_loss(torch.cat([t_safe, t_paired]), torch.cat([v_safe, v_unsafe]), logit_scale), {}
+    return loss_fn(t_safe, t_unsafe, v_safe, v_unsafe, has_unsafe_image=has_v_unsafe, **refs)
 
 
 def forward_backward(micro_batches, embed_batch, loss_of, scaler, no_sync=None):
@@ -995,23 +999,30 @@ def accumulate(micro_batches, embed_batch, loss_of, scaler, no_sync=None):
     backpropagate. The gradients add up to the whole batch's, InfoNCE negatives included, for
     one more forward pass per micro-batch and the memory of one micro-batch's graph. `no_sync`
     (DDP's) holds back the gradient all-reduce until the last micro-batch."""
-    rng, cached, idx = [], [], []
+    rng, cached, refs = [], [], []
     with torch.no_grad():
         for batch in micro_batches:
             rng.append(_rng_state())  # the recomputation replays these dropout masks
-            emb, i = embed_batch(batch)
+            emb, r = embed_batch(batch)
             cached.append(emb)
-            idx.append(i)
-        idx = torch.cat(idx)
-        loss, terms = loss_of([torch.cat(e) for e in zip(*cached)], idx)
+            refs.append(r)
+        refs = {k: torch.cat([r[k] for r in refs]) for k in refs[0]}
+        loss, terms = loss_of(concat_embeddings(cached), refs)
     for j, batch in enumerate(micro_batches):
         _set_rng_state(rng[j])
         last = j == len(micro_batches) - 1
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
             emb = list(cached)
             emb[j] = embed_batch(batch)[0]
-            scaler.scale(loss_of([torch.cat(e) for e in zip(*emb)], idx)[0]).backward()
+            scaler.scale(loss_of(concat_embeddings(emb), refs)[0]).backward()
     return loss, terms
+
+
+def concat_embeddings(micro):
+    """Micro-batches' [T, T*, V, V*, has V*] -> one batch's (the mask None again when all have V*)."""
+    has = [torch.ones(len(e[0]), dtype=torch.bool) if e[4] is None else e[4] for e in micro]
+    has = torch.cat(has)
+    return [torch.cat([e[i] for e in micro]) for i in range(4)] + [None if has.all() else has]
 
 
 def update(optimizer, scaler, params, grad_clip):
@@ -1067,8 +1078,8 @@ def train(args):
         # overflow anyway is skipped and the scale halved. bf16 has float32's range and needs none.
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         embed_batch = functools.partial(embed, torch.compile(towers) if args.compile else towers, ids["train"],
-                                        device, args.precision)
-        loss_of = functools.partial(batch_loss, loss_fn, refs["train"], model.logit_scale)
+                                        {k: v.to(device) for k, v in refs["train"].items()}, device, args.precision)
+        loss_of = functools.partial(batch_loss, loss_fn, model.logit_scale)
         no_sync = towers.no_sync if world > 1 else None
         schedule = Schedule(len(train_rows), args.batch_size, args.accum, args.seed, order)
         total_steps = args.steps or schedule.total(args.epochs)
@@ -2321,7 +2332,7 @@ def encode_token_ids(model, ids, batch_size=256, device=None, desc=None, precisi
     out = []
     with torch.inference_mode(), autocast(device, precision):
         for i in tqdm(range(0, len(ids), batch_size), desc=desc or "text", disable=desc is False, leave=False):
-            out.append(model.encode_text(ids[i:i + batch_size].to(device)).float().cpu())
+            out.append(model.encode_text(trim_padding(ids[i:i + batch_size], 1).to(device)).float().cpu())
     return torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
 
 
@@ -2332,12 +2343,13 @@ def encode_images(model, preprocess, paths, batch_size=64, device=None, desc=Non
     # A generator of its own: a DataLoader otherwise draws a seed from the global RNG, and an
     # evaluation would then change the dropout masks of the training steps after it.
     loader = torch.utils.data.DataLoader(ImageFolder(list(paths), preprocess), batch_size=batch_size,
-                                         num_workers=workers, generator=torch.Generator())
+                                         num_workers=workers, generator=torch.Generator(),
+                                         pin_memory=torch.device(device).type == "cuda")
     out = []
     with torch.inference_mode():
         for pixels in tqdm(loader, desc=desc or "images", disable=desc is False, leave=False):
             with autocast(device, precision):
-                out.append(model.encode_image(pixels.to(device)).float().cpu())
+                out.append(model.encode_image(pixels.to(device, non_blocking=True)).float().cpu())
     return torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
 
 
@@ -2477,22 +2489,30 @@ class _AllGather(torch.autograd.Function):
         return grad.chunk(torch.distributed.get_world_size())[torch.distributed.get_rank()]
 
 
-def gather_some(x, present):
+def gather_some(x, present, present_all):
     """`gather` for a tensor that holds only the rows of a batch where `present` (B,) is true:
     all-gather needs one shape on every rank, so the rows travel padded to the whole batch.
-    Returns the gathered rows and the gathered `present`."""
+    `present_all` is `present` of every rank, gathered (both host data: no sync)."""
     if not distributed():
-        return x, present
-    padded = x.new_zeros(len(present), *x.shape[1:]).index_put((present.nonzero()[:, 0],), x)
-    present = gather(present.long()).bool()
-    return gather(padded)[present], present
+        return x
+    padded = x.new_zeros(len(present), *x.shape[1:]).index_copy(0, to_device(present.nonzero()[:, 0], x.device), x)
+    gathered = gather(padded)
+    return gathered if present_all.all() else gathered.index_select(0, to_device(present_all.nonzero()[:, 0], x.device))
+
+
+def to_device(x, device):
+    """A host tensor on `device` without waiting for it: a copy from pinned memory is queued on the
+    GPU's stream, where one from ordinary memory would first wait for the stream to drain."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def gather_rows(local, n, rank, world, device):
     """Rows computed rank-strided (rank r holds rows r, r + world, ...) -> all n rows, in order, on
     the CPU. The all-gather itself runs on `device`, the one the process group is bound to (NCCL
     takes only CUDA tensors)."""
-    if world == 1:
+    if world == 1 or n == 0:
         return local
     size = -(-n // world)
     padded = torch.zeros(size, *local.shape[1:], dtype=local.dtype, device=device)
@@ -2739,12 +2759,21 @@ class MicroBatches:
         return (self.total - self.start) * self.schedule.accum
 
     def __iter__(self):
+        for rows in self.global_batches():
+            yield rows[self.rank::self.world].tolist()
+
+    def of_every_rank(self):
+        """Each micro-batch's rows, all ranks' together, in the order `gather` puts them (rank 0's
+        share first): what every rank knows of the whole batch without asking the others."""
+        for rows in self.global_batches():
+            yield torch.cat([rows[r::self.world] for r in range(self.world)])
+
+    def global_batches(self):
         step, accum = self.start, self.schedule.accum
         while step < self.total:
             epoch, done = self.schedule.locate(step)
             batches = self.schedule.batches(epoch)[done * accum: (done + self.total - step) * accum]
-            for rows in batches:
-                yield rows[self.rank::self.world].tolist()
+            yield from batches
             step += len(batches) // accum
 
 
@@ -2754,13 +2783,16 @@ def training_steps(dataset, schedule, start, total, workers, seed, device):
     `workers` processes. The workers stop when the block is left, however it is left: an error
     whose traceback keeps this frame alive would otherwise keep them too, and the interpreter's
     exit would wait on them for ever (they ignore SIGTERM, see `_quiet_worker`)."""
+    sampler = MicroBatches(schedule, start, total)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=MicroBatches(schedule, start, total), num_workers=workers,
-        collate_fn=collate_quadruplets, pin_memory=torch.device(device).type == "cuda",
-        worker_init_fn=_quiet_worker, generator=torch.Generator().manual_seed(seed))
+        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_quadruplets,
+        pin_memory=torch.device(device).type == "cuda", worker_init_fn=_quiet_worker,
+        generator=torch.Generator().manual_seed(seed))
+    has_v_unsafe = torch.tensor([r["unsafe_image"] is not None for r in dataset.rows])
     batches = iter(loader)
+    whole = ((*b, rows, has_v_unsafe[rows]) for b, rows in zip(batches, sampler.of_every_rank()))
     try:
-        yield iter(lambda: list(itertools.islice(batches, schedule.accum)), [])
+        yield iter(lambda: list(itertools.islice(whole, schedule.accum)), [])
     finally:
         if hasattr(batches, "_shutdown_workers"):  # (a loader with workers)
             batches._shutdown_workers()
@@ -2969,7 +3001,10 @@ class Run:
             self.flush()
         if (step % args.eval_every == 0 if args.eval_every else epoch_end) or step == self.total_steps:
             self.stopped = self.validate_and_select()
-        signalled = any_rank(self.signal is not None, self.device)
+        # Under torchrun, agreeing on a signal is a collective that waits for the GPU: every rank
+        # asks at the same steps, those where it reads the device anyway (a flush, an epoch's end).
+        due = not distributed() or step % self.log_every == 0 or epoch_end or step >= self.total_steps
+        signalled = due and any_rank(self.signal is not None, self.device)
         if (args.save_every and step % args.save_every == 0) or epoch_end or self.stopped or signalled:
             self.save_checkpoint()
         if signalled:
@@ -3133,13 +3168,16 @@ def validate(model, rows, ids, preprocess, refs, loss_fn, args, device):
     model.eval()
     n = len(rows)
     p = args.precision  # the training step's precision (default bf16 on CUDA, fp32 on the CPU)
-    t_safe = encode_token_ids(model, ids[0], args.batch_size, device, desc=False, precision=p)
-    t_unsafe = encode_token_ids(model, ids[1], args.batch_size, device, desc=False, precision=p)
-    v_safe = encode_images(model, preprocess, [r["safe_image"] for r in rows], args.batch_size, device, desc=False,
-                           precision=p)
+    rank, world, _ = dist_info()  # each rank embeds a stride of the rows; all see them all after
+    texts = lambda t: gather_rows(encode_token_ids(model, t[rank::world], args.batch_size, device, desc=False,
+                                                   precision=p), len(t), rank, world, device)
+    images = lambda paths: gather_rows(encode_images(model, preprocess, paths[rank::world], args.batch_size, device,
+                                                     desc=False, workers=args.workers or 0, precision=p),
+                                       len(paths), rank, world, device)
+    t_safe, t_unsafe = texts(ids[0]), texts(ids[1])
+    v_safe = images([r["safe_image"] for r in rows])
     has = torch.tensor([r["unsafe_image"] is not None for r in rows])
-    v_unsafe = encode_images(model, preprocess, [r["unsafe_image"] for r in rows if r["unsafe_image"]],
-                             args.batch_size, device, desc=False, precision=p)
+    v_unsafe = images([r["unsafe_image"] for r in rows if r["unsafe_image"]])
     model.train(was_training)
     # Every row counts, the last partial batch too, each batch weighted by its size: best-model
     # selection and early stopping must not ignore up to batch - 1 rows. A term on V* counts the
