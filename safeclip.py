@@ -2816,6 +2816,9 @@ class Run:
         self.stopped, self.started, self.skipped_in_a_row, self.saved_step = False, time.time(), 0, None
         self.pending, self.signal, self.lock, self.old_handlers, self.extended = [], None, None, {}, {}
         self.log_every = getattr(args, "log_every", None) or 1
+        self.report = None
+        if main_process and getattr(args, "report_to", None) == "tensorboard":
+            TensorBoard.writer_class()  # a missing package stops the run before anything is written
         refusal = from_rank0(self._refusal() if main_process else None)
         if refusal:
             raise TrainingError(refusal)
@@ -2880,6 +2883,8 @@ class Run:
             signal.signal(signum, handler)
         if self.lock is not None:
             self.lock.close()  # releases the lock
+        if self.report is not None:
+            self.report.writer.close()
         if error is not None and not isinstance(error, (*USER_ERRORS, Stopped, KeyboardInterrupt)):
             error.add_note(self._what_now(error))  # printed under the traceback
 
@@ -2920,6 +2925,8 @@ class Run:
                 self.log({"step": 0, "terms": active_terms(train_rows), "nce_scale": loss_fn.keywords["scale"]})
         if self.main and self.args.objective == "safeclip":
             _report_terms(active_terms(train_rows), len(train_rows))
+        if self.main and getattr(self.args, "report_to", None) == "tensorboard":
+            self.report = TensorBoard(self.out / "tensorboard", first_step=self.step + 1)
         self.bar = tqdm(total=total_steps, initial=self.step, desc=f"train ({self.args.objective})",
                         disable=not self.main, dynamic_ncols=True)
         self.samples, self.tick = 0, time.time()
@@ -3037,6 +3044,8 @@ class Run:
                           "precision": self.args.precision, **amp})
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{speed:.1f}")
         self.pending = []
+        if self.report is not None:
+            self.report.flush()
 
     def validate_and_select(self):
         """Validate; keep the best model in out/best; True when --patience says stop. Every rank
@@ -3100,6 +3109,8 @@ class Run:
 
     def log(self, record):
         self.write(self.log_path, lambda path: _append_log(path, record))
+        if self.report is not None:
+            self.report.add(record)
 
     def write(self, path, write):
         """`write(path)`; if it fails (a full disk, a file-size limit, an I/O error), stop with one
@@ -3114,6 +3125,39 @@ class Run:
                     if self.saved_step else "no checkpoint was written yet")
             raise TrainingError(f"cannot write {path}: {reason}; {kept}. Free some space, then run the same command "
                                 "with --resume") from None
+
+
+class TensorBoard:
+    """--report-to tensorboard: every number of the log's records (each loss term, lr, samples/s,
+    the AMP scale, each validation metric) as a TensorBoard scalar in OUT/tensorboard, written by
+    rank 0 and flushed with the log. A resumed run starts at `first_step` and tells TensorBoard to
+    drop what a killed run wrote past its checkpoint, so the curves go on with no step twice."""
+
+    def __init__(self, folder, first_step):
+        self.writer = self.writer_class()(str(folder), purge_step=first_step if first_step > 1 else None)
+
+    @staticmethod
+    def writer_class():
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TrainingError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
+                                "(requirements-extras.txt)") from None
+        return SummaryWriter
+
+    def add(self, record):
+        if "loss" in record:
+            section, values = "train", record
+        elif "val" in record:
+            section, values = "val", record["val"]
+        else:  # the run's settings and its resumptions: not curves
+            return
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("step", "epoch"):
+                self.writer.add_scalar(f"{section}/{name}", value, record["step"])
+
+    def flush(self):
+        self.writer.flush()
 
 
 def _lock_holder(path):
@@ -3460,6 +3504,8 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped; "
                    "only --epochs, --steps, --patience, --save-every, --workers and such may change, not the run's "
                    "data, model, objective or optimisation")
+    g.add_argument("--report-to", choices=("tensorboard",), help="also write the log's curves for TensorBoard, "
+                   "in OUT/tensorboard (`tensorboard --logdir OUT`; needs `pip install tensorboard`)")
     g.add_argument("--log-every", type=int, metavar="N", help="read the loss terms back from the device and write "
                    "their log records every N steps (each step has its record; default: 10 on CUDA, where each read "
                    "is a host-device sync, 1 on the CPU)")
