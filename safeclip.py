@@ -7,7 +7,7 @@ without any change of their own.
 
 The file has two parts. Part I is the method, to read top to bottom:
   1. configuration               5. the inputs: image transform and token ids
-  2. the model                   6. the objectives: Safe-CLIP, SafeR-CLIP, twin-offset, twin-margin
+  2. the model                   6. the objectives: Safe-CLIP, SafeR-CLIP, twin-offset, twin-margin, twin-nce
   3. building it from weights    7. the data and the frozen targets
   4. LoRA                        8. one training step, and the loop
 Part II is the plumbing (after the divider): it reads, writes, checks and fetches, and changes
@@ -555,7 +555,7 @@ def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The objectives: Safe-CLIP, SafeR-CLIP, twin-offset and twin-margin
+# 6. The objectives: Safe-CLIP, SafeR-CLIP, twin-offset, twin-margin and twin-nce
 # ---------------------------------------------------------------------------------------------
 # Each objective is a pure function of the embeddings of a batch of quadruplets (T, T*, V, V*)
 # and of references from the frozen original model, and returns `(total, terms)`. Preserve terms
@@ -759,6 +759,60 @@ def twin_margin_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=N
     return weighted_total(terms, lambdas), terms
 
 
+# twin-nce (ours, beyond both papers; issue #34). twin-margin breaks the tie but moves each unsafe
+# caption off its own safe image (T*->V, Safe-CLIP's redirect, falls below the toy CLIP's): its
+# hinge for a *safe* image query, V(V) scoring T(T) above T(T*), pushes T(T*) away from V(V) by a
+# matched pair's whole cosine, and its redirect InfoNCE terms, which pull T(T*) onto V0(V) and
+# V(V*) onto T0(T), also pull the two unsafe items onto each other, against the hinges. So:
+#   - the redirect InfoNCE terms see the unsafe twin as one more negative of the unsafe query:
+#     T(T*) picks V0(V) among the safe images *and its own V(V*)*, V(V*) picks T0(T) among the
+#     safe captions and its own T(T*); the term that redirects an unsafe item also holds it off
+#     the other unsafe item;
+#   - the hinges for safe queries (T(T) ranks V(V) over V(V*), V(V) ranks T(T) over T(T*)) move
+#     only the safe items: the unsafe item is a constant there (detached), so the safe side steps
+#     away from it instead of pushing it off its redirect target;
+#   - the hinge for unsafe captions weighs twice the others (4): in the measurements it was the
+#     one left short (T*->V+V*).
+TWIN_NCE_MARGIN = 0.3  # m, in cosine, as twin-margin's (see docs/objectives.md)
+TWIN_NCE_TAU = 0.05  # tau: the smoothing of the hinge's corner
+TWIN_NCE_LAMBDAS = {**TWIN_MARGIN_LAMBDAS, "nce_text_unsafe": 1.0, "nce_image_unsafe": 1.0, "rank_text_unsafe": 4.0}
+
+
+def twin_info_nce(queries, gallery, twins, has_twin=None, scale=100.0):
+    """Symmetric InfoNCE between `queries` and `gallery` (both (N, E), row i with row i), where
+    query i also meets its own unsafe twin as one more negative: `twins` (M, E) holds the twins of
+    the rows where `has_twin` (N,) bool (all rows when None); a row without one has no such negative."""
+    q, g = F.normalize(queries.float(), dim=-1), F.normalize(gallery.float(), dim=-1)
+    logits = scale * q @ g.t()  # (N, N)
+    if has_twin is None:  # every row has its twin
+        twin = scale * (q * F.normalize(twins.float(), dim=-1)).sum(-1, keepdim=True)
+    else:
+        twin = torch.full((len(q), 1), float("-inf"), device=q.device)  # exp(-inf) = 0: no twin, no negative
+        twin[has_twin] = scale * (q[has_twin] * F.normalize(twins.float(), dim=-1)).sum(-1, keepdim=True)
+    labels = torch.arange(len(q), device=q.device)
+    return (F.cross_entropy(torch.cat([logits, twin], 1), labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def twin_nce_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
+                  margin=TWIN_NCE_MARGIN, tau=TWIN_NCE_TAU, scale=100.0):
+    """The twin-nce objective. Returns `(total, terms)` like `safe_clip_loss`: its eight terms, the
+    two redirect InfoNCE terms with the twin as a negative, and twin-margin's four hinges, those
+    of safe queries with the unsafe twin detached; `v_unsafe` holds the rows where
+    `has_unsafe_image` (all when None)."""
+    lambdas = {**TWIN_NCE_LAMBDAS, **(lambdas or {})}
+    _, terms = safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, has_unsafe_image=has_unsafe_image,
+                              scale=scale)
+    rows = slice(None) if has_unsafe_image is None else has_unsafe_image  # the rows that have V*
+    terms["nce_text_unsafe"] = twin_info_nce(t_unsafe, v_ref, v_unsafe, has_unsafe_image, scale)
+    if len(v_unsafe):
+        terms["nce_image_unsafe"] = twin_info_nce(v_unsafe, t_ref[rows], t_unsafe[rows], scale=scale)
+        terms["rank_text_safe"] = twin_rank(t_safe[rows], v_safe[rows], v_unsafe.detach(), margin, tau)
+        terms["rank_text_unsafe"] = twin_rank(t_unsafe[rows], v_safe[rows], v_unsafe, margin, tau)
+        terms["rank_image_unsafe"] = twin_rank(v_unsafe, t_safe[rows], t_unsafe[rows], margin, tau)
+    terms["rank_image_safe"] = twin_rank(v_safe, t_safe, t_unsafe.detach(), margin, tau)
+    return weighted_total(terms, lambdas), terms
+
+
 @dataclass(frozen=True)
 class Objective:
     loss: object  # f(t_safe, t_unsafe, v_safe, v_unsafe, **references, lambdas=..) -> (total, terms)
@@ -776,6 +830,7 @@ OBJECTIVES = {
                             recipe={"lr": 1e-4, "batch_size": 48}),  # and LoRA r16, our default
     "twin-offset": Objective(twin_offset_loss, TWIN_OFFSET_LAMBDAS, constants=("unsafe_dir",)),
     "twin-margin": Objective(twin_margin_loss, TWIN_MARGIN_LAMBDAS),
+    "twin-nce": Objective(twin_nce_loss, TWIN_NCE_LAMBDAS),
 }
 
 
@@ -3324,8 +3379,8 @@ def train_option_errors(args):
         ({"text", "vision"} <= set(args.freeze or ()), "--freeze text vision leaves nothing to train; freeze one tower at most"),
         (args.objective == "clip" and args.lambdas, "--lambdas weighs the terms of a fine-tuning objective, not of --objective clip"),
         (args.offset is not None and args.objective != "twin-offset", "--offset only applies to --objective twin-offset"),
-        ((args.margin is not None or args.margin_tau is not None) and args.objective != "twin-margin",
-         "--margin and --margin-tau only apply to --objective twin-margin"),
+        ((args.margin is not None or args.margin_tau is not None) and args.objective not in ("twin-margin", "twin-nce"),
+         "--margin and --margin-tau only apply to --objective twin-margin and twin-nce"),
         (args.margin_tau is not None and args.margin_tau <= 0, "--margin-tau takes a positive number"),
         (args.nce_scale is not None and args.objective == "clip",
          "--nce-scale applies to a fine-tuning objective; --objective clip learns its own"),
@@ -3460,15 +3515,15 @@ def build_parser():
     g.add_argument("--objective", choices=(*OBJECTIVES, "clip"), default="safeclip",
                    help="safeclip: the eight Safe-CLIP terms; safer-clip: SafeR-CLIP (nearest-safe targets, relative "
                    "loss, curriculum); twin-offset and twin-margin: ours, unsafe items just below their safe twins, by a fixed "
-                   "offset or by ranking the twins (docs/objectives.md); "
+                   "offset or by ranking the twins; twin-nce: ours, twin-margin that keeps the redirect (docs/objectives.md); "
                    "clip: CLIP's contrastive pre-training loss")
     g.add_argument("--lambdas", help="loss weights, 8 values in the order of the objective's terms ("
                    + ",".join(LAMBDAS) + " for safeclip) or name=value pairs (default: the paper's)")
     g.add_argument("--offset", type=float, help=f"twin-offset: length a of the unsafe offset (default: {TWIN_OFFSET})")
     g.add_argument("--margin", type=float, metavar="M", help="twin-margin: how far, in cosine, a query must score "
-                   f"its safe twin above the unsafe one (default: {TWIN_MARGIN})")
-    g.add_argument("--margin-tau", type=float, metavar="T", help="twin-margin: the smoothing of the hinge, "
-                   f"T * softplus(x / T) (default: {TWIN_MARGIN_TAU})")
+                   f"its safe twin above the unsafe one (default: {TWIN_MARGIN}; twin-nce: {TWIN_NCE_MARGIN})")
+    g.add_argument("--margin-tau", type=float, metavar="T", help="twin-margin and twin-nce: the smoothing of the hinge, "
+                   f"T * softplus(x / T) (default: {TWIN_MARGIN_TAU}; twin-nce: {TWIN_NCE_TAU})")
     g.add_argument("--nce-scale", metavar="S|model",
                    help="logit scale of the objective's InfoNCE terms: a number, or 'model' for the original "
                    "model's own learned one, exp(logit_scale) (default: 100, the paper's, which is also what "

@@ -14,6 +14,7 @@
 #      twin-offset   once per offset in OFFSETS (the first is reported as "twin-offset", the others,
 #                    tried beside it, as "twin-offset-aA");
 #      twin-margin   with its defaults, or the flags in MARGIN_FLAGS (--margin, --margin-tau, --lambdas);
+#      twin-nce      likewise (MARGIN_FLAGS too; opt in: not in the default list);
 #      safeclip-2x   Safe-CLIP itself with twice the steps: what more training alone buys;
 # 3. evaluate.py compares them all with the demo's Safe-CLIP run and the toy CLIP: runs/objectives/
 #    eval.json, where the toy CLIP is "baseline" and each run is under its name ("safeclip",
@@ -29,12 +30,12 @@ OUT=${OUT:-runs/objectives}
 PYTHON=${PYTHON:-python}
 OBJECTIVES=${OBJECTIVES:-safer-clip twin-offset twin-margin safeclip-2x}
 OFFSETS=${OFFSETS:-1 2}                 # twin-offset's --offset a: the default first, then the others tried
-MARGIN_FLAGS=${MARGIN_FLAGS:-}          # twin-margin's settings; empty: safeclip.py's defaults
+MARGIN_FLAGS=${MARGIN_FLAGS:-}          # twin-margin's (and twin-nce's) settings; empty: safeclip.py's defaults
 
 for objective in $OBJECTIVES; do
     case $objective in
-        safer-clip|twin-offset|twin-margin|safeclip-2x) ;;
-        *) echo "error: OBJECTIVES: unknown objective '$objective' (safer-clip, twin-offset, twin-margin," \
+        safer-clip|twin-offset|twin-margin|twin-nce|safeclip-2x) ;;
+        *) echo "error: OBJECTIVES: unknown objective '$objective' (safer-clip, twin-offset, twin-margin, twin-nce," \
                 "safeclip-2x; the demo's Safe-CLIP run is always compared)" >&2; exit 2 ;;
     esac
 done
@@ -63,10 +64,10 @@ for objective in $OBJECTIVES; do
                     train "twin-offset-a$a" --objective twin-offset --offset "$a"
                 fi
             done ;;
-        twin-margin)
+        twin-margin|twin-nce)
             # shellcheck disable=SC2086   # the flags are words
-            train twin-margin --objective twin-margin $MARGIN_FLAGS
-            [ -z "$MARGIN_FLAGS" ] || labels+=(--label "twin-margin=twin-margin ($MARGIN_FLAGS)") ;;
+            train "$objective" --objective "$objective" $MARGIN_FLAGS
+            [ -z "$MARGIN_FLAGS" ] || labels+=(--label "$objective=$objective ($MARGIN_FLAGS)") ;;
         safeclip-2x)
             train safeclip-2x --objective safeclip --steps $((2 * STEPS))
             labels+=(--label "safeclip-2x=safeclip, 2x steps") ;;

@@ -32,7 +32,7 @@ def traced(tmp_path, argv, ranks=1):
     return [json.loads(f.read_text()) for f in files]
 
 
-@pytest.mark.parametrize("objective", ["safeclip", "safer-clip", "twin-offset", "twin-margin", "clip"])
+@pytest.mark.parametrize("objective", ["safeclip", "safer-clip", "twin-offset", "twin-margin", "twin-nce", "clip"])
 def test_a_step_reads_nothing_back_from_the_device(data, base_model, tmp_path, objective):  # noqa: F811
     """Bugs: `int(eot.max())` in encode_text on the device's ids, the row indices gathered on the
     device and copied back, the boolean-mask gathers of the references in the objectives (about

@@ -77,7 +77,7 @@ def test_a_gradient_step_lowers_the_unsafe_twins_score_for_every_query():
 
 
 def test_its_options_are_its_own(capsys):
-    with pytest.raises(SystemExit, match="--margin and --margin-tau only apply to --objective twin-margin"):
+    with pytest.raises(SystemExit, match="--margin and --margin-tau only apply to --objective twin-margin and twin-nce"):
         safeclip.main(["train", "--data", "pairs.jsonl", "--margin", "0.2"])
     with pytest.raises(SystemExit, match="--margin-tau takes a positive number"):
         safeclip.main(["train", "--data", "pairs.jsonl", "--objective", "twin-margin", "--margin-tau", "0"])
