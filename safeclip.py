@@ -6,14 +6,16 @@ Downstream models that read CLIP's embeddings (Stable Diffusion, LLaVA, retrieva
 without any change of their own.
 
 The file has two parts. Part I is the method, to read top to bottom:
-  1. configuration               5. the inputs: image transform and token ids
-  2. the model                   6. the objectives: Safe-CLIP, SafeR-CLIP, twin-offset, twin-margin, twin-nce
-  3. building it from weights    7. the data and the frozen targets
-  4. LoRA                        8. one training step, and the loop
-Part II is the plumbing (after the divider): it reads, writes, checks and fetches, and changes
-nothing that is computed: the full tokenizer, every weight format, exports, downloads, reading
-pairs.jsonl, distributed set-up, the run's bookkeeping (resume, checkpoints, log, validation)
-and the command line. docs/method.md maps each piece of the paper to the function here.
+  1. configuration               6. the Safe-CLIP objective: eight terms
+  2. the model                   7. beyond the paper: SafeR-CLIP, twin-offset, twin-margin, twin-nce
+  3. building it from weights    8. the data, its order and the frozen targets
+  4. LoRA, and where it plugs in 9. one training step, exact resume, and the loop
+  5. the inputs: image transform and token ids
+Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
+checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
+every weight format, exports, downloads, reading pairs.jsonl, distributed set-up, the run's
+bookkeeping (the checkpoint file, log, validation) and the command line. docs/method.md maps each
+piece of the paper to the function here.
 
 Usage:
   python safeclip.py train --data pairs.jsonl       # ViT-L/14, the paper's settings, into runs/safeclip
@@ -222,7 +224,7 @@ class Transformer(nn.Module):
         """(B, L, C) -> (B, L, C); or, given `pool` (B,) positions, the outputs there only (B, C)."""
         for i, block in enumerate(self.resblocks):
             query = pool if i == len(self.resblocks) - 1 else None  # (see ResidualAttentionBlock.pooled)
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled():  # -- same result, less memory --
                 # Recompute activations in the backward pass instead of storing them: less memory
                 # for large towers, about a third more compute.
                 x = torch.utils.checkpoint.checkpoint(block, x, causal, query, use_reentrant=False)
@@ -413,10 +415,14 @@ def build_model(sd, config, source):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. LoRA: low-rank adapters, W x + (alpha / r) B A dropout(x)
+# 4. LoRA: low-rank adapters, W x + (alpha / r) B A dropout(x), and where they plug in
 # ---------------------------------------------------------------------------------------------
 # The public recipe adapts the attention keys, values and output, both MLP layers and the patch
-# embedding of both towers (rank 16, alpha 1, dropout 0.1), and freezes everything else.
+# embedding of both towers (rank 16, alpha 1, dropout 0.1), and freezes everything else. The model
+# of section 2 has a socket at each of those places: `Linear.lora` (the attention's output
+# projection and both MLP layers), `Attention.lora_k` / `lora_v` (read in `Attention.adapt`) and
+# `PatchEmbedding.lora`; `add_lora` fills them. `save` (Part II) folds every adapter into its base
+# weight (`_plain_state_dict`, below), so a trained model loads as a plain CLIP anywhere.
 
 
 class LoRA(nn.Module):
@@ -555,16 +561,18 @@ def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The objectives: Safe-CLIP, SafeR-CLIP, twin-offset, twin-margin and twin-nce
+# 6. The Safe-CLIP objective: eight terms
 # ---------------------------------------------------------------------------------------------
-# Each objective is a pure function of the embeddings of a batch of quadruplets (T, T*, V, V*)
-# and of references from the frozen original model, and returns `(total, terms)`. Preserve terms
-# keep safe inputs where the original put them; redirect terms move the unsafe ones.
-#
-# Safe-CLIP: eight terms. `t_ref` = T0(T) and `v_ref` = V0(V): every target is the *safe* input's
-# original embedding.
+# The objective is a pure function of the embeddings of a batch of quadruplets (T, T*, V, V*) and
+# of references from the frozen original model, and returns `(total, terms)`. Preserve terms keep
+# safe inputs where the original put them; redirect terms move the unsafe ones. `t_ref` = T0(T)
+# and `v_ref` = V0(V): every target is the *safe* input's original embedding.
 # The public datasets (ViSU-Text, NSFWCaps) ship no unsafe images: Safe-CLIP's two terms on V*
 # are then computed over the rows that have one, or skipped.
+#
+# The weights are relative: the total is sum(l_i / sum(l) * term_i) over the terms present, so it
+# is a weighted mean of the terms (the eight weights add up to 1.75; without V*, the six left add
+# up to 1.05), and a term's share of the gradient is its weight over that sum.
 
 LAMBDAS = {
     "text_safe": 0.10,  # d(T(T), T0(T))              preserve
@@ -623,6 +631,26 @@ def safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=Non
     terms = {k: v for k, v in terms.items() if v is not None}
     return weighted_total(terms, lambdas), terms  # renormalised over the terms present
 
+
+def active_terms(rows):
+    """Each Safe-CLIP term that `rows` give inputs to -> over how many rows it is computed."""
+    with_v_unsafe = sum(r["unsafe_image"] is not None for r in rows)
+    return {k: with_v_unsafe if k in UNSAFE_IMAGE_TERMS else len(rows) for k in LAMBDAS
+            if with_v_unsafe or k not in UNSAFE_IMAGE_TERMS}
+
+
+def clip_loss(text, image, logit_scale):
+    """CLIP's own objective (symmetric InfoNCE, learnable temperature), for pre-training."""
+    return info_nce(text, image, scale=logit_scale.exp().clamp(max=100))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Beyond the paper: SafeR-CLIP, twin-offset, twin-margin and twin-nce
+# ---------------------------------------------------------------------------------------------
+# More objectives with `safe_clip_loss`'s signature, on the same data and loop: a first reading can
+# skip to section 8. What they need beyond T0(T) and V0(V) (T0(T*), V0(V*), a nearest safe caption,
+# a curriculum, an unsafe direction) is computed once from the frozen embeddings in
+# `frozen_targets` (section 8). `OBJECTIVES`, at the end, names them all for --objective.
 
 # SafeR-CLIP (Yousaf et al., AAAI 2026), as far as its project page, poster and slides show it:
 # the unsafe inputs go to the *nearest* safe item under the frozen model (t_near = T0(t^), v_near =
@@ -834,20 +862,8 @@ OBJECTIVES = {
 }
 
 
-def clip_loss(text, image, logit_scale):
-    """CLIP's own objective (symmetric InfoNCE, learnable temperature), for pre-training."""
-    return info_nce(text, image, scale=logit_scale.exp().clamp(max=100))
-
-
-def active_terms(rows):
-    """Each Safe-CLIP term that `rows` give inputs to -> over how many rows it is computed."""
-    with_v_unsafe = sum(r["unsafe_image"] is not None for r in rows)
-    return {k: with_v_unsafe if k in UNSAFE_IMAGE_TERMS else len(rows) for k in LAMBDAS
-            if with_v_unsafe or k not in UNSAFE_IMAGE_TERMS}
-
-
 # ---------------------------------------------------------------------------------------------
-# 7. The data and the frozen targets
+# 8. The data, its order and the frozen targets
 # ---------------------------------------------------------------------------------------------
 # A row of pairs.jsonl is a quadruplet: a safe caption T, its unsafe twin T*, a safe image V and,
 # optionally, its unsafe twin V* (the public datasets publish none). Part II reads and checks the
@@ -855,8 +871,8 @@ def active_terms(rows):
 #
 # Every target of the objectives comes from the original, frozen model: T0(T), V0(V) and, for
 # some objectives, T0(T*), V0(V*) and what is derived from them. They never move, so they are
-# computed once, before the first step (Part II caches them across runs and splits the work over
-# ranks), instead of running frozen encoders at every step.
+# computed once, before the first step (`frozen_embeddings`, then `frozen_targets`), instead of
+# running frozen encoders at every step.
 
 
 class Quadruplets(torch.utils.data.Dataset):
@@ -895,6 +911,51 @@ def collate_quadruplets(batch):
     present = [u for u in unsafe if u is not None]
     return (torch.stack(safe), torch.stack(present) if present else torch.empty(0, *safe[0].shape),
             torch.tensor([u is not None for u in unsafe]), torch.tensor(idx))
+
+
+# The frozen targets are the original model's embeddings, T0 and V0: `train` computes them before
+# it attaches any adapter, in true float32 whatever --precision says (no autocast, no TF32), since
+# every term pulls toward them and they are computed only once. Part II caches them across runs
+# (`objective_inputs`) and splits the rows over ranks (`reference_embeddings`).
+
+REFERENCE_INPUTS = {"t_ref": ("safe", "T0(T)"), "v_ref": ("safe_image", "V0(V)"),
+                    "t_unsafe_ref": ("unsafe", "T0(T*)"), "v_unsafe_ref": ("unsafe_image", "V0(V*)")}
+
+
+def references_needed(objective):
+    """The frozen embeddings that `objective`'s targets are made of, in REFERENCE_INPUTS' order."""
+    spec = OBJECTIVES[objective]
+    needs = set(spec.references) | ({"t_unsafe_ref"} if spec.curriculum else set()) | (
+        {"t_unsafe_ref", "v_unsafe_ref"} if "unsafe_dir" in spec.constants else set())
+    return [name for name in REFERENCE_INPUTS if name in needs]
+
+
+def frozen_embeddings(model, preprocess, rows, names, device, batch_size, workers=0, desc=True):
+    """The original model's embeddings of `rows` in true float32: {name: (N, E)} for each of
+    `names` (keys of REFERENCE_INPUTS: T0(T), V0(V), T0(T*), V0(V*))."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    with true_fp32():
+        for name in names:
+            field, label = REFERENCE_INPUTS[name]
+            items, bar = [r[field] for r in rows], desc and f"reference {label}"
+            out[name] = (encode_images(model, preprocess, items, batch_size, device, desc=bar, workers=workers,
+                                       precision="fp32") if field.endswith("image")
+                         else encode_texts(model, items, batch_size, device, desc=bar, precision="fp32"))
+    model.train(was_training)
+    return out
+
+
+@contextlib.contextmanager
+def true_fp32():
+    """Float32 matmuls in full float32 within (TF32 off), then the settings as they were."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def frozen_targets(objective, emb, n_train):
@@ -946,8 +1007,43 @@ def unsafe_direction(safe, unsafe):
     return (u * u[u.abs().argmax()].sign()).float()
 
 
+# The data order: each epoch is a permutation drawn from a generator of its own, seeded with
+# seed + epoch, so the order of any step is known from the step alone (a resumed run needs no data
+# state, and every rank knows the whole batch without asking the others).
+
+class Schedule:
+    """Which rows each step trains on. An epoch is a seeded permutation of its rows (all training
+    rows, or a curriculum's share of them) cut into global batches of batch x accum rows; a row
+    left over at an epoch's end waits for the next epoch's permutation."""
+
+    def __init__(self, n_rows, batch, accum, seed, order=None):
+        self.n_rows, self.batch, self.accum, self.seed, self.order = n_rows, batch, accum, seed, order
+
+    def rows(self, epoch):
+        return torch.arange(self.n_rows) if self.order is None else curriculum_rows(self.order, epoch)
+
+    def steps_in(self, epoch):
+        return len(self.rows(epoch)) // (self.batch * self.accum)
+
+    def total(self, epochs):
+        return sum(self.steps_in(epoch) for epoch in range(epochs))
+
+    def locate(self, step):
+        """(epoch, steps already done in it) of a global step."""
+        epoch = 0
+        while step >= self.steps_in(epoch):
+            step, epoch = step - self.steps_in(epoch), epoch + 1
+        return epoch, step
+
+    def batches(self, epoch):
+        """(steps x accum, batch) row indices: the micro-batches of every step of `epoch`, in order."""
+        rows, steps = self.rows(epoch), self.steps_in(epoch)
+        shuffled = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed + epoch))]
+        return shuffled[: steps * self.batch * self.accum].view(steps * self.accum, self.batch)
+
+
 # ---------------------------------------------------------------------------------------------
-# 8. One training step, and the loop
+# 9. One training step, exact resume, and the loop
 # ---------------------------------------------------------------------------------------------
 # A step runs the text tower once over the safe and unsafe captions together and the vision tower
 # once over the safe and unsafe images together, gathers the embeddings over ranks, computes
@@ -1094,6 +1190,50 @@ def update(optimizer, scaler, params, grad_clip):
     return scale
 
 
+# -- exact resume ------------------------------------------------------------------------------
+# A run stopped at step N and resumed equals a straight run of the same steps, bit for bit, because
+# the checkpoint holds everything the next step depends on: the trainable tensors, AdamW's moments,
+# the fp16 loss scaler, the step and the best validation so far, and every random generator a step
+# draws from, on every rank: torch's CPU generator and the current CUDA device's, which draw the
+# dropout masks (each rank its own: seed + rank). The data needs no state: the order of any step
+# follows from the seed and the step (`Schedule`). Everything else that draws random numbers has a
+# generator of its own, the DataLoader's and validation's loaders included, so none of them moves
+# the generators dropout draws from (an evaluation would otherwise change every mask after it).
+# `Run` (Part II) only writes this state to the checkpoint file and reads it back.
+
+def _rng_state():
+    """The generators dropout draws from (the CPU's, and the current CUDA device's if in use)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state[1])
+
+
+def training_state(trainable, optimizer, scaler, progress, rng_of_ranks):
+    """What a checkpoint holds: {trainable, optimizer, scaler, rng, cuda_rng, rng_ranks, state}.
+    `progress`: the step and the best validation; `rng_of_ranks`: every rank's `_rng_state()`."""
+    rng, cuda_rng = rng_of_ranks[0]
+    return dict(trainable={n: p.detach().cpu() for n, p in trainable.items()}, optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict(), rng=rng, rng_ranks=rng_of_ranks, state=dict(progress),
+                cuda_rng=cuda_rng if cuda_rng is not None else torch.empty(0, dtype=torch.uint8))
+
+
+def restore_training_state(ckpt, trainable, optimizer, scaler, rank):
+    """Put `training_state`'s result back in place, with this rank's generators; returns the progress."""
+    with torch.no_grad():
+        for name, value in ckpt["trainable"].items():
+            trainable[name].copy_(value)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:  # empty when the run so far was not fp16: the scale starts afresh
+        scaler.load_state_dict(ckpt["scaler"])
+    ranks = ckpt.get("rng_ranks") or [(ckpt["rng"], ckpt["cuda_rng"] if len(ckpt["cuda_rng"]) else None)]
+    _set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
+    return ckpt["state"]
+
+
 def lr_at(step, args, total_steps):
     """Linear warmup, then constant or cosine decay to zero."""
     warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
@@ -1172,16 +1312,28 @@ def train(args):
 # =============================================================================================
 # PART II. THE PLUMBING
 # =============================================================================================
-# Nothing below changes what is computed: it reads, writes, checks and fetches. A reader who
-# stops here has seen all of Safe-CLIP; what follows makes it run on real files, real machines
-# and real command lines: the full tokenizer (OpenAI's text cleaning, the BPE trainer, Hugging
-# Face files), every weight format behind `load`, exports, verified downloads, pairs.jsonl,
-# distributed set-up, the run's bookkeeping (resume, checkpoints, log, the reference cache,
-# validation) and the command line.
+# A reader who stops here has seen all of Safe-CLIP: what is computed, in what precision, from
+# which targets, and what a checkpoint restores. What follows makes it run on real files, real
+# machines and real command lines; it reads, writes, checks, fetches and schedules, and decides
+# none of the method's numbers:
+#
+#   10. Tokenizer             Tokenizer (from_file, train, save, __call__, decode), clean_text
+#   11. Image transform       _resize_short_side, _center_crop: torchvision's rounding, in PIL
+#   12. Weights               load, save, _read_state_dict (every format, nothing executed),
+#                             from_hf_state_dict / to_hf_state_dict, _atomic_write
+#   13. Export                export_hf, export_openai
+#   14. Downloads             resolve_model, download, download_file (one per machine), verified
+#   15. Data files            read_pairs, open_image, encode_texts / encode_images
+#   16. Devices, torchrun     setup_device, gather / gather_rows / gather_some, from_rank0, to_device
+#   17. The run               training_rows, initial_model, prepare_objective and the reference
+#                             cache (objective_inputs, reference_embeddings), MicroBatches and
+#                             training_steps (the run's one DataLoader), Run (lock, log, checkpoint
+#                             file, signals, validation and the best model), TensorBoard, validate
+#   18. The command line      build_parser, cmd_train, train_option_errors, main
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Tokenizer: OpenAI's byte-level BPE, run by the `tokenizers` library
+# 10. Tokenizer: OpenAI's byte-level BPE, run by the `tokenizers` library
 # ---------------------------------------------------------------------------------------------
 # OpenAI's clip/simple_tokenizer.py does four things: clean the text (ftfy, HTML entities,
 # whitespace, lower case), split it with a regex into words, punctuation runs and single digits,
@@ -1577,7 +1729,7 @@ def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. The image transform's details: torchvision's exact rounding, in PIL
+# 11. The image transform's details: torchvision's exact rounding, in PIL
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1602,7 +1754,7 @@ def _center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. Reading and saving weights
+# 12. Reading and saving weights
 # ---------------------------------------------------------------------------------------------
 # Four kinds of file hold CLIP weights: OpenAI's releases (TorchScript archives), plain state
 # dicts in OpenAI/OpenCLIP naming, Hugging Face `CLIPModel` folders, and this project's folders.
@@ -1989,7 +2141,7 @@ def save(model, folder, tokenizer=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# 12. Export: Hugging Face folders and OpenAI state dicts
+# 13. Export: Hugging Face folders and OpenAI state dicts
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2041,7 +2193,7 @@ def export_openai(model, path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 13. Downloads: OpenAI's weights and vocabulary, resumed when cut, verified before they appear
+# 14. Downloads: OpenAI's weights and vocabulary, resumed when cut, verified before they appear
 # ---------------------------------------------------------------------------------------------
 
 # OpenAI stores each file under a folder named for its SHA-256: every URL carries its own checksum.
@@ -2283,7 +2435,7 @@ def _say(progress, message):
 
 
 # ---------------------------------------------------------------------------------------------
-# 14. Data files: pairs.jsonl, images, and embedding many of them
+# 15. Data files: pairs.jsonl, images, and embedding many of them
 # ---------------------------------------------------------------------------------------------
 # {"safe": .., "unsafe": .., "safe_image": .., "unsafe_image": .., "category": .., "split": ..}
 # Image paths are relative to the .jsonl file's folder. ViSU's names `nsfw` and `nsfw_image` are
@@ -2444,7 +2596,7 @@ def image_cache_mib(rows, resolution):
 
 
 # ---------------------------------------------------------------------------------------------
-# 15. Devices and distributed set-up (torchrun): no-ops in a single process
+# 16. Devices and distributed set-up (torchrun): no-ops in a single process
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2486,17 +2638,6 @@ def setup_device(args):
         raise TrainingError("--compile on the CPU needs a C++ compiler for torch.compile's generated kernels: "
                             "install g++ (Debian/Ubuntu: apt-get install g++) or set CXX to one, or drop --compile")
     return device
-
-
-@contextlib.contextmanager
-def true_fp32():
-    """Float32 matmuls in full float32 within (TF32 off), then the settings as they were."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def from_rank0(obj):
@@ -2577,17 +2718,6 @@ def gather_rows(local, n, rank, world, device):
     return torch.stack(parts, dim=1).flatten(0, 1)[:n].cpu()  # interleave back to row order
 
 
-def _rng_state():
-    """The generators dropout draws from (the CPU's, and the current CUDA device's if in use)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state[0])
-    if state[1] is not None and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(state[1])
-
-
 def _quiet_worker(_):
     """A data-loading worker leaves SIGTERM and Ctrl-C to the training process, which stops at the
     end of its step (see `Run`); a worker that died of them would fail the step instead."""
@@ -2596,7 +2726,7 @@ def _quiet_worker(_):
 
 
 # ---------------------------------------------------------------------------------------------
-# 16. The run: set-up, the frozen targets' cache, bookkeeping, validation
+# 17. The run: set-up, the frozen targets' cache, bookkeeping, validation
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2702,38 +2832,12 @@ def _fingerprint(model_path, rows, model, objective="safeclip", n_train=None):
     return h.hexdigest()
 
 
-REFERENCE_INPUTS = {"t_ref": ("safe", "T0(T)"), "v_ref": ("safe_image", "V0(V)"),
-                    "t_unsafe_ref": ("unsafe", "T0(T*)"), "v_unsafe_ref": ("unsafe_image", "V0(V*)")}
-
-
-def references_needed(objective):
-    """The frozen embeddings that `objective`'s targets are made of, in REFERENCE_INPUTS' order."""
-    spec = OBJECTIVES[objective]
-    needs = set(spec.references) | ({"t_unsafe_ref"} if spec.curriculum else set()) | (
-        {"t_unsafe_ref", "v_unsafe_ref"} if "unsafe_dir" in spec.constants else set())
-    return [name for name in REFERENCE_INPUTS if name in needs]
-
-
 def reference_embeddings(model, preprocess, rows, device, batch_size, workers, names=("t_ref", "v_ref")):
-    """The original model's embeddings of every row: T0(T) and V0(V), and T0(T*), V0(V*) when
-    asked. Under torchrun each rank embeds a stride of the rows."""
+    """`frozen_embeddings` of every row, the work split over ranks: each embeds a stride of the
+    rows, and every rank gets them all."""
     rank, world, _ = dist_info()
-    mine = rows[rank::world]
-    was_training = model.training
-    model.eval()
-    out = {}
-    # In true float32 whatever --precision says (no autocast, no TF32): every term pulls toward
-    # these targets, and they are computed only once.
-    with true_fp32():
-        for name in names:
-            field, label = REFERENCE_INPUTS[name]
-            items, desc = [r[field] for r in mine], rank == 0 and f"reference {label}"
-            emb = (encode_images(model, preprocess, items, batch_size, device, desc=desc, workers=workers,
-                                 precision="fp32") if field.endswith("image")
-                   else encode_texts(model, items, batch_size, device, desc=desc, precision="fp32"))
-            out[name] = gather_rows(emb, len(rows), rank, world, device)
-    model.train(was_training)
-    return out
+    mine = frozen_embeddings(model, preprocess, rows[rank::world], names, device, batch_size, workers, rank == 0)
+    return {name: gather_rows(emb, len(rows), rank, world, device) for name, emb in mine.items()}
 
 
 def objective_inputs(objective, model, preprocess, rows, n_train, cache, fingerprint, device, batch_size, workers,
@@ -2768,37 +2872,6 @@ def objective_arguments(objective, targets):
     per_row = {"t_near": lambda: targets["t_ref"][targets["near"]], "v_near": lambda: targets["v_ref"][targets["near"]]}
     refs = {name: per_row[name]() if name in per_row else targets[name] for name in spec.references}
     return refs, {name: targets[name] for name in spec.constants}, targets.get("order")
-
-
-class Schedule:
-    """Which rows each step trains on. An epoch is a seeded permutation of its rows (all training
-    rows, or a curriculum's share of them) cut into global batches of batch x accum rows; a row
-    left over at an epoch's end waits for the next epoch's permutation."""
-
-    def __init__(self, n_rows, batch, accum, seed, order=None):
-        self.n_rows, self.batch, self.accum, self.seed, self.order = n_rows, batch, accum, seed, order
-
-    def rows(self, epoch):
-        return torch.arange(self.n_rows) if self.order is None else curriculum_rows(self.order, epoch)
-
-    def steps_in(self, epoch):
-        return len(self.rows(epoch)) // (self.batch * self.accum)
-
-    def total(self, epochs):
-        return sum(self.steps_in(epoch) for epoch in range(epochs))
-
-    def locate(self, step):
-        """(epoch, steps already done in it) of a global step."""
-        epoch = 0
-        while step >= self.steps_in(epoch):
-            step, epoch = step - self.steps_in(epoch), epoch + 1
-        return epoch, step
-
-    def batches(self, epoch):
-        """(steps x accum, batch) row indices: the micro-batches of every step of `epoch`, in order."""
-        rows, steps = self.rows(epoch), self.steps_in(epoch)
-        shuffled = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed + epoch))]
-        return shuffled[: steps * self.batch * self.accum].view(steps * self.accum, self.batch)
 
 
 class MicroBatches:
@@ -3005,16 +3078,7 @@ class Run:
                 "restore checkpoint.pt from a copy and run again with --resume, or start afresh in another --out")
         if set(ckpt["trainable"]) != set(self.trainable):
             raise TrainingError(f"{self.ckpt_path}: its trainable parameters do not match this run's options")
-        with torch.no_grad():
-            for name, value in ckpt["trainable"].items():
-                self.trainable[name].copy_(value)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:  # empty when the run so far was not fp16: the scale starts afresh
-            self.scaler.load_state_dict(ckpt["scaler"])
-        rank = dist_info()[0]
-        ranks = ckpt.get("rng_ranks") or [(ckpt["rng"], ckpt["cuda_rng"] if len(ckpt["cuda_rng"]) else None)]
-        _set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
-        self.state.update(ckpt["state"])
+        self.state.update(restore_training_state(ckpt, self.trainable, self.optimizer, self.scaler, dist_info()[0]))
         self.saved_step = self.step
         if self.main:
             self.write(self.log_path, lambda path: _truncate_log(path, self.step))
@@ -3130,10 +3194,7 @@ class Run:
         ranks = all_ranks(_rng_state())
         if not self.main:
             return
-        ckpt = dict(trainable={n: p.detach().cpu() for n, p in self.trainable.items()},
-                    optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=ranks[0][0],
-                    cuda_rng=ranks[0][1] if ranks[0][1] is not None else torch.empty(0, dtype=torch.uint8),
-                    rng_ranks=ranks, state=dict(self.state))
+        ckpt = training_state(self.trainable, self.optimizer, self.scaler, self.state, ranks)
         self.write(self.ckpt_path, lambda path: _atomic_write(path, lambda tmp: _torch_save(ckpt, tmp)))
         self.saved_step = self.step
 
@@ -3309,7 +3370,7 @@ def validate(model, rows, ids, preprocess, refs, loss_fn, args, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# 17. The command line
+# 18. The command line
 # ---------------------------------------------------------------------------------------------
 
 
