@@ -54,7 +54,7 @@ import unicodedata
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +96,127 @@ class CLIPConfig:
     text_heads: int = 8
     text_layers: int = 12
     quick_gelu: bool = True  # OpenAI's x * sigmoid(1.702 x); OpenCLIP's LAION models use exact GELU
+
+
+def setting(default, help, group, **cli):
+    """A field of TrainConfig: its default, its one-line help and its --help section (and, in `cli`,
+    how the command line spells it: choices, metavar, ...). The command line is built from these."""
+    return field(default=default, metadata=dict(help=help, group=group, **cli))
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of `safeclip.py train` with its default: `build_parser` makes the command line
+    from these fields, `train` takes one, and train_config.json records it. None means "decided
+    from the others" (`resolved`). The defaults are the paper's (its public code's where the paper
+    is silent): ViT-L/14, LoRA rank 16 on both towers, AdamW at 1e-3, batches of 16."""
+
+    # data and model
+    data: str = setting(None, "pairs.jsonl (safe, unsafe, safe_image[, unsafe_image, category, split])", "data and model",
+                        required=True, metavar="PAIRS")
+    model: str = setting(None, "weights to fine-tune: an OpenAI name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px) "
+                         "or anything safeclip.load reads (default: ViT-L/14, the paper's)", "data and model",
+                         metavar="NAME|PATH")
+    tokenizer: str = setting(None, "tokenizer for weights that come without one (tokenizer.json or OpenAI's .txt.gz)",
+                             "data and model", metavar="PATH")
+    scratch: dict = setting(None, "train a new model instead, e.g. 'width=128,layers=4,embed_dim=128,image_resolution"
+                            "=32,vision_patch_size=4,context_length=32'", "data and model", metavar="SPEC",
+                            parse="parse_scratch")
+    vocab_size: int = setting(2000, "BPE vocabulary trained for --scratch without --tokenizer", "data and model",
+                              metavar="N")
+    quick_gelu: bool = setting(None, "QuickGELU (OpenAI's) or, with --no-quick-gelu, exact GELU (OpenCLIP's LAION "
+                               "models); default: what the checkpoint records, else QuickGELU below width 1280 "
+                               "(with --scratch: QuickGELU)", "data and model", action=argparse.BooleanOptionalAction)
+    out: str = setting("runs/safeclip", "output folder: checkpoints, log.jsonl, the final model; one that already "
+                       "holds a run is never overwritten (see --resume)", "data and model", metavar="DIR")
+    skip_bad: bool = setting(False, "skip malformed rows and unreadable images instead of stopping", "data and model")
+    # objective
+    objective: str = setting("safeclip", "safeclip: the eight Safe-CLIP terms; safer-clip: SafeR-CLIP; twin-offset, "
+                             "twin-margin, twin-nce: ours (docs/objectives.md); clip: CLIP's own pre-training loss",
+                             "objective", choices=("safeclip", "safer-clip", "twin-offset", "twin-margin", "twin-nce",
+                                                   "clip"))
+    lambdas: dict = setting(None, "loss weights: the objective's terms' values in order (for safeclip: text_safe, "
+                            "text_unsafe, image_safe, image_unsafe, nce_text_safe, nce_text_unsafe, nce_image_safe, "
+                            "nce_image_unsafe) or name=value pairs (default: its paper's)", "objective",
+                            parse="str")
+    offset: float = setting(None, "twin-offset: length a of the unsafe offset (default: 1.0)", "objective")
+    margin: float = setting(None, "twin-margin, twin-nce: how far, in cosine, a query must score its safe twin above "
+                            "the unsafe one (default: 0.3)", "objective", metavar="M")
+    margin_tau: float = setting(None, "twin-margin, twin-nce: the smoothing of the hinge, T * softplus(x / T) "
+                                "(default: 0.05)", "objective", metavar="T")
+    nce_scale: str = setting(None, "logit scale of the InfoNCE terms: a number, or 'model' for the original model's "
+                             "own exp(logit_scale) (default: 100, the paper's and OpenAI's CLIPs')", "objective",
+                             metavar="S|model")
+    # what trains
+    full: bool = setting(False, "full fine-tuning instead of LoRA", "what trains")
+    lora_rank: int = setting(16, "rank of the LoRA adapters", "what trains", metavar="R")
+    lora_alpha: float = setting(1.0, "LoRA scale is alpha / rank", "what trains", metavar="A")
+    lora_dropout: float = setting(0.1, "dropout on the adapters' input", "what trains", metavar="P")
+    freeze: list = setting(None, "towers to leave untouched", "what trains", nargs="+", choices=("text", "vision"))
+    # optimisation
+    lr: float = setting(None, "learning rate (default: 1e-3 LoRA, 1e-5 --full, 5e-4 --scratch; 1e-4 safer-clip)",
+                        "optimisation")
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay", "optimisation")
+    schedule: str = setting("constant", "learning rate after the warm-up: constant, or cosine decay to zero",
+                            "optimisation", choices=("constant", "cosine"))
+    warmup: int = setting(0, "linear warm-up steps", "optimisation")
+    grad_clip: float = setting(1.0, "max gradient norm (0: off)", "optimisation")
+    batch_size: int = setting(None, "quadruplets per micro-batch, over all processes (default: 16; 48 safer-clip)",
+                              "optimisation")
+    accum: int = setting(1, "micro-batches per step: the loss and gradients of one batch N times larger",
+                         "optimisation")
+    epochs: int = setting(10, "passes over the training split", "optimisation")
+    steps: int = setting(None, "optimizer steps (overrides --epochs)", "optimisation")
+    seed: int = setting(0, "adapters' initialisation, dropout and data order", "optimisation")
+    # validation and checkpoints
+    eval_every: int = setting(None, "steps between validations (default: each epoch)", "validation and checkpoints")
+    select: str = setting("loss", "best model by validation loss or by the recall-sum", "validation and checkpoints",
+                          choices=("loss", "recall"))
+    patience: int = setting(5, "stop after this many validations without improvement (0: never)",
+                            "validation and checkpoints")
+    save_every: int = setting(None, "also write the resume checkpoint every N steps", "validation and checkpoints")
+    resume: bool = setting(False, "continue the run in --out exactly where it stopped, with the same settings (only "
+                           "--epochs, --steps, --patience, --save-every, --workers and such may change)",
+                           "validation and checkpoints")
+    report_to: str = setting(None, "also write the log's curves for TensorBoard in OUT/tensorboard (needs `pip "
+                             "install tensorboard`)", "validation and checkpoints", choices=("tensorboard",))
+    log_every: int = setting(None, "read the loss terms back from the device and log them every N steps (default: "
+                             "10 on CUDA, where each read waits for the GPU; 1 on the CPU)", "validation and checkpoints",
+                             metavar="N")
+    # hardware
+    device: str = setting(None, "default: cuda when present, else cpu", "hardware")
+    precision: str = setting(None, "autocast of the step (weights, LayerNorm statistics, loss and optimizer stay "
+                             "float32). Default: bf16 on CUDA; fp32 on the CPU, where bf16 is fast only with native "
+                             "bf16 matmuls (docs/speed.md)", "hardware", choices=("fp32", "bf16", "fp16"))
+    compile: bool = setting(False, "torch.compile the model (on the CPU it needs a C++ compiler, g++)", "hardware")
+    grad_checkpointing: bool = setting(False, "trade compute for memory (large towers; docs/training.md)", "hardware")
+    workers: int = setting(None, "image loading processes (default: 0 on the CPU, where they would compete with the "
+                           "model's threads; up to 8 with CUDA)", "hardware")
+    image_cache: float = setting(2048, "with --workers 0, keep the training images decoded after their first epoch "
+                                 "when they fit in this many MiB (0: off)", "hardware", metavar="MIB")
+
+    def resolved(self):
+        """These settings with every "decided from the others" filled in: the model, the objective's
+        own recipe (SafeR-CLIP's lr and batch), the learning rate by what trains, and what depends
+        on the device (precision, workers, log interval)."""
+        c = replace(self)
+        if c.scratch is None and c.model is None:
+            c.model = "ViT-L/14"  # the paper's backbone
+        for option, value in ((OBJECTIVES[c.objective].recipe or {}) if c.objective != "clip" else {}).items():
+            if getattr(c, option) is None:
+                setattr(c, option, value)
+        if c.lr is None:
+            c.lr = 5e-4 if c.scratch is not None else 1e-5 if c.full else 1e-3
+        if c.batch_size is None:
+            c.batch_size = 16
+        cuda = (c.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        if c.precision is None:
+            c.precision = "bf16" if cuda else "fp32"
+        if c.workers is None:
+            c.workers = min(8, os.cpu_count() or 1) if cuda else 0
+        if c.log_every is None:
+            c.log_every = 10 if cuda else 1
+        return c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,13 +623,13 @@ def _plain_state_dict(model):
     return sd
 
 
-def choose_trainable(model, args):
+def choose_trainable(model, config):
     """Freeze what does not train: LoRA adapters on the unfrozen towers (the default), or, with
     --full or --scratch, every weight of those towers (the temperature only for `--objective clip`,
     since the Safe-CLIP objective has a fixed scale)."""
-    towers = [t for t in ("text", "vision") if t not in (args.freeze or [])]
-    if not (args.full or args.scratch is not None):
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, towers)
+    towers = [t for t in ("text", "vision") if t not in (config.freeze or [])]
+    if not (config.full or config.scratch is not None):
+        add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, towers)
     else:
         text = [model.token_embedding, model.transformer, model.ln_final]
         for p in model.parameters():
@@ -517,9 +638,9 @@ def choose_trainable(model, args):
             module.requires_grad_(True)
         model.text_projection.requires_grad_("text" in towers)
         model.positional_embedding.requires_grad_("text" in towers)
-        model.logit_scale.requires_grad_(args.objective == "clip")
+        model.logit_scale.requires_grad_(config.objective == "clip")
     for t in towers:
-        (model.transformer if t == "text" else model.visual.transformer).grad_checkpointing = args.grad_checkpointing
+        (model.transformer if t == "text" else model.visual.transformer).grad_checkpointing = config.grad_checkpointing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1234,69 +1355,69 @@ def restore_training_state(ckpt, trainable, optimizer, scaler, rank):
     return ckpt["state"]
 
 
-def lr_at(step, args, total_steps):
+def lr_at(step, config, total_steps):
     """Linear warmup, then constant or cosine decay to zero."""
-    warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
-    if args.schedule == "cosine":
-        return args.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    return args.lr * warm
+    warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
+    if config.schedule == "cosine":
+        return config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return config.lr * warm
 
 
-def train(args):
-    """Fine-tune a CLIP with `args.objective` (or, with --objective clip --scratch, pre-train one)
-    into the folder args.out; returns the trained model. Each set-up step is a function of Part II;
+def train(config):
+    """Fine-tune a CLIP with `config.objective` (or, with --objective clip --scratch, pre-train one)
+    into the folder config.out; returns the trained model. Each set-up step is a function of Part II;
     the folder's bookkeeping (log, validation, checkpoints, resume, signals) is the `Run`'s."""
     # -- set-up ---------------------------------------------------------------------------------
-    device, (rank, world, _) = setup_device(args), dist_info()
-    torch.manual_seed(args.seed)  # adapters' initialisation and dropout; data order has its own generator
-    with Run(args, main_process=rank == 0) as run:  # refuses a folder that holds a run, unless --resume
-        train_rows, val_rows, skipped = training_rows(args, world, verbose=rank == 0)
-        model, preprocess, model_path = initial_model(args, train_rows)
+    device, (rank, world, _) = setup_device(config), dist_info()
+    torch.manual_seed(config.seed)  # adapters' initialisation and dropout; data order has its own generator
+    with Run(config, main_process=rank == 0) as run:  # refuses a folder that holds a run, unless --resume
+        train_rows, val_rows, skipped = training_rows(config, world, verbose=rank == 0)
+        model, preprocess, model_path = initial_model(config, train_rows)
         model.to(device)
         ctx = model.config.context_length
         ids = {split: (model.tokenizer([r["safe"] for r in rows], context_length=ctx),
                        model.tokenizer([r["unsafe"] for r in rows], context_length=ctx))
                for split, rows in (("train", train_rows), ("val", val_rows))}
         # The frozen targets, from the original weights: before any adapter exists.
-        refs, loss_fn, order = prepare_objective(args, run, model, preprocess, train_rows, val_rows, model_path, device)
+        refs, loss_fn, order = prepare_objective(config, run, model, preprocess, train_rows, val_rows, model_path, device)
 
-        choose_trainable(model, args)  # LoRA adapters (the default), or whole towers
+        choose_trainable(model, config)  # LoRA adapters (the default), or whole towers
         if world > 1:  # the same adapters everywhere, but each rank its own dropout masks
-            torch.manual_seed(args.seed + rank)
+            torch.manual_seed(config.seed + rank)
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
+        optimizer = torch.optim.AdamW(trainable.values(), lr=config.lr, weight_decay=config.weight_decay,
                                       fused=device.type == "cuda")
         towers = Towers(model)
         if distributed():
             towers = nn.parallel.DistributedDataParallel(towers, device_ids=[device] if device.type == "cuda" else None)
         # fp16's narrow range needs the loss scaled up before backward; a step whose gradients
         # overflow anyway is skipped and the scale halved. bf16 has float32's range and needs none.
-        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-        embed_batch = functools.partial(embed, torch.compile(towers) if args.compile else towers, ids["train"],
-                                        {k: v.to(device) for k, v in refs["train"].items()}, device, args.precision)
+        scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        embed_batch = functools.partial(embed, torch.compile(towers) if config.compile else towers, ids["train"],
+                                        {k: v.to(device) for k, v in refs["train"].items()}, device, config.precision)
         loss_of = functools.partial(batch_loss, loss_fn, model.logit_scale)
         no_sync = towers.no_sync if world > 1 else None
-        schedule = Schedule(len(train_rows), args.batch_size, args.accum, args.seed, order)
-        total_steps = args.steps or schedule.total(args.epochs)
-        validation = lambda: validate(model, val_rows, ids["val"], preprocess, refs["val"], loss_fn, args, device)
+        schedule = Schedule(len(train_rows), config.batch_size, config.accum, config.seed, order)
+        total_steps = config.steps or schedule.total(config.epochs)
+        validation = lambda: validate(model, val_rows, ids["val"], preprocess, refs["val"], loss_fn, config, device)
         run.begin(model, trainable, optimizer, scaler, schedule, total_steps, train_rows, loss_fn,
                   validation if val_rows else lambda: None, device)
         # Decoded images are kept when they fit in --image-cache and are loaded in this process (each
         # worker would keep a copy of its own).
-        cache = args.workers == 0 and image_cache_mib(train_rows, model.config.image_resolution) <= args.image_cache
-        dataset = Quadruplets(train_rows, preprocess, cache=cache, source=args.data)
+        cache = config.workers == 0 and image_cache_mib(train_rows, model.config.image_resolution) <= config.image_cache
+        dataset = Quadruplets(train_rows, preprocess, cache=cache, source=config.data)
 
         # -- the loop ---------------------------------------------------------------------------
         towers.train()
-        with training_steps(dataset, schedule, run.step, total_steps, args.workers, args.seed, device) as steps:
+        with training_steps(dataset, schedule, run.step, total_steps, config.workers, config.seed, device) as steps:
             for micro_batches in steps:  # one optimizer step's --accum micro-batches, from run.step on
                 epoch = schedule.locate(run.step)[0]
-                lr = lr_at(run.step, args, total_steps)
+                lr = lr_at(run.step, config, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss, terms = forward_backward(micro_batches, embed_batch, loss_of, scaler, no_sync)
-                scale = update(optimizer, scaler, trainable.values(), args.grad_clip)
-                if args.objective == "clip":  # CLIP's own temperature, capped at 100 as OpenAI's is
+                scale = update(optimizer, scaler, trainable.values(), config.grad_clip)
+                if config.objective == "clip":  # CLIP's own temperature, capped at 100 as OpenAI's is
                     with torch.no_grad():
                         model.logit_scale.clamp_(0, math.log(100))
                 if run.after_step(epoch, lr, loss, terms, scale):  # log, validate, checkpoint; True: stop here
@@ -2560,7 +2681,7 @@ def encode_images(model, preprocess, paths, batch_size=64, device=None, desc=Non
     return torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
 
 
-def _check_images(rows, args, verbose):
+def _check_images(rows, data, skip_bad, verbose):
     """Open every image header once before training, so a broken file stops the run up front."""
     good, bad = [], 0
     for row in tqdm(rows, desc="checking images", disable=not verbose, leave=False):
@@ -2570,8 +2691,8 @@ def _check_images(rows, args, verbose):
                     image.verify()
             good.append(row)
         except Exception as e:  # PIL raises many types for broken files
-            if not args.skip_bad:
-                raise DataError(f"{args.data}:{row['line']}: unreadable {key} {row[key]} ({e})") from None
+            if not skip_bad:
+                raise DataError(f"{data}:{row['line']}: unreadable {key} {row[key]} ({e})") from None
             bad += 1
     return good, bad
 
@@ -2619,11 +2740,11 @@ def resolve_device(requested, local_rank):
     return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
-def setup_device(args):
+def setup_device(config):
     """The training device, with the process group (under torchrun) and the device's settings."""
-    device = resolve_device(args.device, dist_info()[2])
+    device = resolve_device(config.device, dist_info()[2])
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"--device {args.device}: this torch {torch.__version__} sees no CUDA device")
+        raise TrainingError(f"--device {config.device}: this torch {torch.__version__} sees no CUDA device")
     if "WORLD_SIZE" in os.environ:  # torchrun, even with one process: the multi-GPU code path
         # The backend is bound to the training device ("cuda:nccl" takes only CUDA tensors, as NCCL
         # does; "cpu:gloo" only CPU ones): every collective here runs on that device's tensors.
@@ -2633,8 +2754,8 @@ def setup_device(args):
         # TF32 (float32's range, 10 mantissa bits) speeds up float32 matmuls; only where a low
         # precision was asked for: --precision fp32 stays true float32, and so do the frozen
         # references whatever the precision (see `true_fp32`).
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
-    if args.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.precision != "fp32"
+    if config.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
         raise TrainingError("--compile on the CPU needs a C++ compiler for torch.compile's generated kernels: "
                             "install g++ (Debian/Ubuntu: apt-get install g++) or set CXX to one, or drop --compile")
     return device
@@ -2751,59 +2872,59 @@ RUN_SETTINGS = ("data_sha256", "model", "tokenizer", "scratch", "vocab_size", "q
                 "grad_clip", "full", "lora_rank", "lora_alpha", "lora_dropout", "freeze", "precision")
 
 
-def training_rows(args, world, verbose):
+def training_rows(config, world, verbose):
     """The train and val rows of --data, every image checked before the first step, and how many
     bad rows --skip-bad dropped: (train rows, val rows, skipped)."""
-    rows = read_pairs(args.data, skip_bad=args.skip_bad)
-    rows, bad = _check_images([r for r in rows if r["split"] in ("train", "val")], args, verbose)
+    rows = read_pairs(config.data, skip_bad=config.skip_bad)
+    rows, bad = _check_images([r for r in rows if r["split"] in ("train", "val")], config.data, config.skip_bad, verbose)
     skipped = read_pairs.skipped + bad
     train_rows = [r for r in rows if r["split"] == "train"]
     # Counted after the rows --skip-bad dropped: what is left must still make one step.
     left = f"{len(train_rows)} training rows" + (f" (after skipping {skipped} bad row(s))" if skipped else "")
-    if len(train_rows) < args.batch_size:
-        raise DataError(f"{args.data}: {left}, fewer than one batch of {args.batch_size}")
-    if len(train_rows) < args.batch_size * args.accum:
-        raise DataError(f"{args.data}: {left}, fewer than one step of "
-                        f"{args.batch_size} x {args.accum} (--batch-size x --accum)")
-    if args.batch_size % world:
-        raise TrainingError(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
+    if len(train_rows) < config.batch_size:
+        raise DataError(f"{config.data}: {left}, fewer than one batch of {config.batch_size}")
+    if len(train_rows) < config.batch_size * config.accum:
+        raise DataError(f"{config.data}: {left}, fewer than one step of "
+                        f"{config.batch_size} x {config.accum} (--batch-size x --accum)")
+    if config.batch_size % world:
+        raise TrainingError(f"--batch-size {config.batch_size} must divide evenly over {world} processes")
     return train_rows, [r for r in rows if r["split"] == "val"], skipped
 
 
-def initial_model(args, train_rows):
+def initial_model(config, train_rows):
     """The model to train, on the CPU: pre-trained weights (by name, downloaded if need be), or,
     with --scratch, a fresh one with a BPE trained on the captions (unless --tokenizer).
     Returns (model, preprocess, the weights' path or None)."""
-    if args.scratch is None:
-        model_path = resolve_model(args.model, "--model")
-        model, preprocess = load(model_path, device="cpu", tokenizer=args.tokenizer, quick_gelu=args.quick_gelu)
+    if config.scratch is None:
+        model_path = resolve_model(config.model, "--model")
+        model, preprocess = load(model_path, device="cpu", tokenizer=config.tokenizer, quick_gelu=config.quick_gelu)
         require_tokenizer(model)
         return model, preprocess, model_path
-    if args.tokenizer:
-        tokenizer = Tokenizer.from_file(args.tokenizer)
+    if config.tokenizer:
+        tokenizer = Tokenizer.from_file(config.tokenizer)
     else:
-        tokenizer = Tokenizer.train([r[k] for r in train_rows for k in ("safe", "unsafe")], vocab_size=args.vocab_size)
-    model = CLIP(scratch_config(args.scratch, tokenizer.vocab_size, args.quick_gelu))
+        tokenizer = Tokenizer.train([r[k] for r in train_rows for k in ("safe", "unsafe")], vocab_size=config.vocab_size)
+    model = CLIP(scratch_config(config.scratch, tokenizer.vocab_size, config.quick_gelu))
     model.tokenizer = tokenizer
     return model, image_transform(model.config.image_resolution), None
 
 
-def prepare_objective(args, run, model, preprocess, train_rows, val_rows, model_path, device):
+def prepare_objective(config, run, model, preprocess, train_rows, val_rows, model_path, device):
     """The objective's loss with its settings bound, and the frozen references of each split:
     ({"train": refs, "val": refs}, loss_fn, curriculum order or None). `--objective clip` has no
     references: (empty, None, None)."""
-    if args.objective == "clip":
+    if config.objective == "clip":
         return {"train": {}, "val": {}}, None, None
     rows, n = train_rows + val_rows, len(train_rows)
-    fingerprint = _fingerprint(model_path, rows, model, args.objective, n)
-    per_row, constants, order = objective_inputs(args.objective, model, preprocess, rows, n,
-                                                  Path(args.out) / "reference.safetensors", fingerprint, device,
-                                                  args.batch_size, args.workers, write=run.write)
-    constants |= {"offset": args.offset} if args.offset is not None else {}
-    constants |= {"margin": args.margin} if args.margin is not None else {}
-    constants |= {"tau": args.margin_tau} if args.margin_tau is not None else {}
-    constants["scale"] = model.logit_scale.exp().item() if args.nce_scale == "model" else float(args.nce_scale or 100)
-    loss_fn = functools.partial(OBJECTIVES[args.objective].loss, lambdas=args.lambdas, **constants)
+    fingerprint = _fingerprint(model_path, rows, model, config.objective, n)
+    per_row, constants, order = objective_inputs(config.objective, model, preprocess, rows, n,
+                                                  Path(config.out) / "reference.safetensors", fingerprint, device,
+                                                  config.batch_size, config.workers, write=run.write)
+    constants |= {"offset": config.offset} if config.offset is not None else {}
+    constants |= {"margin": config.margin} if config.margin is not None else {}
+    constants |= {"tau": config.margin_tau} if config.margin_tau is not None else {}
+    constants["scale"] = model.logit_scale.exp().item() if config.nce_scale == "model" else float(config.nce_scale or 100)
+    loss_fn = functools.partial(OBJECTIVES[config.objective].loss, lambdas=config.lambdas, **constants)
     return {"train": {k: v[:n] for k, v in per_row.items()}, "val": {k: v[n:] for k, v in per_row.items()}}, loss_fn, order
 
 
@@ -2927,7 +3048,7 @@ def training_steps(dataset, schedule, start, total, workers, seed, device):
 
 
 class Run:
-    """A training run's bookkeeping in its --out folder, used as `with Run(args, ...) as run:`.
+    """A training run's bookkeeping in its --out folder, used as `with Run(config, ...) as run:`.
 
     It refuses a folder that holds another run (unless --resume, which must not change the run's
     settings) and locks the folder for its whole life; it writes train_config.json, log.jsonl, the
@@ -2936,16 +3057,16 @@ class Run:
     finishes the step, writes the checkpoint and exits. Only rank 0 writes; decisions that depend
     on a rank's own view (files, validation) are rank 0's for every rank (see `from_rank0`)."""
 
-    def __init__(self, args, main_process):
-        self.args, self.main = args, main_process
-        self.out = Path(args.out)
+    def __init__(self, config, main_process):
+        self.config, self.main = config, main_process
+        self.out = Path(config.out)
         self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
         self.state = dict(step=0, best=None, best_step=None, bad_evals=0)
         self.stopped, self.started, self.skipped_in_a_row, self.saved_step = False, time.time(), 0, None
         self.pending, self.signal, self.lock, self.old_handlers, self.extended = [], None, None, {}, {}
-        self.log_every = getattr(args, "log_every", None) or 1
+        self.log_every = getattr(config, "log_every", None) or 1
         self.report = None
-        if main_process and getattr(args, "report_to", None) == "tensorboard":
+        if main_process and getattr(config, "report_to", None) == "tensorboard":
             TensorBoard.writer_class()  # a missing package stops the run before anything is written
         refusal = from_rank0(self._refusal() if main_process else None)
         if refusal:
@@ -2956,11 +3077,11 @@ class Run:
     def _refusal(self):
         """Why this command may not run in --out, or None."""
         marker = next((self.out / name for name in RUN_FILES if (self.out / name).exists()), None)
-        if marker is not None and not self.args.resume:
+        if marker is not None and not self.config.resume:
             return (f"{self.out} already holds a run ({marker.name}); nothing was changed. Add --resume to "
                     "continue it (with the same settings), or choose another --out")
         recorded = self.out / "train_config.json"
-        if not (self.args.resume and recorded.is_file()):
+        if not (self.config.resume and recorded.is_file()):
             return None
         try:
             old = json.loads(recorded.read_text())
@@ -2980,12 +3101,12 @@ class Run:
         """The settings train_config.json records, as JSON values: every option, the data and the
         base model as absolute paths (so evaluate.py --ckpt OUT finds them from anywhere), and the
         data file's SHA-256 (a resume must train on the same rows)."""
-        args = self.args
-        portable = {k: str(Path(v).resolve()) for k, v in (("data", args.data), ("model", args.model))
+        config = self.config
+        portable = {k: str(Path(v).resolve()) for k, v in (("data", config.data), ("model", config.model))
                     if v is not None and Path(v).exists()}
-        settings = {**{k: v for k, v in vars(args).items() if k != "func"}, **portable}
-        if Path(args.data).is_file():
-            settings["data_sha256"] = sha256_file(args.data)
+        settings = {**{f.name: getattr(config, f.name) for f in fields(TrainConfig)}, **portable}
+        if Path(config.data).is_file():
+            settings["data_sha256"] = sha256_file(config.data)
         return json.loads(json.dumps(settings))
 
     def _lock(self):
@@ -3019,16 +3140,16 @@ class Run:
     def _what_now(self, error):
         """What a failure that keeps its traceback (out of memory, NCCL, the compiler) left, and, for
         out of memory, the ways out."""
-        args = self.args
+        config = self.config
         kept = (f"The checkpoint {self.ckpt_path} (step {self.saved_step}) is intact: once fixed, the same command "
                 "with --resume goes on from there." if self.saved_step else "No checkpoint was written yet.")
         if not isinstance(error, torch.OutOfMemoryError):
             return f"error: at step {self.step + 1}. {kept}"
         world = dist_info()[1]
-        return (f"error: out of memory at step {self.step + 1} with --batch-size {args.batch_size} "
-                f"({args.batch_size // world} rows per process, --accum {args.accum}). Ways out: "
+        return (f"error: out of memory at step {self.step + 1} with --batch-size {config.batch_size} "
+                f"({config.batch_size // world} rows per process, --accum {config.accum}). Ways out: "
                 f"--grad-checkpointing (activations of one block at a time, ~1/3 more compute); "
-                f"--batch-size {max(1, args.batch_size // 2)} --accum {2 * args.accum} (the same batch in two "
+                f"--batch-size {max(1, config.batch_size // 2)} --accum {2 * config.accum} (the same batch in two "
                 "halves); or a smaller --batch-size. docs/training.md tables what fits each GPU. " + kept)
 
     @property
@@ -3044,18 +3165,18 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.lock is None:
                 self._lock()
-        if self.args.resume and from_rank0(self.ckpt_path.exists()):
+        if self.config.resume and from_rank0(self.ckpt_path.exists()):
             self.resume()
         elif self.main:
             self.write(self.log_path, lambda path: path.write_text(""))
             self.write(self.out / "train_config.json", lambda path: _write_json(path, self.settings()))
-            if self.args.objective == "safeclip":
+            if self.config.objective == "safeclip":
                 self.log({"step": 0, "terms": active_terms(train_rows), "nce_scale": loss_fn.keywords["scale"]})
-        if self.main and self.args.objective == "safeclip":
+        if self.main and self.config.objective == "safeclip":
             _report_terms(active_terms(train_rows), len(train_rows))
-        if self.main and getattr(self.args, "report_to", None) == "tensorboard":
+        if self.main and getattr(self.config, "report_to", None) == "tensorboard":
             self.report = TensorBoard(self.out / "tensorboard", first_step=self.step + 1)
-        self.bar = tqdm(total=total_steps, initial=self.step, desc=f"train ({self.args.objective})",
+        self.bar = tqdm(total=total_steps, initial=self.step, desc=f"train ({self.config.objective})",
                         disable=not self.main, dynamic_ncols=True)
         self.samples, self.tick = 0, time.time()
         self._catch_signals()
@@ -3109,8 +3230,8 @@ class Run:
     def after_step(self, epoch, lr, loss, terms, scale):
         """Log the step; validate and checkpoint when due. True when training should stop here."""
         self.state["step"] += 1
-        args, step = self.args, self.step
-        self.samples += args.batch_size * args.accum
+        config, step = self.config, self.step
+        self.samples += config.batch_size * config.accum
         amp = {}
         if self.scaler.is_enabled():  # fp16: a step whose gradients overflowed was skipped and halved the scale
             amp = dict(loss_scale=scale, skipped=self.scaler.get_scale() < scale)
@@ -3125,13 +3246,13 @@ class Run:
         epoch_end = self.schedule.locate(step)[1] == 0
         if len(self.pending) >= self.log_every:
             self.flush()
-        if (step % args.eval_every == 0 if args.eval_every else epoch_end) or step == self.total_steps:
+        if (step % config.eval_every == 0 if config.eval_every else epoch_end) or step == self.total_steps:
             self.stopped = self.validate_and_select()
         # Under torchrun, agreeing on a signal is a collective that waits for the GPU: every rank
         # asks at the same steps, those where it reads the device anyway (a flush, an epoch's end).
         due = not distributed() or step % self.log_every == 0 or epoch_end or step >= self.total_steps
         signalled = due and any_rank(self.signal is not None, self.device)
-        if (args.save_every and step % args.save_every == 0) or epoch_end or self.stopped or signalled:
+        if (config.save_every and step % config.save_every == 0) or epoch_end or self.stopped or signalled:
             self.save_checkpoint()
         if signalled:
             self.flush()
@@ -3160,7 +3281,7 @@ class Run:
                     + "; try a lower --lr, --precision fp32 or --grad-clip.")
             if self.main:
                 self.log({"step": step, "epoch": epoch, "lr": lr, **record, "samples_per_s": round(speed, 2),
-                          "precision": self.args.precision, **amp})
+                          "precision": self.config.precision, **amp})
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{speed:.1f}")
         self.pending = []
         if self.report is not None:
@@ -3173,7 +3294,7 @@ class Run:
         metrics = from_rank0(self.validation())
         if metrics is None:  # no val split
             return False
-        score = -metrics["loss"] if self.args.select == "loss" else metrics["recall_sum"]
+        score = -metrics["loss"] if self.config.select == "loss" else metrics["recall_sum"]
         improved = self.state["best"] is None or score > self.state["best"]
         if improved:
             self.state.update(best=score, best_step=self.step, bad_evals=0, best_metrics=metrics)
@@ -3185,7 +3306,7 @@ class Run:
             self.log({"step": self.step, "val": metrics, "best_step": self.state["best_step"]})
             tqdm.write(f"step {self.step}: val loss {metrics['loss']:.4f}, recall-sum {metrics['recall_sum']:.1f}"
                        + (" (best)" if improved else ""))
-        return bool(self.args.patience) and self.state["bad_evals"] >= self.args.patience
+        return bool(self.config.patience) and self.state["bad_evals"] >= self.config.patience
 
     def save_checkpoint(self):
         """Everything an exact resume needs: trainable weights, optimizer, loss scaler, progress,
@@ -3321,18 +3442,18 @@ def recall_at_1(queries, gallery):
 
 
 @torch.no_grad()
-def validate(model, rows, ids, preprocess, refs, loss_fn, args, device):
+def validate(model, rows, ids, preprocess, refs, loss_fn, config, device):
     """Validation loss (the mean over rows of the per-batch losses) and the public code's
     recall-sum: R@1 both ways for (T, V), (T, V*) and (T*, V)."""
     was_training = model.training
     model.eval()
     n = len(rows)
-    p = args.precision  # the training step's precision (default bf16 on CUDA, fp32 on the CPU)
+    p = config.precision  # the training step's precision (default bf16 on CUDA, fp32 on the CPU)
     rank, world, _ = dist_info()  # each rank embeds a stride of the rows; all see them all after
-    texts = lambda t: gather_rows(encode_token_ids(model, t[rank::world], args.batch_size, device, desc=False,
+    texts = lambda t: gather_rows(encode_token_ids(model, t[rank::world], config.batch_size, device, desc=False,
                                                    precision=p), len(t), rank, world, device)
-    images = lambda paths: gather_rows(encode_images(model, preprocess, paths[rank::world], args.batch_size, device,
-                                                     desc=False, workers=args.workers or 0, precision=p),
+    images = lambda paths: gather_rows(encode_images(model, preprocess, paths[rank::world], config.batch_size, device,
+                                                     desc=False, workers=config.workers or 0, precision=p),
                                        len(paths), rank, world, device)
     t_safe, t_unsafe = texts(ids[0]), texts(ids[1])
     v_safe = images([r["safe_image"] for r in rows])
@@ -3344,9 +3465,9 @@ def validate(model, rows, ids, preprocess, refs, loss_fn, args, device):
     # batch's rows that have V*, out of all such rows.
     before = [0, *has.long().cumsum(0).tolist()]  # how many rows before row i have V*
     sums = {}
-    for i in range(0, n, args.batch_size):
-        s = slice(i, i + args.batch_size)
-        vu = v_unsafe[before[i]:before[min(i + args.batch_size, n)]]
+    for i in range(0, n, config.batch_size):
+        s = slice(i, i + config.batch_size)
+        vu = v_unsafe[before[i]:before[min(i + config.batch_size, n)]]
         weight = len(t_safe[s]) / n
         if loss_fn is not None:
             total, terms = loss_fn(t_safe[s], t_unsafe[s], v_safe[s], vu, has_unsafe_image=has[s],
@@ -3464,22 +3585,13 @@ def cmd_train(args):
     errors = train_option_errors(args)
     if errors:
         raise SystemExit(f"error: {errors[0]}")
-    if args.scratch is None:
-        args.model = args.model or "ViT-L/14"  # the paper's backbone
-    if args.objective != "clip":
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if config.objective != "clip":
         try:
-            args.lambdas = parse_lambdas(args.lambdas, OBJECTIVES[args.objective].lambdas)
+            config.lambdas = parse_lambdas(config.lambdas, OBJECTIVES[config.objective].lambdas)
         except argparse.ArgumentTypeError as e:
             raise SystemExit(f"error: {e}") from None
-    recipe = OBJECTIVES[args.objective].recipe if args.objective != "clip" else None
-    for option, value in (recipe or {}).items():
-        if getattr(args, option) is None:
-            setattr(args, option, value)
-    if args.lr is None:
-        args.lr = 5e-4 if args.scratch is not None else 1e-5 if args.full else 1e-3
-    if args.batch_size is None:
-        args.batch_size = 16
-    train(args)
+    train(config.resolved())
 
 
 def cmd_export(args):
@@ -3556,91 +3668,19 @@ def build_parser():
                        "quadruplets, or pre-train a small CLIP from scratch with --objective clip --scratch. "
                        "`train --data pairs.jsonl` alone fine-tunes OpenAI's ViT-L/14 (downloaded into the "
                        "weights folder if missing) with the paper's settings into runs/safeclip.")
-    g = t.add_argument_group("data and model")
-    g.add_argument("--data", required=True, metavar="PAIRS",
-                   help="pairs.jsonl (safe, unsafe, safe_image[, unsafe_image, category, split])")
-    g.add_argument("--model", metavar="NAME|PATH", help="weights to fine-tune: an OpenAI name (ViT-B/32, ViT-B/16, "
-                   "ViT-L/14, ViT-L/14@336px) or anything safeclip.load reads (default: ViT-L/14, the paper's)")
-    g.add_argument("--tokenizer", metavar="PATH",
-                   help="tokenizer for weights that come without one (tokenizer.json or OpenAI's .txt.gz)")
-    g.add_argument("--scratch", metavar="SPEC", type=parse_scratch, help="train a new model instead, e.g. "
-                   "'width=128,layers=4,embed_dim=128,image_resolution=32,vision_patch_size=4,context_length=32'")
-    g.add_argument("--vocab-size", type=int, default=2000, metavar="N",
-                   help="BPE vocabulary trained for --scratch without --tokenizer")
-    g.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction,
-                   help=QUICK_GELU_HELP + "; with --scratch, QuickGELU unless --no-quick-gelu")
-    g.add_argument("--out", default="runs/safeclip", metavar="DIR", help="output folder: checkpoints, log.jsonl, "
-                   "the final model; one that already holds a run is never overwritten (see --resume)")
-    g.add_argument("--skip-bad", action="store_true", help="skip malformed rows and unreadable images instead of stopping")
-    g = t.add_argument_group("objective")
-    g.add_argument("--objective", choices=(*OBJECTIVES, "clip"), default="safeclip",
-                   help="safeclip: the eight Safe-CLIP terms; safer-clip: SafeR-CLIP (nearest-safe targets, relative "
-                   "loss, curriculum); twin-offset and twin-margin: ours, unsafe items just below their safe twins, by a fixed "
-                   "offset or by ranking the twins; twin-nce: ours, twin-margin that keeps the redirect (docs/objectives.md); "
-                   "clip: CLIP's contrastive pre-training loss")
-    g.add_argument("--lambdas", help="loss weights, 8 values in the order of the objective's terms ("
-                   + ",".join(LAMBDAS) + " for safeclip) or name=value pairs (default: the paper's)")
-    g.add_argument("--offset", type=float, help=f"twin-offset: length a of the unsafe offset (default: {TWIN_OFFSET})")
-    g.add_argument("--margin", type=float, metavar="M", help="twin-margin: how far, in cosine, a query must score "
-                   f"its safe twin above the unsafe one (default: {TWIN_MARGIN}; twin-nce: {TWIN_NCE_MARGIN})")
-    g.add_argument("--margin-tau", type=float, metavar="T", help="twin-margin and twin-nce: the smoothing of the hinge, "
-                   f"T * softplus(x / T) (default: {TWIN_MARGIN_TAU}; twin-nce: {TWIN_NCE_TAU})")
-    g.add_argument("--nce-scale", metavar="S|model",
-                   help="logit scale of the objective's InfoNCE terms: a number, or 'model' for the original "
-                   "model's own learned one, exp(logit_scale) (default: 100, the paper's, which is also what "
-                   "OpenAI's CLIPs learned; a small CLIP trained here learns far less, and 100 would make these "
-                   "terms much sharper than the model ever was)")
-    g = t.add_argument_group("what trains")
-    g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    g.add_argument("--lora-rank", type=int, default=16, metavar="R", help="rank of the LoRA adapters")
-    g.add_argument("--lora-alpha", type=float, default=1.0, metavar="A", help="LoRA scale is alpha / rank")
-    g.add_argument("--lora-dropout", type=float, default=0.1, metavar="P", help="dropout on the adapters' input")
-    g.add_argument("--freeze", nargs="+", choices=("text", "vision"), help="towers to leave untouched")
-    g = t.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, help="learning rate (default: 1e-3 LoRA, 1e-5 --full, 5e-4 --scratch; "
-                   "1e-4 for safer-clip)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
-    g.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
-                   help="learning rate after the warm-up: constant, or cosine decay to zero")
-    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--batch-size", type=int, help="quadruplets per micro-batch, over all processes (default: 16; "
-                   "48 for safer-clip)")
-    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step: the same loss and gradients "
-                   "as one batch N times larger (one more forward pass per micro-batch)")
-    g.add_argument("--epochs", type=int, default=10, help="passes over the training split")
-    g.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--seed", type=int, default=0, help="adapters' initialisation, dropout and data order")
-    g = t.add_argument_group("validation and checkpoints")
-    g.add_argument("--eval-every", type=int, help="steps between validations (default: each epoch)")
-    g.add_argument("--select", choices=("loss", "recall"), default="loss",
-                   help="best model by validation loss or by the recall-sum")
-    g.add_argument("--patience", type=int, default=5, help="stop after this many validations without improvement (0: never)")
-    g.add_argument("--save-every", type=int, help="also write the resume checkpoint every N steps")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped; "
-                   "only --epochs, --steps, --patience, --save-every, --workers and such may change, not the run's "
-                   "data, model, objective or optimisation")
-    g.add_argument("--report-to", choices=("tensorboard",), help="also write the log's curves for TensorBoard, "
-                   "in OUT/tensorboard (`tensorboard --logdir OUT`; needs `pip install tensorboard`)")
-    g.add_argument("--log-every", type=int, metavar="N", help="read the loss terms back from the device and write "
-                   "their log records every N steps (each step has its record; default: 10 on CUDA, where each read "
-                   "is a host-device sync, 1 on the CPU)")
-    g = t.add_argument_group("hardware")
-    g.add_argument("--device", help="default: cuda when present, else cpu")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
-                   help="autocast of the training step, on any device; the weights, LayerNorm's statistics, the "
-                   "loss and the optimizer stay float32, and fp16 adds a loss scaler. Default: bf16 on CUDA; fp32 "
-                   "on the CPU, since bf16 is faster only on CPUs with native bf16 matmuls (AVX-512 BF16 or AMX: "
-                   "Intel Xeon from Cooper Lake and Sapphire Rapids on, AMD from Zen 4 on) and several times "
-                   "slower on others (see docs/speed.md); fp16 is slow on most CPUs")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (on the CPU it needs a C++ "
-                   "compiler, g++)")
-    g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory (large towers)")
-    g.add_argument("--workers", type=int, help="image loading processes (default: 0 on CPU, where they would compete "
-                   "with the model's threads; up to 8 with CUDA)")
-    g.add_argument("--image-cache", type=float, default=2048, metavar="MIB",
-                   help="with --workers 0, keep the training images decoded and preprocessed after their first "
-                   "epoch when they fit in this many MiB (float32: 3 x R x R x 4 bytes each; 0 turns it off)")
+    groups = {}
+    for f in fields(TrainConfig):
+        cli = dict(f.metadata)
+        group, parse = cli.pop("group"), cli.pop("parse", None)
+        if group not in groups:
+            groups[group] = t.add_argument_group(group)
+        if f.type is bool and "action" not in cli:
+            cli["action"] = "store_true"
+        elif parse is not None:
+            cli["type"] = globals()[parse] if parse != "str" else str
+        elif f.type in (int, float):
+            cli["type"] = f.type
+        groups[group].add_argument("--" + f.name.replace("_", "-"), default=f.default, **cli)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", formatter_class=fmt, help="write a model for transformers or OpenAI's code",
@@ -3664,11 +3704,6 @@ USER_ERRORS = (DataError, CheckpointError, TrainingError, DownloadError, FileNot
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        args.precision = args.precision or ("bf16" if cuda else "fp32")
-        args.workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1) if cuda else 0
-        args.log_every = args.log_every or (10 if cuda else 1)
     try:
         args.func(args)
     except Stopped as e:  # SIGTERM or Ctrl-C: the checkpoint is written
