@@ -1320,7 +1320,7 @@ def update(optimizer, scaler, params, grad_clip):
 # follows from the seed and the step (`Schedule`). Everything else that draws random numbers has a
 # generator of its own, the DataLoader's and validation's loaders included, so none of them moves
 # the generators dropout draws from (an evaluation would otherwise change every mask after it).
-# `Run` (Part II) only writes this state to the checkpoint file and reads it back.
+# `Checkpoint` (Part II) only writes this state to the file and reads it back.
 
 def _rng_state():
     """The generators dropout draws from (the CPU's, and the current CUDA device's if in use)."""
@@ -1448,8 +1448,9 @@ def train(config):
 #   16. Devices, torchrun     setup_device, gather / gather_rows / gather_some, from_rank0, to_device
 #   17. The run               training_rows, initial_model, prepare_objective and the reference
 #                             cache (objective_inputs, reference_embeddings), MicroBatches and
-#                             training_steps (the run's one DataLoader), Run (lock, log, checkpoint
-#                             file, signals, validation and the best model), TensorBoard, validate
+#                             training_steps (the run's one DataLoader); Run and its pieces:
+#                             RunFolder (lock, train_config.json, log), Checkpoint (the file),
+#                             StopSignals, BestModel (validation's use); TensorBoard; validate
 #   18. The command line      build_parser, cmd_train, train_option_errors, main
 
 
@@ -3047,25 +3048,17 @@ def training_steps(dataset, schedule, start, total, workers, seed, device):
             batches._shutdown_workers()
 
 
-class Run:
-    """A training run's bookkeeping in its --out folder, used as `with Run(config, ...) as run:`.
-
-    It refuses a folder that holds another run (unless --resume, which must not change the run's
-    settings) and locks the folder for its whole life; it writes train_config.json, log.jsonl, the
-    resume checkpoint, out/best and the final model, and stops with one line if any of those
-    writes fails; it validates, keeps the best model and stops early; and on SIGTERM or Ctrl-C it
-    finishes the step, writes the checkpoint and exits. Only rank 0 writes; decisions that depend
-    on a rank's own view (files, validation) are rank 0's for every rank (see `from_rank0`)."""
+class RunFolder:
+    """The --out folder of a run: it refuses a folder that holds another run (unless --resume, which
+    must not change the run's settings), locks it for the process's whole life, records
+    train_config.json, appends log.jsonl (and, with --report-to, TensorBoard's curves), and writes
+    every file whole, or stops with one line that names the file and what is intact. Only rank 0
+    writes; rank 0 decides the refusal for every rank."""
 
     def __init__(self, config, main_process):
-        self.config, self.main = config, main_process
-        self.out = Path(config.out)
-        self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
-        self.state = dict(step=0, best=None, best_step=None, bad_evals=0)
-        self.stopped, self.started, self.skipped_in_a_row, self.saved_step = False, time.time(), 0, None
-        self.pending, self.signal, self.lock, self.old_handlers, self.extended = [], None, None, {}, {}
-        self.log_every = getattr(config, "log_every", None) or 1
-        self.report = None
+        self.config, self.main, self.out = config, main_process, Path(config.out)
+        self.log_path = self.out / "log.jsonl"
+        self.lock, self.extended, self.report, self.checkpoint = None, {}, None, None
         if main_process and getattr(config, "report_to", None) == "tensorboard":
             TensorBoard.writer_class()  # a missing package stops the run before anything is written
         refusal = from_rank0(self._refusal() if main_process else None)
@@ -3122,27 +3115,196 @@ class Run:
             raise TrainingError(f"{self.out} is in use by another training run ({holder}); nothing was changed. "
                                 "Wait for it to end, or choose another --out") from None
 
+    def open(self):
+        """Create the folder and lock it (rank 0)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.lock is None:
+            self._lock()
+
+    def start_log(self, header):
+        """A new run: an empty log (with `header`, if any, as its first record) and its settings."""
+        self.write(self.log_path, lambda path: path.write_text(""))
+        self.write(self.out / "train_config.json", lambda path: _write_json(path, self.settings()))
+        if header:
+            self.log(header)
+
+    def start_report(self, first_step):
+        if getattr(self.config, "report_to", None) == "tensorboard":
+            self.report = TensorBoard(self.out / "tensorboard", first_step=first_step)
+
+    def log(self, record):
+        self.write(self.log_path, lambda path: _append_log(path, record))
+        if self.report is not None:
+            self.report.add(record)
+
+    def write(self, path, write):
+        """`write(path)`; if it fails (a full disk, a file-size limit, an I/O error), stop with one
+        line that names the file and says what is intact. Every write is whole or not at all."""
+        try:
+            write(Path(path))
+        except TrainingError:
+            raise
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports I/O errors as RuntimeError
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+            kept = self.checkpoint.intact() if self.checkpoint is not None else "no checkpoint was written yet"
+            raise TrainingError(f"cannot write {path}: {reason}; {kept}. Free some space, then run the same command "
+                                "with --resume") from None
+
+    def close(self):
+        if self.report is not None:
+            self.report.writer.close()
+        if self.lock is not None:
+            self.lock.close()  # releases the lock
+
+
+class Checkpoint:
+    """OUT/checkpoint.pt: `training_state` written whole, and read back by --resume (rank 0 reads it
+    and sends it to every rank), a damaged one named with what is intact and the ways out."""
+
+    def __init__(self, folder):
+        self.folder, self.path, self.saved_step = folder, folder.out / "checkpoint.pt", None
+        folder.checkpoint = self
+
+    def intact(self):
+        return (f"the checkpoint {self.path} (step {self.saved_step}) is intact" if self.saved_step
+                else "no checkpoint was written yet")
+
+    def save(self, trainable, optimizer, scaler, progress):
+        ranks = all_ranks(_rng_state())
+        if not self.folder.main:
+            return
+        ckpt = training_state(trainable, optimizer, scaler, progress, ranks)
+        self.folder.write(self.path, lambda path: _atomic_write(path, lambda tmp: _torch_save(ckpt, tmp)))
+        self.saved_step = progress["step"]
+
+    def load(self, trainable):
+        """The checkpoint, on every rank; refuses one that cannot be read or does not fit this run."""
+        ckpt = None
+        if self.folder.main:
+            try:
+                ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
+                if not {"trainable", "optimizer", "state", "rng"} <= set(ckpt):
+                    ckpt = ValueError("not a checkpoint of safeclip.py train (keys missing)")
+            except Exception as e:  # torch raises many types for a cut or damaged file
+                ckpt = e
+        ckpt = from_rank0(ckpt)
+        out = self.folder.out
+        if isinstance(ckpt, Exception):
+            intact = [name for name in ("best", "log.jsonl", "train_config.json") if (out / name).exists()]
+            raise TrainingError(
+                f"{self.path}: cannot be read ({type(ckpt).__name__}: {str(ckpt).splitlines()[0][:200]}); "
+                f"nothing in {out} was changed. Intact: {', '.join(intact) or 'nothing else'}. Ways out: "
+                "restore checkpoint.pt from a copy and run again with --resume, or start afresh in another --out")
+        if set(ckpt["trainable"]) != set(trainable):
+            raise TrainingError(f"{self.path}: its trainable parameters do not match this run's options")
+        self.saved_step = ckpt["state"]["step"]
+        return ckpt
+
+
+class StopSignals:
+    """SIGTERM (how SLURM and Kubernetes preempt) and Ctrl-C: noted, so that the loop finishes its
+    step, writes the checkpoint and exits (see `Run.after_step`); a second one stops at once."""
+
+    def __init__(self, say):
+        self.signal, self.say, self.old_handlers = None, say, {}
+
+    def catch(self):
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            if self.signal is not None:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            self.signal = signum
+            if self.say:
+                tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, once the checkpoint is written "
+                           "(again to stop at once)", file=sys.stderr)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.old_handlers[signum] = signal.signal(signum, handler)
+
+    def restore(self):
+        for signum, handler in self.old_handlers.items():
+            signal.signal(signum, handler)
+
+
+class BestModel:
+    """Validation's use: each result (rank 0's, for every rank) logged, the best model kept in
+    OUT/best, and --patience's early stop. Its progress (best score, step, validations without
+    improvement) lives in the run's `state`, which the checkpoint holds."""
+
+    def __init__(self, folder, state, select, patience, validation):
+        self.folder, self.state, self.select, self.patience, self.validation = folder, state, select, patience, validation
+
+    def validate(self, model):
+        """Validate; True when --patience says stop."""
+        metrics = from_rank0(self.validation())
+        if metrics is None:  # no val split
+            return False
+        step = self.state["step"]
+        score = -metrics["loss"] if self.select == "loss" else metrics["recall_sum"]
+        improved = self.state["best"] is None or score > self.state["best"]
+        if improved:
+            self.state.update(best=score, best_step=step, bad_evals=0, best_metrics=metrics)
+            if self.folder.main:
+                self.folder.write(self.folder.out / "best", lambda path: save(model, path))
+        else:
+            self.state["bad_evals"] += 1
+        if self.folder.main:
+            self.folder.log({"step": step, "val": metrics, "best_step": self.state["best_step"]})
+            tqdm.write(f"step {step}: val loss {metrics['loss']:.4f}, recall-sum {metrics['recall_sum']:.1f}"
+                       + (" (best)" if improved else ""))
+        return bool(self.patience) and self.state["bad_evals"] >= self.patience
+
+    def final(self, model):
+        """The run's model: the best by validation, or `model` (the last) without a val split."""
+        best_dir = self.folder.out / "best"
+        if self.state["best_step"] is None or not (best_dir / "config.json").exists():
+            return model
+        try:
+            return load(best_dir, device="cpu")[0]
+        except CheckpointError as e:
+            checkpoint = self.folder.checkpoint
+            raise TrainingError(f"{e}. The checkpoint {checkpoint.path} (step {checkpoint.saved_step}) and the log are "
+                                f"intact. Ways out: restore {best_dir} and run the same command with --resume, "
+                                "or remove it to keep the last model instead") from None
+
+
+class Run:
+    """A training run, used as `with Run(config, ...) as run:`: `train` tells it of each step
+    (`after_step`), and it logs the steps (reading the device once per --log-every), validates,
+    checkpoints and stops when due. Its pieces: the folder (`RunFolder`), the checkpoint file
+    (`Checkpoint`), the signals (`StopSignals`) and the best model (`BestModel`)."""
+
+    def __init__(self, config, main_process):
+        self.config, self.main = config, main_process
+        self.state = dict(step=0, best=None, best_step=None, bad_evals=0)
+        self.stopped, self.started, self.skipped_in_a_row, self.pending = False, time.time(), 0, []
+        self.log_every = getattr(config, "log_every", None) or 1
+        self.folder = RunFolder(config, main_process)
+        self.checkpoint, self.signals = Checkpoint(self.folder), StopSignals(say=main_process)
+        self.out, self.log_path, self.ckpt_path = self.folder.out, self.folder.log_path, self.checkpoint.path
+        self.write, self.log = self.folder.write, self.folder.log  # (the reference cache writes through it too)
+
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, error, traceback):
         if getattr(self, "bar", None) is not None:
             self.bar.close()  # before any error message
-        for signum, handler in self.old_handlers.items():
-            signal.signal(signum, handler)
-        if self.lock is not None:
-            self.lock.close()  # releases the lock
-        if self.report is not None:
-            self.report.writer.close()
+        self.signals.restore()
+        self.folder.close()
         if error is not None and not isinstance(error, (*USER_ERRORS, Stopped, KeyboardInterrupt)):
             error.add_note(self._what_now(error))  # printed under the traceback
 
     def _what_now(self, error):
         """What a failure that keeps its traceback (out of memory, NCCL, the compiler) left, and, for
         out of memory, the ways out."""
-        config = self.config
-        kept = (f"The checkpoint {self.ckpt_path} (step {self.saved_step}) is intact: once fixed, the same command "
-                "with --resume goes on from there." if self.saved_step else "No checkpoint was written yet.")
+        config, saved = self.config, self.checkpoint.saved_step
+        kept = (f"The checkpoint {self.ckpt_path} (step {saved}) is intact: once fixed, the same command "
+                "with --resume goes on from there." if saved else "No checkpoint was written yet.")
         if not isinstance(error, torch.OutOfMemoryError):
             return f"error: at step {self.step + 1}. {kept}"
         world = dist_info()[1]
@@ -3156,76 +3318,45 @@ class Run:
     def step(self):
         return self.state["step"]
 
+    @property
+    def signal(self):
+        return self.signals.signal
+
+    def _catch_signals(self):
+        self.signals.catch()
+
     def begin(self, model, trainable, optimizer, scaler, schedule, total_steps, train_rows, loss_fn, validation,
               device):
         """Resume from the checkpoint (with --resume), or start the log and record the settings."""
         self.model, self.trainable, self.optimizer, self.scaler = model, trainable, optimizer, scaler
-        self.schedule, self.total_steps, self.validation, self.device = schedule, total_steps, validation, device
+        self.schedule, self.total_steps, self.device = schedule, total_steps, device
+        self.best = BestModel(self.folder, self.state, self.config.select, self.config.patience, validation)
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if self.lock is None:
-                self._lock()
+            self.folder.open()
+        safeclip_terms = self.config.objective == "safeclip"
         if self.config.resume and from_rank0(self.ckpt_path.exists()):
             self.resume()
         elif self.main:
-            self.write(self.log_path, lambda path: path.write_text(""))
-            self.write(self.out / "train_config.json", lambda path: _write_json(path, self.settings()))
-            if self.config.objective == "safeclip":
-                self.log({"step": 0, "terms": active_terms(train_rows), "nce_scale": loss_fn.keywords["scale"]})
-        if self.main and self.config.objective == "safeclip":
+            self.folder.start_log({"step": 0, "terms": active_terms(train_rows), "nce_scale": loss_fn.keywords["scale"]}
+                                  if safeclip_terms else None)
+        if self.main:
+            self.folder.start_report(first_step=self.step + 1)
+        if self.main and safeclip_terms:
             _report_terms(active_terms(train_rows), len(train_rows))
-        if self.main and getattr(self.config, "report_to", None) == "tensorboard":
-            self.report = TensorBoard(self.out / "tensorboard", first_step=self.step + 1)
         self.bar = tqdm(total=total_steps, initial=self.step, desc=f"train ({self.config.objective})",
                         disable=not self.main, dynamic_ncols=True)
         self.samples, self.tick = 0, time.time()
-        self._catch_signals()
+        self.signals.catch()
 
     def resume(self):
-        ckpt = None
-        if self.main:
-            try:
-                ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-                if not {"trainable", "optimizer", "state", "rng"} <= set(ckpt):
-                    ckpt = ValueError("not a checkpoint of safeclip.py train (keys missing)")
-            except Exception as e:  # torch raises many types for a cut or damaged file
-                ckpt = e
-        ckpt = from_rank0(ckpt)
-        if isinstance(ckpt, Exception):
-            intact = [name for name in ("best", "log.jsonl", "train_config.json") if (self.out / name).exists()]
-            raise TrainingError(
-                f"{self.ckpt_path}: cannot be read ({type(ckpt).__name__}: {str(ckpt).splitlines()[0][:200]}); "
-                f"nothing in {self.out} was changed. Intact: {', '.join(intact) or 'nothing else'}. Ways out: "
-                "restore checkpoint.pt from a copy and run again with --resume, or start afresh in another --out")
-        if set(ckpt["trainable"]) != set(self.trainable):
-            raise TrainingError(f"{self.ckpt_path}: its trainable parameters do not match this run's options")
+        ckpt = self.checkpoint.load(self.trainable)
         self.state.update(restore_training_state(ckpt, self.trainable, self.optimizer, self.scaler, dist_info()[0]))
-        self.saved_step = self.step
         if self.main:
             self.write(self.log_path, lambda path: _truncate_log(path, self.step))
-            if self.extended:
-                self.log({"step": self.step, "resumed_with": self.extended})
+            if self.folder.extended:
+                self.log({"step": self.step, "resumed_with": self.folder.extended})
             print(f"resumed from {self.ckpt_path} at step {self.step}"
-                  + "".join(f"; {k}: {a} -> {b}" for k, (a, b) in self.extended.items()), file=sys.stderr)
-
-    def _catch_signals(self):
-        """SIGTERM (how SLURM and Kubernetes preempt) and Ctrl-C: finish the step, write the
-        checkpoint, exit (see `after_step`). A second signal stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum, frame):
-            if self.signal is not None:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-                return
-            self.signal = signum
-            if self.main:
-                tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, once the checkpoint is written "
-                           "(again to stop at once)", file=sys.stderr)
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self.old_handlers[signum] = signal.signal(signum, handler)
+                  + "".join(f"; {k}: {a} -> {b}" for k, (a, b) in self.folder.extended.items()), file=sys.stderr)
 
     def after_step(self, epoch, lr, loss, terms, scale):
         """Log the step; validate and checkpoint when due. True when training should stop here."""
@@ -3270,54 +3401,34 @@ class Run:
             return
         flat = torch.cat([torch.stack([loss, *terms.values()]).float() for _, _, _, loss, terms, _, _ in self.pending])
         values = iter(flat.tolist())
+        saved = self.checkpoint.saved_step
         for step, epoch, lr, _, terms, amp, speed in self.pending:
             record = dict(zip(["loss", *terms], values))
             if not math.isfinite(record["loss"]) and not self.scaler.is_enabled():  # fp16: the scaler skips those
                 raise TrainingError(
                     f"non-finite loss ({record['loss']}) at step {step - 1}; terms: "  # (steps done before it)
                     + ", ".join(f"{n}={v:.4g}" for n, v in record.items() if n != "loss")
-                    + f". The last good checkpoint is {self.ckpt_path if self.saved_step else 'not written yet'}"
-                    + (f" (step {self.saved_step})" if self.saved_step else "")
+                    + f". The last good checkpoint is {self.ckpt_path if saved else 'not written yet'}"
+                    + (f" (step {saved})" if saved else "")
                     + "; try a lower --lr, --precision fp32 or --grad-clip.")
             if self.main:
                 self.log({"step": step, "epoch": epoch, "lr": lr, **record, "samples_per_s": round(speed, 2),
                           "precision": self.config.precision, **amp})
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{speed:.1f}")
         self.pending = []
-        if self.report is not None:
-            self.report.flush()
+        if self.folder.report is not None:
+            self.folder.report.flush()
 
     def validate_and_select(self):
-        """Validate; keep the best model in out/best; True when --patience says stop. Every rank
-        takes rank 0's result, so they all stop at the same step."""
+        """Validate (see `BestModel`); True when --patience says stop. Every rank takes rank 0's
+        result, so they all stop at the same step."""
         self.flush()
-        metrics = from_rank0(self.validation())
-        if metrics is None:  # no val split
-            return False
-        score = -metrics["loss"] if self.config.select == "loss" else metrics["recall_sum"]
-        improved = self.state["best"] is None or score > self.state["best"]
-        if improved:
-            self.state.update(best=score, best_step=self.step, bad_evals=0, best_metrics=metrics)
-            if self.main:
-                self.write(self.out / "best", lambda path: save(self.model, path))
-        else:
-            self.state["bad_evals"] += 1
-        if self.main:
-            self.log({"step": self.step, "val": metrics, "best_step": self.state["best_step"]})
-            tqdm.write(f"step {self.step}: val loss {metrics['loss']:.4f}, recall-sum {metrics['recall_sum']:.1f}"
-                       + (" (best)" if improved else ""))
-        return bool(self.config.patience) and self.state["bad_evals"] >= self.config.patience
+        return self.best.validate(self.model)
 
     def save_checkpoint(self):
-        """Everything an exact resume needs: trainable weights, optimizer, loss scaler, progress,
-        and every rank's random generators (each rank draws its own dropout masks)."""
+        """Everything an exact resume needs (`training_state`), in OUT/checkpoint.pt."""
         self.flush()  # a non-finite loss stops the run before it reaches a checkpoint
-        ranks = all_ranks(_rng_state())
-        if not self.main:
-            return
-        ckpt = training_state(self.trainable, self.optimizer, self.scaler, self.state, ranks)
-        self.write(self.ckpt_path, lambda path: _atomic_write(path, lambda tmp: _torch_save(ckpt, tmp)))
-        self.saved_step = self.step
+        self.checkpoint.save(self.trainable, self.optimizer, self.scaler, self.state)
 
     def finish(self, model, skipped):
         """The last checkpoint, then the run's model: the best by validation, or the last one
@@ -3326,15 +3437,7 @@ class Run:
         self.bar.close()
         if not self.main:
             return
-        best_dir = self.out / "best"
-        final = model
-        if self.state["best_step"] is not None and (best_dir / "config.json").exists():
-            try:
-                final = load(best_dir, device="cpu")[0]
-            except CheckpointError as e:
-                raise TrainingError(f"{e}. The checkpoint {self.ckpt_path} (step {self.saved_step}) and the log are "
-                                    f"intact. Ways out: restore {best_dir} and run the same command with --resume, "
-                                    "or remove it to keep the last model instead") from None
+        final = self.best.final(model)
         self.write(self.out, lambda path: save(final, path, tokenizer=model.tokenizer))
         best = self.state.get("best_metrics")
         print(f"done: {self.step} steps in {(time.time() - self.started) / 60:.1f} min"
@@ -3343,25 +3446,6 @@ class Run:
               + (f"; skipped {skipped} bad row(s)" if skipped else "")
               + f"\nmodel: {self.out} (safeclip.load('{self.out}')), log: {self.log_path}, resume state: "
               f"{self.ckpt_path}", file=sys.stderr)
-
-    def log(self, record):
-        self.write(self.log_path, lambda path: _append_log(path, record))
-        if self.report is not None:
-            self.report.add(record)
-
-    def write(self, path, write):
-        """`write(path)`; if it fails (a full disk, a file-size limit, an I/O error), stop with one
-        line that names the file and says what is intact. Every write is whole or not at all."""
-        try:
-            write(Path(path))
-        except TrainingError:
-            raise
-        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports I/O errors as RuntimeError
-            reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
-            kept = (f"the checkpoint {self.ckpt_path} (step {self.saved_step}) is intact"
-                    if self.saved_step else "no checkpoint was written yet")
-            raise TrainingError(f"cannot write {path}: {reason}; {kept}. Free some space, then run the same command "
-                                "with --resume") from None
 
 
 class TensorBoard:
