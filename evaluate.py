@@ -431,7 +431,8 @@ def in_short(report, checkpoints, written=()):
                                 before["zeroshot"]["top1"], after["zeroshot"]["top1"], kept=True))
         lines.append(f"In short (%), baseline -> model: {checkpoints['baseline']} -> {checkpoints['model']}, "
                      f"split {report['split']}, {after['n']} quadruplets")
-        lines += ["  " + line for line in aligned(rows, 2)]
+        figures = aligned([row[:-1] for row in rows], 2)  # the last column, which figure, flush left
+        lines += [f"  {line}  {row[-1]}" for line, row in zip(figures, rows)]
     lines += [f"{what}: {path}" for path, what in written]
     return "\n".join(lines) + "\n" if lines else ""
 
