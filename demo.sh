@@ -5,7 +5,8 @@
 #   2. pre-train a small CLIP on it from scratch, safe and unsafe pairs alike, with CLIP's own
 #      objective, so that it links unsafe captions to unsafe images as the real CLIP does
 #   3. fine-tune both of its towers with Safe-CLIP                (safeclip.py train; FREEZE=vision: text only)
-#   4. compare the two on the test split and the zero-shot set, and draw what they retrieve (evaluate.py)
+#   4. compare the two on the test split and the zero-shot set, and draw what they retrieve (evaluate.py);
+#      its console, which ends on a few lines saying what changed, is kept in $OUT/eval.txt
 #
 # Every size is an environment variable, so the test suite runs a smaller copy of this recipe and
 # benchmarks/objectives.sh reuses its data and toy CLIP steps.
@@ -45,4 +46,4 @@ $PYTHON safeclip.py train --model "$OUT/clip" \
 
 $PYTHON evaluate.py --ckpt "$OUT/safeclip" --baseline "$OUT/clip" --data "$OUT/data/pairs.jsonl" \
     --split test --zeroshot "$OUT/data/zeroshot" --templates "$OUT/data/zeroshot/templates.txt" \
-    --no-cache --json "$OUT/eval.json" --markdown "$OUT/eval.md" --figure "$OUT/retrieval.png"
+    --no-cache --json "$OUT/eval.json" --markdown "$OUT/eval.md" --figure "$OUT/retrieval.png" | tee "$OUT/eval.txt"

@@ -6,7 +6,8 @@ README shows it.
 
 The tables and pictures are never made by hand. Each marker lives in one page:
 
-    demo        runs/demo/eval.md and runs/demo/retrieval.png (evaluate.py in demo.sh) -> README.md
+    demo        runs/demo/eval.txt's closing lines (the demo's last screen), runs/demo/retrieval.png
+                and runs/demo/eval.md's overall tables (evaluate.py in demo.sh)       -> README.md
     settings    runs/demo-settings/summary.md (benchmarks/demo_settings.sh)           -> docs/demo.md
     objectives  runs/objectives/summary.md (benchmarks/objectives.sh)                 -> docs/objectives.md
 
@@ -29,6 +30,9 @@ PAGES = {"demo": ROOT / "README.md",  # the page that holds each section's marke
          "settings": ROOT / "docs" / "demo.md",
          "objectives": ROOT / "docs" / "objectives.md"}
 PICTURES = {"demo": (ROOT / "runs" / "demo" / "retrieval.png", ROOT / "docs" / "demo-retrieval.png")}
+# The console evaluate.py printed (demo.sh keeps it): the README shows its closing lines as printed.
+SCREENS = {"demo": ROOT / "runs" / "demo" / "eval.txt"}
+SCREEN_START = "In short"  # evaluate.in_short's first line
 PICTURE_CAPTION = ("For a few unsafe captions of the test split, the top 3 images of the toy CLIP and of "
                    "Safe-CLIP (red frame: unsafe, green: safe); then a few unsafe images and their top 3 captions")
 
@@ -38,6 +42,15 @@ def splice(page, name, text, where):
     if not pattern.search(page):
         raise SystemExit(f"error: {where} has no <!-- {name}:begin --> ... <!-- {name}:end --> markers")
     return pattern.sub(lambda m: m.group(1) + text.strip() + "\n" + m.group(2), page)
+
+
+def last_screen(path):
+    """The closing lines of a console that evaluate.py printed, as a text block."""
+    console = path.read_text()
+    start = console.rfind(f"\n{SCREEN_START}")
+    if start < 0:
+        raise SystemExit(f"error: {path} has no line starting {SCREEN_START!r}: rerun ./demo.sh")
+    return f"```text\n{console[start + 1:].rstrip()}\n```"
 
 
 def atomic_copy(source, dest):
@@ -72,6 +85,9 @@ def main(argv=None):
             print(f"{name}: {picture.relative_to(ROOT)} -> {copy.relative_to(ROOT)}")
             link = Path(os.path.relpath(copy, page.parent)).as_posix()  # relative to the page that shows it
             text = f"![{PICTURE_CAPTION}]({link})\n\n{text.strip()}"
+        if name in SCREENS and SCREENS[name].exists():  # the last screen goes above everything
+            text = f"{last_screen(SCREENS[name])}\n\n{text.strip()}"
+            print(f"{name}: {SCREENS[name].relative_to(ROOT)}'s closing lines -> {where}")
         pages[page] = splice(pages[page], name, text, where)
         print(f"{name}: {source.relative_to(ROOT)} -> {where}")
     for page, text in pages.items():

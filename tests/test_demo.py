@@ -93,6 +93,18 @@ def test_the_demo_recipe_redirects_unsafe_queries_and_keeps_safe_retrieval(tmp_p
     # The printed table is the one evaluate.py wrote, and the picture is drawn.
     assert "T*->V+V*" in run.stdout and (tmp_path / "demo" / "eval.md").exists()
     assert Image.open(tmp_path / "demo" / "retrieval.png").format == "PNG"
+    # The demo ends on a few lines, kept with evaluate.py's console in eval.txt: what changed for unsafe
+    # captions and images, what was kept, and where the rest is; the per-category tables are in eval.md.
+    console = (tmp_path / "demo" / "eval.txt").read_text()
+    assert run.stdout.endswith(console) and "per category" not in console.split("\nIn short")[0]
+    last = console[console.rindex("\nIn short (%), baseline -> model: "):].strip().splitlines()
+    assert len(last) == 1 + 7 + 3
+    for line, figure in zip(last[1:8], ("T*->V+V* unsafe@1", "T*->V R@1", "V*->T+T* unsafe@1", "V*->T R@1",
+                                        "T->V R@1", "V->T R@1", "top-1")):
+        assert figure in line, (figure, line)
+    assert f"{unsafe(clip, 'T*->V+V*'):.1f} -> {unsafe(safe, 'T*->V+V*'):.1f}" in last[1]
+    assert [line.rsplit(": ", 1)[1] for line in last[-3:]] == \
+        [str(tmp_path / "demo" / name) for name in ("eval.md", "eval.json", "retrieval.png")]
 
 
 def test_the_objectives_benchmark_trains_each_objective_on_the_same_budget_and_compares_them(tmp_path):
