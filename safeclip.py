@@ -543,7 +543,8 @@ def build_model(sd, config, source):
 # of section 2 has a socket at each of those places: `Linear.lora` (the attention's output
 # projection and both MLP layers), `Attention.lora_k` / `lora_v` (read in `Attention.adapt`) and
 # `PatchEmbedding.lora`; `add_lora` fills them. `save` (Part II) folds every adapter into its base
-# weight (`_plain_state_dict`, below), so a trained model loads as a plain CLIP anywhere.
+# weight (`_plain_state_dict`, below), so a trained model loads as a plain CLIP anywhere. (The key
+# and value adapters read the same input, so they share one dropout mask: `Attention.adapt`.)
 
 
 class LoRA(nn.Module):
@@ -691,6 +692,8 @@ def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
 # The public datasets (ViSU-Text, NSFWCaps) ship no unsafe images: Safe-CLIP's two terms on V*
 # are then computed over the rows that have one, or skipped.
 #
+# The InfoNCE terms use a fixed logit scale, the paper's 100 (--nce-scale; `prepare_objective`, in
+# Part II, binds it and --lambdas to the loss).
 # The weights are relative: the total is sum(l_i / sum(l) * term_i) over the terms present, so it
 # is a weighted mean of the terms (the eight weights add up to 1.75; without V*, the six left add
 # up to 1.05), and a term's share of the gradient is its weight over that sum.
@@ -1134,8 +1137,9 @@ def unsafe_direction(safe, unsafe):
 
 class Schedule:
     """Which rows each step trains on. An epoch is a seeded permutation of its rows (all training
-    rows, or a curriculum's share of them) cut into global batches of batch x accum rows; a row
-    left over at an epoch's end waits for the next epoch's permutation."""
+    rows, or a curriculum's share of them) cut into global batches of batch x accum rows; the
+    rows left over at an epoch's end (fewer than a step's) sit that epoch out, and the next epoch
+    draws a new permutation of all of them."""
 
     def __init__(self, n_rows, batch, accum, seed, order=None):
         self.n_rows, self.batch, self.accum, self.seed, self.order = n_rows, batch, accum, seed, order
@@ -1220,8 +1224,10 @@ def embed(towers, ids, refs, device, precision, batch):
     """A micro-batch -> the embeddings [T, T*, V, V*, which rows have V*] of the rows of every rank
     (V* only for those rows; None when all have one), and those rows' frozen references. `ids`
     holds the (safe, unsafe) token ids of the training rows, `refs` their references, on `device`.
-    Every shape is decided from host data (the batch's rows), so nothing here waits for the GPU."""
-    safe_pix, unsafe_pix, has_v_unsafe, idx, rows, has_all = batch  # rows, has_all: of every rank
+    Every shape is decided from host data (the batch's rows), so nothing here waits for the GPU.
+    `batch`: `collate_quadruplets`' four (this rank's rows), then the rows of every rank in the
+    order `gather` returns them and which of those have V* (added by `training_steps`, Part II)."""
+    safe_pix, unsafe_pix, has_v_unsafe, idx, rows, has_all = batch
     t_ids = trim_padding(torch.cat([ids[0][idx], ids[1][idx]]))  # on the CPU
     pixels = torch.cat([safe_pix.to(device, non_blocking=True), unsafe_pix.to(device, non_blocking=True)])
     with autocast(device, precision):
@@ -1269,8 +1275,10 @@ def accumulate(micro_batches, embed_batch, loss_of, scaler, no_sync=None):
     micro-batch without a graph, compute the whole batch's loss on those embeddings, then
     recompute each micro-batch with its graph against the others' cached embeddings and
     backpropagate. The gradients add up to the whole batch's, InfoNCE negatives included, for
-    one more forward pass per micro-batch and the memory of one micro-batch's graph. `no_sync`
-    (DDP's) holds back the gradient all-reduce until the last micro-batch."""
+    one more forward pass per micro-batch and the memory of one micro-batch's graph. (The same
+    batch, not the same numbers as --batch-size B x N: each micro-batch draws its own dropout
+    masks, and its captions are trimmed to its own longest.) `no_sync` (DDP's) holds back the
+    gradient all-reduce until the last micro-batch."""
     rng, cached, refs = [], [], []
     with torch.no_grad():
         for batch in micro_batches:
@@ -1312,7 +1320,8 @@ def update(optimizer, scaler, params, grad_clip):
 
 
 # -- exact resume ------------------------------------------------------------------------------
-# A run stopped at step N and resumed equals a straight run of the same steps, bit for bit, because
+# A run stopped at step N and resumed equals a straight run of the same steps, bit for bit (on the
+# same kernels, and with the same --epochs/--steps, which a cosine schedule's lr depends on), because
 # the checkpoint holds everything the next step depends on: the trainable tensors, AdamW's moments,
 # the fp16 loss scaler, the step and the best validation so far, and every random generator a step
 # draws from, on every rank: torch's CPU generator and the current CUDA device's, which draw the
@@ -1320,7 +1329,8 @@ def update(optimizer, scaler, params, grad_clip):
 # follows from the seed and the step (`Schedule`). Everything else that draws random numbers has a
 # generator of its own, the DataLoader's and validation's loaders included, so none of them moves
 # the generators dropout draws from (an evaluation would otherwise change every mask after it).
-# `Checkpoint` (Part II) only writes this state to the file and reads it back.
+# `Checkpoint` (Part II) only writes this state to the file and reads it back; the run writes it at
+# every epoch's end, every --save-every steps, and when it stops (early, by a signal, or at the end).
 
 def _rng_state():
     """The generators dropout draws from (the CPU's, and the current CUDA device's if in use)."""

@@ -191,8 +191,8 @@ def _gather_some_on_rank(rank, world, store, present_by_rank, rows, weights):
     try:
         present = present_by_rank[rank]
         x = rows[rank][present].clone().requires_grad_(True)  # only the rows that exist
-        gathered, everywhere = safeclip.gather_some(x, present)
-        assert torch.equal(everywhere, torch.cat(present_by_rank))
+        # Which rows have V* on every rank is host data each rank knows (from the schedule's rows).
+        gathered = safeclip.gather_some(x, present, torch.cat(present_by_rank))
         assert torch.equal(gathered, torch.cat([r[p] for r, p in zip(rows, present_by_rank)]))
         (gathered * weights[: len(gathered)]).sum().backward()
         # Every rank computes the same global loss; the backward sums their gradients (as `gather` does).
