@@ -28,7 +28,7 @@ class SlowServer:
     """Serves `files` (URL path -> bytes) in 16 KiB pieces `delay` seconds apart, so that
     processes starting together overlap; counts the GET requests of each path."""
 
-    def __init__(self, files, delay=0.02):
+    def __init__(self, files, delay=0.004):
         self.files, self.gets = files, {}
         state = self
 
