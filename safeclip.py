@@ -3465,6 +3465,13 @@ class TensorBoard:
     drop what a killed run wrote past its checkpoint, so the curves go on with no step twice."""
 
     def __init__(self, folder, first_step):
+        # TensorBoard reads a folder's event files in name order, and a name starts with the second
+        # its file was opened: a resumed run opens its own in a later second than every file before
+        # it, so that its purge comes after what it purges (a run killed early may be that young).
+        opened = [int(p.name.split(".")[3]) for p in Path(folder).glob("events.out.tfevents.*")
+                  if p.name.split(".")[3].isdigit()]
+        while opened and time.time() < max(opened) + 1:
+            time.sleep(0.05)
         self.writer = self.writer_class()(str(folder), purge_step=first_step if first_step > 1 else None)
 
     @staticmethod

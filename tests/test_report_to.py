@@ -78,3 +78,24 @@ def test_without_the_package_one_line_and_nothing_written(data, base_model, tmp_
     assert proc.stderr.strip().splitlines()[-1] == ("error: --report-to tensorboard needs the tensorboard package: "
                                                    "pip install tensorboard (requirements-extras.txt)")
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_resume_within_the_same_second_still_purges_after_the_killed_runs_file(tmp_path):
+    """Bug (seen in CI): TensorBoard reads event files in name order, which starts with the second a
+    file was opened and then the process id; a run killed within a second of its start, resumed at
+    once by a process whose id sorts first, had its curves read before the killed run's, and the
+    purge hid the wrong steps."""
+    folder = tmp_path / "tensorboard"
+    first = safeclip.TensorBoard(folder, first_step=1)
+    for step in range(1, 7):
+        first.add({"step": step, "loss": float(step)})
+    first.writer.close()
+    [killed] = folder.glob("events.out.tfevents.*")
+    second_and_host = killed.name.rsplit(".", 2)[0]  # events.out.tfevents.SECOND.HOST(.PID.N)
+    killed.rename(folder / f"{second_and_host}.{'9' * 12}.0")  # a process id that sorts after any other
+    resumed = safeclip.TensorBoard(folder, first_step=5)
+    for step in range(5, 9):
+        resumed.add({"step": step, "loss": 10.0 + step})
+    resumed.writer.close()
+    got = curves(tmp_path)["train/loss"]
+    assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 15.0), (6, 16.0), (7, 17.0), (8, 18.0)]
