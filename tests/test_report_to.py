@@ -40,9 +40,9 @@ def same(got, want):
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in want[tag]], rel=1e-6), tag
 
 
-def argv(data, model, out):
+def argv(data, model, out, steps=8):
     return ["train", "--data", str(data), "--model", str(model), "--out", str(out), "--batch-size", "8",
-            "--workers", "0", "--seed", "1", "--steps", "8", "--eval-every", "3", "--log-every", "2",
+            "--workers", "0", "--seed", "1", "--steps", str(steps), "--eval-every", "3", "--log-every", "2",
             "--save-every", "4", "--report-to", "tensorboard"]
 
 
@@ -58,14 +58,15 @@ def test_every_number_of_the_log_reaches_tensorboard(data, base_model, tmp_path)
 
 def test_a_killed_and_resumed_run_continues_the_curves_with_no_step_twice(data, base_model, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "safeclip.py"), *argv(data, base_model, out)]
-    assert run_killed_after_step(cmd, out / "log.jsonl", 6) == -9  # checkpoint at step 4, curves to step 6
-    before = curves(out)
-    assert max(s for s, _ in before["train/loss"]) >= 6
-    assert safeclip.main(argv(data, base_model, out)[:-2] + ["--report-to", "tensorboard", "--resume"]) == 0
+    cmd = [sys.executable, str(ROOT / "safeclip.py"), *argv(data, base_model, out, steps=12)]
+    # Killed once the log holds step 7: TensorBoard has its curves to step 6 at least (flushed with
+    # steps 5-6), past the last checkpoint (step 4) or at the next one (step 8).
+    assert run_killed_after_step(cmd, out / "log.jsonl", 7) == -9
+    assert max(s for s, _ in curves(out)["train/loss"]) >= 6
+    assert safeclip.main(argv(data, base_model, out, steps=12) + ["--resume"]) == 0
     got = curves(out)
     same(got, expected(out))
-    assert [s for s, _ in got["train/loss"]] == list(range(1, 9))
+    assert [s for s, _ in got["train/loss"]] == list(range(1, 13))
 
 
 def test_without_the_package_one_line_and_nothing_written(data, base_model, tmp_path):  # noqa: F811
