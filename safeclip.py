@@ -1236,7 +1236,8 @@ def embed(towers, ids, refs, device, precision, batch):
     v_safe, v_unsafe = image.float().split([len(idx), len(unsafe_pix)])
     v_unsafe = gather_some(v_unsafe, has_v_unsafe, has_all)
     has = None if has_all.all() else has_all
-    row_refs = {k: v.index_select(0, to_device(rows, v.device)) for k, v in refs.items()}
+    rows = to_device(rows, device)  # once for every reference
+    row_refs = {k: v.index_select(0, rows) for k, v in refs.items()}
     return [gather(t_safe), gather(t_unsafe), gather(v_safe), v_unsafe, has], row_refs
 
 
