@@ -692,8 +692,8 @@ def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
 # The public datasets (ViSU-Text, NSFWCaps) ship no unsafe images: Safe-CLIP's two terms on V*
 # are then computed over the rows that have one, or skipped.
 #
-# The InfoNCE terms use a fixed logit scale, the paper's 100 (--nce-scale; `prepare_objective`, in
-# Part II, binds it and --lambdas to the loss).
+# The InfoNCE terms use a fixed logit scale, the paper's 100 (--nce-scale; `bind_objective`, in
+# section 8, binds it and --lambdas to the loss).
 # The weights are relative: the total is sum(l_i / sum(l) * term_i) over the terms present, so it
 # is a weighted mean of the terms (the eight weights add up to 1.75; without V*, the six left add
 # up to 1.05), and a term's share of the gradient is its weight over that sum.
@@ -1037,10 +1037,11 @@ def collate_quadruplets(batch):
             torch.tensor([u is not None for u in unsafe]), torch.tensor(idx))
 
 
-# The frozen targets are the original model's embeddings, T0 and V0: `train` computes them before
-# it attaches any adapter, in true float32 whatever --precision says (no autocast, no TF32), since
-# every term pulls toward them and they are computed only once. Part II caches them across runs
-# (`objective_inputs`) and splits the rows over ranks (`reference_embeddings`).
+# The frozen targets are the original model's embeddings, T0 and V0: `train` computes them
+# (`frozen_targets`) before it attaches any adapter, in true float32 whatever --precision says (no
+# autocast, no TF32: `frozen_embeddings`), since every term pulls toward them and they are computed
+# only once. Part II only splits the rows over ranks (`reference_embeddings`) and keeps the result
+# in OUT/reference.safetensors for a later run on the same weights, data and code (`objective_inputs`).
 
 REFERENCE_INPUTS = {"t_ref": ("safe", "T0(T)"), "v_ref": ("safe_image", "V0(V)"),
                     "t_unsafe_ref": ("unsafe", "T0(T*)"), "v_unsafe_ref": ("unsafe_image", "V0(V*)")}
@@ -1055,8 +1056,11 @@ def references_needed(objective):
 
 
 def frozen_embeddings(model, preprocess, rows, names, device, batch_size, workers=0, desc=True):
-    """The original model's embeddings of `rows` in true float32: {name: (N, E)} for each of
-    `names` (keys of REFERENCE_INPUTS: T0(T), V0(V), T0(T*), V0(V*))."""
+    """The original model's embeddings of `rows` in true float32: {name: (N, E)}, on the CPU, not
+    normalised, for each of `names` (keys of REFERENCE_INPUTS: T0(T), V0(V), T0(T*), V0(V*)).
+    The precision is decided here: precision="fp32" turns off the autocast that `encode_texts` and
+    `encode_images` (Part II: they batch the rows and call `encode_text` / `encode_image`) would
+    run under, and `true_fp32` turns off TF32, so every matmul is a full float32 one, on any GPU."""
     was_training = model.training
     model.eval()
     out = {}
@@ -1082,10 +1086,14 @@ def true_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def frozen_targets(objective, emb, n_train):
-    """`emb` (the frozen embeddings of every row, by name) with what `objective` derives from them
-    once: SafeR-CLIP's nearest safe caption of each row and its curriculum order, twin-offset's
-    unsafe direction. Rows [0, n_train) are the training split; only they are drawn on."""
+def frozen_targets(objective, model, preprocess, rows, n_train, device, batch_size, workers=0):
+    """Everything `objective` pulls toward, for every row, from `model` as it is (`train` calls this
+    before any adapter exists): the frozen embeddings it needs (`references_needed`), then what it
+    derives from them once: SafeR-CLIP's nearest safe caption of each row and its curriculum order,
+    twin-offset's unsafe direction. {name: tensor}. Rows [0, n_train) are the training split, the
+    rest validation's; only the training rows are drawn on."""
+    # `frozen_embeddings` of every row, each rank embedding a stride of them (Part II)
+    emb = reference_embeddings(model, preprocess, rows, device, batch_size, workers, references_needed(objective))
     spec, out, t_ref = OBJECTIVES[objective], dict(emb), emb["t_ref"]
     if "t_near" in spec.references:  # the pool: every safe caption of the training split
         out["near"] = nearest_safe(emb["t_unsafe_ref"], t_ref[:n_train])
@@ -1095,6 +1103,35 @@ def frozen_targets(objective, emb, n_train):
         out["unsafe_dir"] = unsafe_direction(torch.cat([t_ref[:n_train], emb["v_ref"][:n_train]]),
                                              torch.cat([emb["t_unsafe_ref"][:n_train], emb["v_unsafe_ref"][:n_train]]))
     return out
+
+
+def objective_arguments(objective, targets):
+    """`frozen_targets`' result -> what the loss takes: (per-row references {name: (N, ..)},
+    constants {name: tensor}, curriculum order or None)."""
+    spec = OBJECTIVES[objective]
+    per_row = {"t_near": lambda: targets["t_ref"][targets["near"]], "v_near": lambda: targets["v_ref"][targets["near"]]}
+    refs = {name: per_row[name]() if name in per_row else targets[name] for name in spec.references}
+    return refs, {name: targets[name] for name in spec.constants}, targets.get("order")
+
+
+def bind_objective(config, targets, n_train, logit_scale):
+    """The run's loss and what it takes per row: (loss_fn, {"train": refs, "val": refs}, curriculum
+    order or None). loss_fn is `config.objective`'s function (OBJECTIVES) with these bound: the
+    weights (--lambdas, or the objective's own), the InfoNCE scale (--nce-scale: a number, or
+    "model" for the original model's own exp(logit_scale); default the paper's 100), the
+    objective's settings that were given (--offset, --margin, --margin-tau; else its defaults) and
+    its constants from `targets` (twin-offset's direction). refs: its per-row frozen references
+    (`frozen_targets`' result), split at n_train. --objective clip: (None, no refs, None), which
+    `batch_loss` reads as CLIP's own loss."""
+    if config.objective == "clip":
+        return None, {"train": {}, "val": {}}, None
+    per_row, constants, order = objective_arguments(config.objective, targets)
+    given = {"offset": config.offset, "margin": config.margin, "tau": config.margin_tau}
+    constants |= {name: value for name, value in given.items() if value is not None}
+    constants["scale"] = logit_scale.exp().item() if config.nce_scale == "model" else float(config.nce_scale or 100)
+    loss_fn = functools.partial(OBJECTIVES[config.objective].loss, lambdas=config.lambdas, **constants)
+    refs = {"train": {k: v[:n_train] for k, v in per_row.items()}, "val": {k: v[n_train:] for k, v in per_row.items()}}
+    return loss_fn, refs, order
 
 
 def nearest_safe(queries, pool, chunk=4096):
@@ -1389,8 +1426,16 @@ def train(config):
         ids = {split: (model.tokenizer([r["safe"] for r in rows], context_length=ctx),
                        model.tokenizer([r["unsafe"] for r in rows], context_length=ctx))
                for split, rows in (("train", train_rows), ("val", val_rows))}
-        # The frozen targets, from the original weights: before any adapter exists.
-        refs, loss_fn, order = prepare_objective(config, run, model, preprocess, train_rows, val_rows, model_path, device)
+        # The frozen targets T0(T), V0(V) (and what the objective derives from them), from the original
+        # weights: before any adapter exists. Once per weights, data and code: a later run reads them
+        # from OUT/reference.safetensors (`objective_inputs`, Part II).
+        rows, n_train = train_rows + val_rows, len(train_rows)
+        targets = {} if config.objective == "clip" else objective_inputs(  # (CLIP's own loss takes none)
+            lambda: frozen_targets(config.objective, model, preprocess, rows, n_train, device, config.batch_size,
+                                   config.workers),
+            Path(config.out) / "reference.safetensors", _fingerprint(model_path, rows, model, config.objective, n_train),
+            write=run.write)
+        loss_fn, refs, order = bind_objective(config, targets, n_train, model.logit_scale)
 
         choose_trainable(model, config)  # LoRA adapters (the default), or whole towers
         if world > 1:  # the same adapters everywhere, but each rank its own dropout masks
@@ -2921,25 +2966,6 @@ def initial_model(config, train_rows):
     return model, image_transform(model.config.image_resolution), None
 
 
-def prepare_objective(config, run, model, preprocess, train_rows, val_rows, model_path, device):
-    """The objective's loss with its settings bound, and the frozen references of each split:
-    ({"train": refs, "val": refs}, loss_fn, curriculum order or None). `--objective clip` has no
-    references: (empty, None, None)."""
-    if config.objective == "clip":
-        return {"train": {}, "val": {}}, None, None
-    rows, n = train_rows + val_rows, len(train_rows)
-    fingerprint = _fingerprint(model_path, rows, model, config.objective, n)
-    per_row, constants, order = objective_inputs(config.objective, model, preprocess, rows, n,
-                                                  Path(config.out) / "reference.safetensors", fingerprint, device,
-                                                  config.batch_size, config.workers, write=run.write)
-    constants |= {"offset": config.offset} if config.offset is not None else {}
-    constants |= {"margin": config.margin} if config.margin is not None else {}
-    constants |= {"tau": config.margin_tau} if config.margin_tau is not None else {}
-    constants["scale"] = model.logit_scale.exp().item() if config.nce_scale == "model" else float(config.nce_scale or 100)
-    loss_fn = functools.partial(OBJECTIVES[config.objective].loss, lambdas=config.lambdas, **constants)
-    return {"train": {k: v[:n] for k, v in per_row.items()}, "val": {k: v[n:] for k, v in per_row.items()}}, loss_fn, order
-
-
 def _fingerprint(model_path, rows, model, objective="safeclip", n_train=None):
     """What the cached references depend on: the weight files, the model's sizes and activation,
     the tokenizer's content (not just its size), this code, the data and, for objectives that need
@@ -2973,15 +2999,11 @@ def reference_embeddings(model, preprocess, rows, device, batch_size, workers, n
     return {name: gather_rows(emb, len(rows), rank, world, device) for name, emb in mine.items()}
 
 
-def objective_inputs(objective, model, preprocess, rows, n_train, cache, fingerprint, device, batch_size, workers,
-                     write=lambda path, write: write(path)):
-    """Everything `objective` needs beyond the batch, from the original weights, before any
-    adapter exists: (per-row references {name: (N, ..)}, constants {name: tensor}, curriculum
-    order of the first n_train rows or None). Rows [0, n_train) are the training split.
-
-    They never move, so they are computed once and cached in `cache` (a safetensors file keyed
-    by `fingerprint`), which a later run on the same weights, data and code reuses. Rank 0 alone
-    decides whether the cache holds them, and sends them to the other ranks."""
+def objective_inputs(compute, cache, fingerprint, write=lambda path, write: write(path)):
+    """`compute()` (the run's `frozen_targets`) computed once per weights, data and code: read from
+    `cache` (a safetensors file) when it was written under `fingerprint` (`_fingerprint`), else
+    computed and written there. Rank 0 alone decides whether the cache holds them, and sends them
+    to the other ranks; they compute them together."""
     stored = None
     if dist_info()[0] == 0 and cache.exists():
         from safetensors import safe_open
@@ -2990,21 +3012,11 @@ def objective_inputs(objective, model, preprocess, rows, n_train, cache, fingerp
                 stored = {k: f.get_tensor(k) for k in f.keys()}
     stored = from_rank0(stored)
     if stored is None:
-        emb = reference_embeddings(model, preprocess, rows, device, batch_size, workers, references_needed(objective))
-        stored = frozen_targets(objective, emb, n_train)
+        stored = compute()
         if dist_info()[0] == 0:
             write(cache, lambda path: _atomic_write(
                 path, lambda tmp: save_safetensors(stored, tmp, metadata={"fingerprint": fingerprint})))
-    return objective_arguments(objective, stored)
-
-
-def objective_arguments(objective, targets):
-    """`frozen_targets`' result -> what the loss takes: (per-row references {name: (N, ..)},
-    constants {name: tensor}, curriculum order or None)."""
-    spec = OBJECTIVES[objective]
-    per_row = {"t_near": lambda: targets["t_ref"][targets["near"]], "v_near": lambda: targets["v_ref"][targets["near"]]}
-    refs = {name: per_row[name]() if name in per_row else targets[name] for name in spec.references}
-    return refs, {name: targets[name] for name in spec.constants}, targets.get("order")
+    return stored
 
 
 class MicroBatches:
