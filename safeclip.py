@@ -56,6 +56,7 @@ import urllib.request
 import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import tokenizers
@@ -1204,6 +1205,38 @@ class Schedule:
         return shuffled[: steps * self.batch * self.accum].view(steps * self.accum, self.batch)
 
 
+# Under torchrun each rank loads and embeds only its share of a micro-batch's rows, but every rank
+# knows the whole micro-batch (from the seed and the step: `Schedule`), so every shape of a step,
+# the V* that exist on other ranks included, is decided from host data: nothing waits for the GPU
+# or asks the other ranks.
+
+def rank_shares(rows, world):
+    """A micro-batch's rows over `world` ranks, [rank 0's, rank 1's, ...]: rank r takes every
+    world-th row from r on (one process: all of them). `gather` concatenates the ranks'
+    embeddings in this order."""
+    return [rows[r::world] for r in range(world)]
+
+
+class MicroBatch(NamedTuple):
+    """One micro-batch as `embed` takes it: this rank's b rows, loaded and collated
+    (`collate_quadruplets`), then the B rows of every rank."""
+
+    safe_pix: torch.Tensor  # (b, 3, R, R): V of this rank's rows
+    unsafe_pix: torch.Tensor  # (m, 3, R, R): V* of the m of them that have one
+    has_v_unsafe: torch.Tensor  # (b,) bool: which of this rank's rows have V*
+    idx: torch.Tensor  # (b,) this rank's rows: indices into the training rows
+    rows: torch.Tensor  # (B,) the rows of every rank, in the order `gather` returns their embeddings
+    has_all: torch.Tensor  # (B,) bool: which of those have V*
+
+
+def micro_batch(collated, rows, world, has_v_unsafe):
+    """The MicroBatch of a micro-batch's `rows` (a row of `Schedule.batches`): `collated` is
+    `collate_quadruplets`' four for this rank's share of them (`rank_shares`), `has_v_unsafe` (N,)
+    says which training rows have V*."""
+    every_rank = torch.cat(rank_shares(rows, world))
+    return MicroBatch(*collated, every_rank, has_v_unsafe[every_rank])
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. One training step, exact resume, and the loop
 # ---------------------------------------------------------------------------------------------
@@ -1262,8 +1295,7 @@ def embed(towers, ids, refs, device, precision, batch):
     (V* only for those rows; None when all have one), and those rows' frozen references. `ids`
     holds the (safe, unsafe) token ids of the training rows, `refs` their references, on `device`.
     Every shape is decided from host data (the batch's rows), so nothing here waits for the GPU.
-    `batch`: `collate_quadruplets`' four (this rank's rows), then the rows of every rank in the
-    order `gather` returns them and which of those have V* (added by `training_steps`, Part II)."""
+    `batch`: a `MicroBatch` (section 8): this rank's pixels and rows, and the rows of every rank."""
     safe_pix, unsafe_pix, has_v_unsafe, idx, rows, has_all = batch
     t_ids = trim_padding(torch.cat([ids[0][idx], ids[1][idx]]))  # on the CPU
     pixels = torch.cat([safe_pix.to(device, non_blocking=True), unsafe_pix.to(device, non_blocking=True)])
@@ -3033,15 +3065,10 @@ class MicroBatches:
 
     def __iter__(self):
         for rows in self.global_batches():
-            yield rows[self.rank::self.world].tolist()
-
-    def of_every_rank(self):
-        """Each micro-batch's rows, all ranks' together, in the order `gather` puts them (rank 0's
-        share first): what every rank knows of the whole batch without asking the others."""
-        for rows in self.global_batches():
-            yield torch.cat([rows[r::self.world] for r in range(self.world)])
+            yield rank_shares(rows, self.world)[self.rank].tolist()
 
     def global_batches(self):
+        """Each micro-batch's rows, all ranks' together (`Schedule.batches`, from step `start` on)."""
         step, accum = self.start, self.schedule.accum
         while step < self.total:
             epoch, done = self.schedule.locate(step)
@@ -3052,7 +3079,7 @@ class MicroBatches:
 
 @contextlib.contextmanager
 def training_steps(dataset, schedule, start, total, workers, seed, device):
-    """The steps from `start` to `total`, each a list of --accum collated micro-batches, loaded by
+    """The steps from `start` to `total`, each a list of --accum `MicroBatch`es, loaded by
     `workers` processes. The workers stop when the block is left, however it is left: an error
     whose traceback keeps this frame alive would otherwise keep them too, and the interpreter's
     exit would wait on them for ever (they ignore SIGTERM, see `_quiet_worker`)."""
@@ -3063,7 +3090,7 @@ def training_steps(dataset, schedule, start, total, workers, seed, device):
         generator=torch.Generator().manual_seed(seed))
     has_v_unsafe = torch.tensor([r["unsafe_image"] is not None for r in dataset.rows])
     batches = iter(loader)
-    whole = ((*b, rows, has_v_unsafe[rows]) for b, rows in zip(batches, sampler.of_every_rank()))
+    whole = (micro_batch(b, rows, sampler.world, has_v_unsafe) for b, rows in zip(batches, sampler.global_batches()))
     try:
         yield iter(lambda: list(itertools.islice(whole, schedule.accum)), [])
     finally:
