@@ -996,8 +996,9 @@ OBJECTIVES = {
 #
 # Every target of the objectives comes from the original, frozen model: T0(T), V0(V) and, for
 # some objectives, T0(T*), V0(V*) and what is derived from them. They never move, so they are
-# computed once, before the first step (`frozen_embeddings`, then `frozen_targets`), instead of
-# running frozen encoders at every step.
+# computed once, before the first step (`frozen_targets`, from `frozen_embeddings`), instead of
+# running frozen encoders at every step; `bind_objective` then binds them, --lambdas and the
+# objective's settings to its loss. Last, how a micro-batch reaches the step (`MicroBatch`).
 
 
 class Quadruplets(torch.utils.data.Dataset):
@@ -1400,7 +1401,8 @@ def update(optimizer, scaler, params, grad_clip):
 # generator of its own, the DataLoader's and validation's loaders included, so none of them moves
 # the generators dropout draws from (an evaluation would otherwise change every mask after it).
 # `Checkpoint` (Part II) only writes this state to the file and reads it back; the run writes it at
-# every epoch's end, every --save-every steps, and when it stops (early, by a signal, or at the end).
+# every epoch's end, every --save-every steps, and when it stops (early, by a signal, or at the end),
+# never after a non-finite loss: that stops the run with the last good checkpoint in place.
 
 def _rng_state():
     """The generators dropout draws from (the CPU's, and the current CUDA device's if in use)."""
@@ -1445,8 +1447,9 @@ def lr_at(step, config, total_steps):
 
 def train(config):
     """Fine-tune a CLIP with `config.objective` (or, with --objective clip --scratch, pre-train one)
-    into the folder config.out; returns the trained model. Each set-up step is a function of Part II;
-    the folder's bookkeeping (log, validation, checkpoints, resume, signals) is the `Run`'s."""
+    into the folder config.out; returns the trained model. Reading the data and the weights, the
+    devices, the targets' cache and the DataLoader are functions of Part II; the folder's
+    bookkeeping (log, validation, checkpoints, resume, signals) is the `Run`'s."""
     # -- set-up ---------------------------------------------------------------------------------
     device, (rank, world, _) = setup_device(config), dist_info()
     torch.manual_seed(config.seed)  # adapters' initialisation and dropout; data order has its own generator
@@ -1532,11 +1535,13 @@ def train(config):
 #                             from_hf_state_dict / to_hf_state_dict, _atomic_write
 #   13. Export                export_hf, export_openai
 #   14. Downloads             resolve_model, download, download_file (one per machine), verified
-#   15. Data files            read_pairs, open_image, encode_texts / encode_images
+#   15. Data files            read_pairs, open_image, encode_texts / encode_images (batching
+#                             loops: their callers choose the precision)
 #   16. Devices, torchrun     setup_device, gather / gather_rows / gather_some, from_rank0, to_device
-#   17. The run               training_rows, initial_model, prepare_objective and the reference
-#                             cache (objective_inputs, reference_embeddings), MicroBatches and
-#                             training_steps (the run's one DataLoader); Run and its pieces:
+#   17. The run               training_rows, initial_model; the frozen targets' cache
+#                             (objective_inputs, _fingerprint) and their rows over ranks
+#                             (reference_embeddings); MicroBatches and training_steps (the run's
+#                             one DataLoader, pinned copies); Run and its pieces:
 #                             RunFolder (lock, train_config.json, log), Checkpoint (the file),
 #                             StopSignals, BestModel (validation's use); TensorBoard; validate
 #   18. The command line      build_parser, cmd_train, train_option_errors, main
@@ -3626,9 +3631,6 @@ def validate(model, rows, ids, preprocess, refs, loss_fn, config, device):
         del pairs["T-V*"]
     metrics["recall_sum"] = sum(recall_at_1(a, b) + recall_at_1(b, a) for a, b in pairs.values())
     return metrics
-
-
-# -- the loop ---------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------
