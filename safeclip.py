@@ -179,8 +179,9 @@ class TrainConfig:
     resume: bool = setting(False, "continue the run in --out exactly where it stopped, with the same settings (only "
                            "--epochs, --steps, --patience, --save-every, --workers and such may change)",
                            "validation and checkpoints")
-    report_to: str = setting(None, "also write the log's curves for TensorBoard in OUT/tensorboard (needs `pip "
-                             "install tensorboard`)", "validation and checkpoints", choices=("tensorboard",))
+    report_to: str = setting(None, "also send the log's curves to TensorBoard (OUT/tensorboard; needs `pip install "
+                             "tensorboard`) or W&B (needs `pip install wandb`; WANDB_MODE=offline writes OUT/wandb)",
+                             "validation and checkpoints", choices=("tensorboard", "wandb"))
     log_every: int = setting(None, "read the loss terms back from the device and log them every N steps (default: "
                              "10 on CUDA, where each read waits for the GPU; 1 on the CPU)", "validation and checkpoints",
                              metavar="N")
@@ -1543,7 +1544,7 @@ def train(config):
 #                             (reference_embeddings); MicroBatches and training_steps (the run's
 #                             one DataLoader, pinned copies); Run and its pieces:
 #                             RunFolder (lock, train_config.json, log), Checkpoint (the file),
-#                             StopSignals, BestModel (validation's use); TensorBoard; validate
+#                             StopSignals, BestModel (validation's use); TensorBoard, WandB; validate
 #   18. The command line      build_parser, cmd_train, train_option_errors, main
 
 
@@ -3106,7 +3107,7 @@ def training_steps(dataset, schedule, start, total, workers, seed, device):
 class RunFolder:
     """The --out folder of a run: it refuses a folder that holds another run (unless --resume, which
     must not change the run's settings), locks it for the process's whole life, records
-    train_config.json, appends log.jsonl (and, with --report-to, TensorBoard's curves), and writes
+    train_config.json, appends log.jsonl (and, with --report-to, TensorBoard's or W&B's curves), and writes
     every file whole, or stops with one line that names the file and what is intact. Only rank 0
     writes; rank 0 decides the refusal for every rank."""
 
@@ -3114,8 +3115,8 @@ class RunFolder:
         self.config, self.main, self.out = config, main_process, Path(config.out)
         self.log_path = self.out / "log.jsonl"
         self.lock, self.extended, self.report, self.checkpoint = None, {}, None, None
-        if main_process and getattr(config, "report_to", None) == "tensorboard":
-            TensorBoard.writer_class()  # a missing package stops the run before anything is written
+        if main_process and getattr(config, "report_to", None):
+            REPORTERS[config.report_to].client()  # a missing package stops the run before anything is written
         refusal = from_rank0(self._refusal() if main_process else None)
         if refusal:
             raise TrainingError(refusal)
@@ -3184,8 +3185,8 @@ class RunFolder:
             self.log(header)
 
     def start_report(self, first_step):
-        if getattr(self.config, "report_to", None) == "tensorboard":
-            self.report = TensorBoard(self.out / "tensorboard", first_step=first_step)
+        if getattr(self.config, "report_to", None):
+            self.report = REPORTERS[self.config.report_to](self.out, first_step, self.settings())
 
     def log(self, record):
         self.write(self.log_path, lambda path: _append_log(path, record))
@@ -3207,7 +3208,7 @@ class RunFolder:
 
     def close(self):
         if self.report is not None:
-            self.report.writer.close()
+            self.report.close()
         if self.lock is not None:
             self.lock.close()  # releases the lock
 
@@ -3509,7 +3510,8 @@ class TensorBoard:
     rank 0 and flushed with the log. A resumed run starts at `first_step` and tells TensorBoard to
     drop what a killed run wrote past its checkpoint, so the curves go on with no step twice."""
 
-    def __init__(self, folder, first_step):
+    def __init__(self, out, first_step, settings=None):
+        folder = Path(out) / "tensorboard"
         # TensorBoard reads a folder's event files in name order, and a name starts with the second
         # its file was opened: a resumed run opens its own in a later second than every file before
         # it, so that its purge comes after what it purges (a run killed early may be that young).
@@ -3517,10 +3519,10 @@ class TensorBoard:
                   if p.name.split(".")[3].isdigit()]
         while opened and time.time() < max(opened) + 1:
             time.sleep(0.05)
-        self.writer = self.writer_class()(str(folder), purge_step=first_step if first_step > 1 else None)
+        self.writer = self.client()(str(folder), purge_step=first_step if first_step > 1 else None)
 
     @staticmethod
-    def writer_class():
+    def client():
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -3529,18 +3531,87 @@ class TensorBoard:
         return SummaryWriter
 
     def add(self, record):
-        if "loss" in record:
-            section, values = "train", record
-        elif "val" in record:
-            section, values = "val", record["val"]
-        else:  # the run's settings and its resumptions: not curves
-            return
-        for name, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("step", "epoch"):
-                self.writer.add_scalar(f"{section}/{name}", value, record["step"])
+        for tag, value in _scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
 
     def flush(self):
         self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def _scalars(record):
+    """A log record's curves: {"train/NAME" or "val/NAME": value}, or {} for a record that holds the
+    run's settings or its resumptions."""
+    if "loss" in record:
+        section, values = "train", record
+    elif "val" in record:
+        section, values = "val", record["val"]
+    else:
+        return {}
+    return {f"{section}/{name}": value for name, value in values.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("step", "epoch")}
+
+
+class WandB:
+    """--report-to wandb: the same curves as TensorBoard's, in one W&B run per --out folder, sent by
+    rank 0 with the log, against the training step (the "step" metric: W&B's own counts calls).
+    W&B's own settings apply (WANDB_PROJECT, default "safeclip"; WANDB_MODE=offline writes the run
+    to disk, and `wandb sync OUT/wandb/*/wandb/offline-run-*` uploads it later). The run's id is kept
+    in OUT/wandb/run_id, so a resumed run continues the same W&B run; each process writes its part in
+    a folder of its own (OUT/wandb/1, 2, ...).
+    W&B cannot take back what a killed run sent past its checkpoint. The steps a resumed run trains
+    again come out the same (exact resume), so it sends only the steps after the last one sent, which
+    OUT/wandb/last_step records *before* each batch is sent: no step is ever sent twice; a kill in the
+    instant between the two leaves that batch's few points out."""
+
+    def __init__(self, out, first_step, settings):
+        wandb = self.client()
+        folder = Path(out) / "wandb"
+        folder.mkdir(parents=True, exist_ok=True)
+        id_file, self.sent_file = folder / "run_id", folder / "last_step"
+        run_id = id_file.read_text().strip() if id_file.is_file() else os.urandom(4).hex()
+        _atomic_write(id_file, lambda path: Path(path).write_text(run_id))
+        self.sent = int(self.sent_file.read_text()) if first_step > 1 and self.sent_file.is_file() else 0
+        self.resumed_after, self.pending = self.sent, []
+        part = folder / str(1 + sum(p.is_dir() and p.name.isdigit() for p in folder.iterdir()))
+        part.mkdir()
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "safeclip"), id=run_id, resume="allow",
+                              dir=str(part), name=Path(out).resolve().name, config=settings)
+        for section in ("train", "val"):
+            self.run.define_metric(f"{section}/*", step_metric="step")
+
+    @staticmethod
+    def client():
+        try:
+            import wandb
+        except ImportError:
+            raise TrainingError("--report-to wandb needs the wandb package: pip install wandb "
+                                "(requirements-extras.txt)") from None
+        return wandb
+
+    def add(self, record):
+        values = _scalars(record)
+        if values and record["step"] > self.resumed_after:
+            self.pending.append({"step": record["step"], **values})
+
+    def flush(self):
+        if not self.pending:
+            return
+        last = max(self.sent, *(row["step"] for row in self.pending))
+        if last > self.sent:
+            _atomic_write(self.sent_file, lambda path: Path(path).write_text(str(last)))
+        for row in self.pending:
+            self.run.log(row)
+        self.sent, self.pending = last, []
+
+    def close(self):
+        self.flush()
+        self.run.finish()
+
+
+REPORTERS = {"tensorboard": TensorBoard, "wandb": WandB}
 
 
 def _lock_holder(path):
