@@ -164,8 +164,8 @@ class TrainConfig:
     grad_clip: float = setting(1.0, "max gradient norm (0: off)", "optimisation")
     batch_size: int = setting(None, "quadruplets per micro-batch, over all processes (default: 16; 48 safer-clip)",
                               "optimisation")
-    accum: int = setting(1, "micro-batches per step: the loss and gradients of one batch N times larger",
-                         "optimisation")
+    accum: int = setting(1, "micro-batches per step: the loss and gradients of one batch N times larger (the same "
+                         "rows and InfoNCE negatives; each micro-batch draws its own dropout masks)", "optimisation")
     epochs: int = setting(10, "passes over the training split", "optimisation")
     steps: int = setting(None, "optimizer steps (overrides --epochs)", "optimisation")
     seed: int = setting(0, "adapters' initialisation, dropout and data order", "optimisation")
@@ -265,7 +265,7 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # q, k, v stacked
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = Linear(width, width)
-        self.lora_k = self.lora_v = None  # LoRA on keys and values only, as in the public recipe
+        self.lora_k = self.lora_v = None  # in in_proj, LoRA on keys and values (not queries), as in the public recipe
 
     def forward(self, x, causal):
         B, L, C = x.shape  # (batch, positions, width)
