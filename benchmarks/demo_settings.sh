@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What demo.sh's Safe-CLIP settings buy: its Safe-CLIP step rerun with one choice changed at a time.
 #
-#   ./demo.sh && benchmarks/demo_settings.sh        # about 15 minutes on 2 CPU cores
+#   ./demo.sh && benchmarks/demo_settings.sh        # about 4 minutes on 2 CPU cores, after demo.sh
 #
 # Each setting fine-tunes demo.sh's toy CLIP on its data with the command demo.sh's Safe-CLIP step
 # ran (its train_config.json, and its number of steps) plus the setting's flags, which win. Then

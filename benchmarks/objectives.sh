@@ -2,7 +2,7 @@
 # Safe-CLIP, SafeR-CLIP, twin-offset and twin-margin (ours) side by side on the offline demo's toy
 # world, on one budget, and Safe-CLIP once more with twice that budget.
 #
-#   benchmarks/objectives.sh                        # about 20 minutes on 2 CPU cores, plus demo.sh's first time
+#   benchmarks/objectives.sh                        # about 9 minutes on 2 CPU cores, plus demo.sh's 4 the first time
 #   OBJECTIVES=twin-margin benchmarks/objectives.sh # any subset: the demo's Safe-CLIP and that objective
 #
 # 1. demo.sh as it is (OUT=runs/objectives/demo): the toy world, the toy CLIP, its Safe-CLIP
