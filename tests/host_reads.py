@@ -158,6 +158,21 @@ for name in ("flush", "validate_and_select", "save_checkpoint"):
     setattr(safeclip.Run, name, outside_step(getattr(safeclip.Run, name)))
 
 out = sys.argv[1] + (f".{os.environ['RANK']}" if "RANK" in os.environ else "")
+if sys.argv[2:3] == ["--each"]:
+    # `host_reads.py OUT.json --each RUNS.json`: each argument list of RUNS.json in turn, in this
+    # one process (one start of Python and torch instead of one per run); OUT.json gets the list
+    # of each run's reads, and the first failing run's exit status ends it.
+    results = []
+    for argv in json.loads(Path(sys.argv[3]).read_text()):
+        reads.clear()
+        phase.update(in_step=False, step=0)
+        with Trace():
+            code = safeclip.main(argv)
+        if code:
+            sys.exit(code)
+        results.append(list(reads))
+    Path(out).write_text(json.dumps(results))
+    sys.exit(0)
 with Trace():
     code = safeclip.main(sys.argv[2:])
 Path(out).write_text(json.dumps(reads))
