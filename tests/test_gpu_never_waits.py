@@ -151,4 +151,7 @@ def test_an_epoch_starts_without_a_stall(tmp_path):
     per_epoch = len(steps) // 8
     firsts = [took[s] for s in took if (s - 1) % per_epoch == 0]  # each epoch's first step (not the run's)
     median = statistics.median(took.values())
-    assert statistics.median(firsts) < 2 * median, (firsts, median)
+    # An epoch's first step also pays for the epoch's end before it (validation, the checkpoint): a few
+    # ms here, as much as a step of this tiny model (seen: 16 ms against a median of 8). Starting
+    # workers costs hundreds.
+    assert statistics.median(firsts) < median + 0.1, (firsts, median)
