@@ -74,16 +74,18 @@ def test_a_killed_and_resumed_run_continues_the_curves_with_no_step_twice(data, 
     assert [s for s, _ in got["train/loss"]] == list(range(1, 13))
 
 
-def test_without_the_package_one_line_and_nothing_written(data, base_model, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("package,module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
+def test_without_the_package_one_line_and_nothing_written(data, base_model, tmp_path, package, module):  # noqa: F811
     out = tmp_path / "run"
-    hide = "import sys; sys.modules['torch.utils.tensorboard'] = None\n"
+    hide = f"import sys; sys.modules[{module!r}] = None\n"
+    args = [a if a != "tensorboard" else package for a in argv(data, base_model, out)]
     proc = subprocess.run([sys.executable, "-c", hide + f"sys.path.insert(0, {str(ROOT)!r}); import safeclip; "
-                           f"sys.exit(safeclip.main({[str(a) for a in argv(data, base_model, out)]!r}))"],
+                           f"sys.exit(safeclip.main({[str(a) for a in args]!r}))"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ("error: --report-to tensorboard needs the tensorboard package: "
-                                                   "pip install tensorboard (requirements-extras.txt)")
-    assert not out.exists() or not any(out.iterdir())
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: --report-to {package} needs the {package} package: "
+                                                   f"pip install {package} (requirements-extras.txt)")
+    assert not out.exists()
 
 
 def test_a_resume_within_the_same_second_still_purges_after_the_killed_runs_file(tmp_path):
@@ -245,15 +247,3 @@ def test_a_resumed_wandb_reporter_skips_the_steps_the_killed_run_sent_past_its_c
     fresh.add({"step": 3, "val": {"loss": 1.5}})
     fresh.close()
     assert wandb_curves(tmp_path / "fresh") == {"val/loss": [(3, 1.5)]}
-
-
-def test_without_wandb_one_line_and_nothing_written(data, base_model, tmp_path):  # noqa: F811
-    out = tmp_path / "run"
-    hide = "import sys; sys.modules['wandb'] = None\n"
-    proc = subprocess.run([sys.executable, "-c", hide + f"sys.path.insert(0, {str(ROOT)!r}); import safeclip; "
-                           f"sys.exit(safeclip.main({[str(a) for a in wandb_argv(data, base_model, out)]!r}))"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ("error: --report-to wandb needs the wandb package: "
-                                                   "pip install wandb (requirements-extras.txt)")
-    assert not out.exists()
