@@ -8,9 +8,17 @@ without any change of their own.
 The file has two parts. Part I is the method, to read top to bottom:
   1. configuration               6. the Safe-CLIP objective: eight terms
   2. the model                   7. beyond the paper: SafeR-CLIP, twin-offset, twin-margin, twin-nce
-  3. building it from weights    8. the data, its order and the frozen targets
-  4. LoRA, and where it plugs in 9. one training step, exact resume, and the loop
+  3. building it from weights    8. the data and the frozen targets
+  4. LoRA, and where it plugs in 9. the data order, one training step, exact resume, the loop
   5. the inputs: image transform and token ids
+A first reading can skip section 7 and the model's speed-ups (marked "same result, less work").
+Where each question about the method is answered, in one place (search for the name):
+  the loss: its terms, weights and total       section 6, LAMBDAS to safe_clip_loss
+  the frozen targets: what, when, how precise  section 8, "The frozen targets" to bind_objective
+  one step, end to end, and its defaults       section 9, Schedule to lr_at; the defaults: TrainConfig
+  LoRA: where it plugs in, what trains, merge  section 4 (the sockets it names are in section 2)
+  gradient accumulation (--accum)              section 9, accumulate
+  exact resume                                 section 9, "exact resume" to restore_training_state
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
 every weight format, exports, downloads, reading pairs.jsonl, distributed set-up, the run's
@@ -544,9 +552,16 @@ def build_model(sd, config, source):
 # embedding of both towers (rank 16, alpha 1, dropout 0.1), and freezes everything else. The model
 # of section 2 has a socket at each of those places: `Linear.lora` (the attention's output
 # projection and both MLP layers), `Attention.lora_k` / `lora_v` (read in `Attention.adapt`) and
-# `PatchEmbedding.lora`; `add_lora` fills them. `save` (Part II) folds every adapter into its base
-# weight (`_plain_state_dict`, below), so a trained model loads as a plain CLIP anywhere. (The key
-# and value adapters read the same input, so they share one dropout mask: `Attention.adapt`.)
+# `PatchEmbedding.lora`; `add_lora` fills them. Each socket is two lines: the module's output plus
+# its adapter's, `y = W x + b` then `y + lora(x)` (for keys and values, `k + lora_k(x)`, `v + lora_v(x)`
+# on the same dropped-out x, so they share one dropout mask). Only the adapters' A and B train
+# (`choose_trainable`); every original weight is frozen.
+#
+# The merge: during training the adapters stay separate (the resume checkpoint keeps them so);
+# every model the run writes, OUT/best at each better validation and OUT itself at the end (the
+# best one), goes through `save` (Part II), which writes `_plain_state_dict` (below): each adapter's
+# B A alpha/r folded into its base weight, W' = W + (alpha/r) B A. So a trained model is a plain
+# CLIP, with OpenAI's names and sizes, that loads anywhere and costs nothing extra to run.
 
 
 class LoRA(nn.Module):
@@ -967,6 +982,42 @@ def twin_nce_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None
     return weighted_total(terms, lambdas), terms
 
 
+# What the objectives beyond the paper derive from the frozen targets, once (`frozen_targets`, section 8).
+
+def nearest_safe(queries, pool, chunk=4096):
+    """(Q,) index of the pool row with the highest cosine to each query (SafeR-CLIP's t^)."""
+    pool = F.normalize(pool.float(), dim=-1)
+    return torch.cat([(F.normalize(q.float(), dim=-1) @ pool.t()).argmax(1) for q in queries.split(chunk)])
+
+
+def curriculum_order(t_safe, t_unsafe):
+    """Training rows from easy to hard: by decreasing cosine between the frozen embeddings of a
+    pair's safe and unsafe captions (an unsafe caption close to its safe one needs the smallest
+    move). INFERRED: SafeR-CLIP says "easy to hard by the safe-unsafe similarity"; the direction
+    is our reading of it. Ties keep row order."""
+    cos = F.cosine_similarity(t_safe.float(), t_unsafe.float(), dim=-1)
+    return cos.argsort(descending=True, stable=True)
+
+
+def curriculum_rows(order, epoch):
+    """Rows of an epoch under the curriculum: the easiest third in epoch 0, two thirds in epoch 1,
+    all from epoch 2 on. INFERRED: SafeR-CLIP publishes "easy, then adds medium, then all", not
+    the bins; equal thirds are our choice."""
+    return order[: math.ceil(len(order) * min(epoch + 1, 3) / 3)]
+
+
+def unsafe_direction(safe, unsafe):
+    """twin-offset's "unsafe" direction u: the unit vector along which the frozen model's unsafe
+    embeddings (normalised) have the most second moment *more* than its safe ones, the top
+    eigenvector of M(unsafe) - M(safe) with M(x) = mean of x x^T. The safe data hardly use it, and
+    the towers can produce it (their unsafe inputs already do; the direction of least safe
+    variance cannot serve: the final LayerNorm makes some directions unreachable). Signed so its
+    largest entry is positive (eigh's sign is arbitrary)."""
+    moment = lambda x: (lambda y: y.t() @ y / len(y))(F.normalize(x.double(), dim=-1))
+    u = torch.linalg.eigh(moment(unsafe) - moment(safe)).eigenvectors[:, -1]
+    return (u * u[u.abs().argmax()].sign()).float()
+
+
 @dataclass(frozen=True)
 class Objective:
     loss: object  # f(t_safe, t_unsafe, v_safe, v_unsafe, **references, lambdas=..) -> (total, terms)
@@ -989,7 +1040,7 @@ OBJECTIVES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. The data, its order and the frozen targets
+# 8. The data and the frozen targets
 # ---------------------------------------------------------------------------------------------
 # A row of pairs.jsonl is a quadruplet: a safe caption T, its unsafe twin T*, a safe image V and,
 # optionally, its unsafe twin V* (the public datasets publish none). Part II reads and checks the
@@ -997,9 +1048,9 @@ OBJECTIVES = {
 #
 # Every target of the objectives comes from the original, frozen model: T0(T), V0(V) and, for
 # some objectives, T0(T*), V0(V*) and what is derived from them. They never move, so they are
-# computed once, before the first step (`frozen_targets`, from `frozen_embeddings`), instead of
-# running frozen encoders at every step; `bind_objective` then binds them, --lambdas and the
-# objective's settings to its loss. Last, how a micro-batch reaches the step (`MicroBatch`).
+# computed once, before the first step, instead of running frozen encoders at every step: the
+# whole story is the next ~120 lines, from `REFERENCE_INPUTS` to `bind_objective`, which binds
+# them, --lambdas and the objective's settings to its loss.
 
 
 class Quadruplets(torch.utils.data.Dataset):
@@ -1040,11 +1091,17 @@ def collate_quadruplets(batch):
             torch.tensor([u is not None for u in unsafe]), torch.tensor(idx))
 
 
-# The frozen targets are the original model's embeddings, T0 and V0: `train` computes them
-# (`frozen_targets`) before it attaches any adapter, in true float32 whatever --precision says (no
-# autocast, no TF32: `frozen_embeddings`), since every term pulls toward them and they are computed
-# only once. Part II only splits the rows over ranks (`reference_embeddings`) and keeps the result
-# in OUT/reference.safetensors for a later run on the same weights, data and code (`objective_inputs`).
+# The frozen targets: what, when, how precise.
+# - What: the original model's embeddings of every row (training and validation), not normalised:
+#   T0(T) and V0(V) for Safe-CLIP (`t_ref`, `v_ref`); T0(T*), V0(V*) and what is derived from them
+#   for some objectives of section 7 (`references_needed`).
+# - When: once per run, in `train`, *before* `choose_trainable` attaches any adapter, so the model
+#   embedding them is the original one; a step then runs only the model being trained.
+# - How precise: true float32, whatever --precision says (no autocast, no TF32: `frozen_embeddings`),
+#   since every term pulls toward them and they are computed only once.
+# - Under torchrun each rank embeds a stride of the rows and all ranks get all of them
+#   (`reference_embeddings`). The only thing Part II adds is a cache: `objective_inputs` keeps the
+#   result in OUT/reference.safetensors for a later run on the same weights, data and code.
 
 REFERENCE_INPUTS = {"t_ref": ("safe", "T0(T)"), "v_ref": ("safe_image", "V0(V)"),
                     "t_unsafe_ref": ("unsafe", "T0(T*)"), "v_unsafe_ref": ("unsafe_image", "V0(V*)")}
@@ -1089,13 +1146,21 @@ def true_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def reference_embeddings(model, preprocess, rows, device, batch_size, workers, names=("t_ref", "v_ref")):
+    """`frozen_embeddings` of every row, the work split over ranks: each embeds a stride of the
+    rows, and every rank gets them all."""
+    rank, world, _ = dist_info()
+    mine = frozen_embeddings(model, preprocess, rows[rank::world], names, device, batch_size, workers, rank == 0)
+    return {name: gather_rows(emb, len(rows), rank, world, device) for name, emb in mine.items()}
+
+
 def frozen_targets(objective, model, preprocess, rows, n_train, device, batch_size, workers=0):
     """Everything `objective` pulls toward, for every row, from `model` as it is (`train` calls this
     before any adapter exists): the frozen embeddings it needs (`references_needed`), then what it
     derives from them once: SafeR-CLIP's nearest safe caption of each row and its curriculum order,
     twin-offset's unsafe direction. {name: tensor}. Rows [0, n_train) are the training split, the
     rest validation's; only the training rows are drawn on."""
-    # `frozen_embeddings` of every row, each rank embedding a stride of them (Part II)
+    # `frozen_embeddings` of every row, each rank embedding a stride of them
     emb = reference_embeddings(model, preprocess, rows, device, batch_size, workers, references_needed(objective))
     spec, out, t_ref = OBJECTIVES[objective], dict(emb), emb["t_ref"]
     if "t_near" in spec.references:  # the pool: every safe caption of the training split
@@ -1137,40 +1202,20 @@ def bind_objective(config, targets, n_train, logit_scale):
     return loss_fn, refs, order
 
 
-def nearest_safe(queries, pool, chunk=4096):
-    """(Q,) index of the pool row with the highest cosine to each query (SafeR-CLIP's t^)."""
-    pool = F.normalize(pool.float(), dim=-1)
-    return torch.cat([(F.normalize(q.float(), dim=-1) @ pool.t()).argmax(1) for q in queries.split(chunk)])
+# ---------------------------------------------------------------------------------------------
+# 9. One training step, exact resume, and the loop
+# ---------------------------------------------------------------------------------------------
+# A step runs the text tower once over the safe and unsafe captions together and the vision tower
+# once over the safe and unsafe images together, gathers the embeddings over ranks, computes
+# every term of the objective from them, and takes one optimizer step. Mixed precision (AMP) is
+# the same code on every device; on CUDA it is bf16 by default.
 
+# In order: which rows a step trains on and how they arrive (`Schedule`, `training_steps`); the step
+# itself (`embed`, `batch_loss`, `forward_backward` or, with --accum, `accumulate`, then `update` at
+# `lr_at`'s learning rate); exact resume (what a checkpoint holds); and `train`, which runs it all.
+# The defaults of every setting named here are `TrainConfig`'s (section 1).
 
-def curriculum_order(t_safe, t_unsafe):
-    """Training rows from easy to hard: by decreasing cosine between the frozen embeddings of a
-    pair's safe and unsafe captions (an unsafe caption close to its safe one needs the smallest
-    move). INFERRED: SafeR-CLIP says "easy to hard by the safe-unsafe similarity"; the direction
-    is our reading of it. Ties keep row order."""
-    cos = F.cosine_similarity(t_safe.float(), t_unsafe.float(), dim=-1)
-    return cos.argsort(descending=True, stable=True)
-
-
-def curriculum_rows(order, epoch):
-    """Rows of an epoch under the curriculum: the easiest third in epoch 0, two thirds in epoch 1,
-    all from epoch 2 on. INFERRED: SafeR-CLIP publishes "easy, then adds medium, then all", not
-    the bins; equal thirds are our choice."""
-    return order[: math.ceil(len(order) * min(epoch + 1, 3) / 3)]
-
-
-def unsafe_direction(safe, unsafe):
-    """twin-offset's "unsafe" direction u: the unit vector along which the frozen model's unsafe
-    embeddings (normalised) have the most second moment *more* than its safe ones, the top
-    eigenvector of M(unsafe) - M(safe) with M(x) = mean of x x^T. The safe data hardly use it, and
-    the towers can produce it (their unsafe inputs already do; the direction of least safe
-    variance cannot serve: the final LayerNorm makes some directions unreachable). Signed so its
-    largest entry is positive (eigh's sign is arbitrary)."""
-    moment = lambda x: (lambda y: y.t() @ y / len(y))(F.normalize(x.double(), dim=-1))
-    u = torch.linalg.eigh(moment(unsafe) - moment(safe)).eigenvectors[:, -1]
-    return (u * u[u.abs().argmax()].sign()).float()
-
-
+# -- which rows a step trains on, and how they arrive ----------------------------------------
 # The data order: each epoch is a permutation drawn from a generator of its own, seeded with
 # seed + epoch, so the order of any step is known from the step alone (a resumed run needs no data
 # state, and every rank knows the whole batch without asking the others).
@@ -1239,13 +1284,54 @@ def micro_batch(collated, rows, world, has_v_unsafe):
     return MicroBatch(*collated, every_rank, has_v_unsafe[every_rank])
 
 
-# ---------------------------------------------------------------------------------------------
-# 9. One training step, exact resume, and the loop
-# ---------------------------------------------------------------------------------------------
-# A step runs the text tower once over the safe and unsafe captions together and the vision tower
-# once over the safe and unsafe images together, gathers the embeddings over ranks, computes
-# every term of the objective from them, and takes one optimizer step. Mixed precision (AMP) is
-# the same code on every device; on CUDA it is bf16 by default.
+class MicroBatches:
+    """This rank's rows of every micro-batch from step `start` to `total`, epoch after epoch: the
+    batch sampler of the run's one DataLoader, whose workers then live for the whole run (a loader
+    per epoch would start fresh workers, and stall, at every epoch's start)."""
+
+    def __init__(self, schedule, start, total):
+        self.schedule, self.start, self.total = schedule, start, total
+        self.rank, self.world = dist_info()[:2]
+
+    def __len__(self):
+        return (self.total - self.start) * self.schedule.accum
+
+    def __iter__(self):
+        for rows in self.global_batches():
+            yield rank_shares(rows, self.world)[self.rank].tolist()
+
+    def global_batches(self):
+        """Each micro-batch's rows, all ranks' together (`Schedule.batches`, from step `start` on)."""
+        step, accum = self.start, self.schedule.accum
+        while step < self.total:
+            epoch, done = self.schedule.locate(step)
+            batches = self.schedule.batches(epoch)[done * accum: (done + self.total - step) * accum]
+            yield from batches
+            step += len(batches) // accum
+
+
+@contextlib.contextmanager
+def training_steps(dataset, schedule, start, total, workers, seed, device):
+    """The steps from `start` to `total`, each a list of --accum `MicroBatch`es, loaded by
+    `workers` processes. The workers stop when the block is left, however it is left: an error
+    whose traceback keeps this frame alive would otherwise keep them too, and the interpreter's
+    exit would wait on them for ever (they ignore SIGTERM, see `_quiet_worker`)."""
+    sampler = MicroBatches(schedule, start, total)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_quadruplets,
+        pin_memory=torch.device(device).type == "cuda", worker_init_fn=_quiet_worker,
+        generator=torch.Generator().manual_seed(seed))
+    has_v_unsafe = torch.tensor([r["unsafe_image"] is not None for r in dataset.rows])
+    batches = iter(loader)
+    whole = (micro_batch(b, rows, sampler.world, has_v_unsafe) for b, rows in zip(batches, sampler.global_batches()))
+    try:
+        yield iter(lambda: list(itertools.islice(whole, schedule.accum)), [])
+    finally:
+        if hasattr(batches, "_shutdown_workers"):  # (a loader with workers)
+            batches._shutdown_workers()
+
+
+# -- the step: forward, loss, backward, update ----------------------------------------------
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -1350,7 +1436,14 @@ def accumulate(micro_batches, embed_batch, loss_of, scaler, no_sync=None):
     one more forward pass per micro-batch and the memory of one micro-batch's graph. (The same
     batch, not the same numbers as --batch-size B x N: each micro-batch draws its own dropout
     masks, and its captions are trimmed to its own longest.) `no_sync` (DDP's) holds back the
-    gradient all-reduce until the last micro-batch."""
+    gradient all-reduce until the last micro-batch.
+
+    Why the sum is the whole batch's gradient: the loss L depends on the parameters only through the
+    embeddings e_1..e_N of the N micro-batches (InfoNCE couples them all), so by the chain rule
+    dL/dtheta = sum_j dL/de_j . de_j/dtheta. Pass j recomputes e_j with its graph, the others as
+    constants (cached, no graph), and backpropagates L: that gives exactly the j-th summand, and
+    .grad adds the N of them up. Replaying pass j's generator state (`_rng_state`) draws the same
+    dropout masks as the cached pass, so the recomputed e_j equals the cached one."""
     rng, cached, refs = [], [], []
     with torch.no_grad():
         for batch in micro_batches:
@@ -1391,19 +1484,34 @@ def update(optimizer, scaler, params, grad_clip):
     return scale
 
 
+def lr_at(step, config, total_steps):
+    """Linear warmup, then constant or cosine decay to zero."""
+    warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
+    if config.schedule == "cosine":
+        return config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return config.lr * warm
+
+
 # -- exact resume ------------------------------------------------------------------------------
-# A run stopped at step N and resumed equals a straight run of the same steps, bit for bit (on the
-# same kernels, and with the same --epochs/--steps, which a cosine schedule's lr depends on), because
-# the checkpoint holds everything the next step depends on: the trainable tensors, AdamW's moments,
-# the fp16 loss scaler, the step and the best validation so far, and every random generator a step
-# draws from, on every rank: torch's CPU generator and the current CUDA device's, which draw the
-# dropout masks (each rank its own: seed + rank). The data needs no state: the order of any step
-# follows from the seed and the step (`Schedule`). Everything else that draws random numbers has a
-# generator of its own, the DataLoader's and validation's loaders included, so none of them moves
-# the generators dropout draws from (an evaluation would otherwise change every mask after it).
-# `Checkpoint` (Part II) only writes this state to the file and reads it back; the run writes it at
-# every epoch's end, every --save-every steps, and when it stops (early, by a signal, or at the end),
-# never after a non-finite loss: that stops the run with the last good checkpoint in place.
+# A run stopped at step N and resumed with --resume equals a straight run of the same steps, bit
+# for bit (on the same kernels, and with the same --epochs/--steps, which a cosine schedule's lr
+# depends on), because the checkpoint (OUT/checkpoint.pt, `training_state` below) holds everything
+# the next step depends on:
+# - the trainable tensors (the adapters, unmerged), AdamW's moments and step counts, the fp16 loss
+#   scaler, and the progress: the step and the best validation so far;
+# - the generators a step draws from, on every rank: torch's CPU generator and the current CUDA
+#   device's, which draw the dropout masks (each rank its own, seeded seed + rank).
+# The data position is the step itself: the order of any step follows from the seed and the step
+# (`Schedule`), and `training_steps` starts its loader at the restored step. Everything else that
+# draws random numbers has a private generator, so it never moves the ones dropout draws from: the
+# data order (`Schedule.batches`: seed + epoch), the DataLoader (`training_steps`: seeded with the
+# seed) and validation's image loading (`encode_images`, Part II). Were they shared, a validation or
+# a worker's start would shift every later dropout mask, and a resumed run, which validates at
+# other moments, would differ. The run writes the checkpoint at every epoch's end, every
+# --save-every steps, and when it stops (early, by a signal, or at the end), never after a
+# non-finite loss, which stops the run with the last good checkpoint in place; `Checkpoint`
+# (Part II) only writes this state to the file atomically and reads it back, and `Run.resume`
+# passes it to `restore_training_state`.
 
 def _rng_state():
     """The generators dropout draws from (the CPU's, and the current CUDA device's if in use)."""
@@ -1438,18 +1546,10 @@ def restore_training_state(ckpt, trainable, optimizer, scaler, rank):
     return ckpt["state"]
 
 
-def lr_at(step, config, total_steps):
-    """Linear warmup, then constant or cosine decay to zero."""
-    warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
-    if config.schedule == "cosine":
-        return config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    return config.lr * warm
-
-
 def train(config):
     """Fine-tune a CLIP with `config.objective` (or, with --objective clip --scratch, pre-train one)
     into the folder config.out; returns the trained model. Reading the data and the weights, the
-    devices, the targets' cache and the DataLoader are functions of Part II; the folder's
+    devices and the targets' cache are functions of Part II; the folder's
     bookkeeping (log, validation, checkpoints, resume, signals) is the `Run`'s."""
     # -- set-up ---------------------------------------------------------------------------------
     device, (rank, world, _) = setup_device(config), dist_info()
@@ -1540,9 +1640,7 @@ def train(config):
 #                             loops: their callers choose the precision)
 #   16. Devices, torchrun     setup_device, gather / gather_rows / gather_some, from_rank0, to_device
 #   17. The run               training_rows, initial_model; the frozen targets' cache
-#                             (objective_inputs, _fingerprint) and their rows over ranks
-#                             (reference_embeddings); MicroBatches and training_steps (the run's
-#                             one DataLoader, pinned copies); Run and its pieces:
+#                             (objective_inputs, _fingerprint); Run and its pieces:
 #                             RunFolder (lock, train_config.json, log), Checkpoint (the file),
 #                             StopSignals, BestModel (validation's use); TensorBoard, WandB; validate
 #   18. The command line      build_parser, cmd_train, train_option_errors, main
@@ -3029,14 +3127,6 @@ def _fingerprint(model_path, rows, model, objective="safeclip", n_train=None):
     return h.hexdigest()
 
 
-def reference_embeddings(model, preprocess, rows, device, batch_size, workers, names=("t_ref", "v_ref")):
-    """`frozen_embeddings` of every row, the work split over ranks: each embeds a stride of the
-    rows, and every rank gets them all."""
-    rank, world, _ = dist_info()
-    mine = frozen_embeddings(model, preprocess, rows[rank::world], names, device, batch_size, workers, rank == 0)
-    return {name: gather_rows(emb, len(rows), rank, world, device) for name, emb in mine.items()}
-
-
 def objective_inputs(compute, cache, fingerprint, write=lambda path, write: write(path)):
     """`compute()` (the run's `frozen_targets`) computed once per weights, data and code: read from
     `cache` (a safetensors file) when it was written under `fingerprint` (`_fingerprint`), else
@@ -3055,53 +3145,6 @@ def objective_inputs(compute, cache, fingerprint, write=lambda path, write: writ
             write(cache, lambda path: _atomic_write(
                 path, lambda tmp: save_safetensors(stored, tmp, metadata={"fingerprint": fingerprint})))
     return stored
-
-
-class MicroBatches:
-    """This rank's rows of every micro-batch from step `start` to `total`, epoch after epoch: the
-    batch sampler of the run's one DataLoader, whose workers then live for the whole run (a loader
-    per epoch would start fresh workers, and stall, at every epoch's start)."""
-
-    def __init__(self, schedule, start, total):
-        self.schedule, self.start, self.total = schedule, start, total
-        self.rank, self.world = dist_info()[:2]
-
-    def __len__(self):
-        return (self.total - self.start) * self.schedule.accum
-
-    def __iter__(self):
-        for rows in self.global_batches():
-            yield rank_shares(rows, self.world)[self.rank].tolist()
-
-    def global_batches(self):
-        """Each micro-batch's rows, all ranks' together (`Schedule.batches`, from step `start` on)."""
-        step, accum = self.start, self.schedule.accum
-        while step < self.total:
-            epoch, done = self.schedule.locate(step)
-            batches = self.schedule.batches(epoch)[done * accum: (done + self.total - step) * accum]
-            yield from batches
-            step += len(batches) // accum
-
-
-@contextlib.contextmanager
-def training_steps(dataset, schedule, start, total, workers, seed, device):
-    """The steps from `start` to `total`, each a list of --accum `MicroBatch`es, loaded by
-    `workers` processes. The workers stop when the block is left, however it is left: an error
-    whose traceback keeps this frame alive would otherwise keep them too, and the interpreter's
-    exit would wait on them for ever (they ignore SIGTERM, see `_quiet_worker`)."""
-    sampler = MicroBatches(schedule, start, total)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_quadruplets,
-        pin_memory=torch.device(device).type == "cuda", worker_init_fn=_quiet_worker,
-        generator=torch.Generator().manual_seed(seed))
-    has_v_unsafe = torch.tensor([r["unsafe_image"] is not None for r in dataset.rows])
-    batches = iter(loader)
-    whole = (micro_batch(b, rows, sampler.world, has_v_unsafe) for b, rows in zip(batches, sampler.global_batches()))
-    try:
-        yield iter(lambda: list(itertools.islice(whole, schedule.accum)), [])
-    finally:
-        if hasattr(batches, "_shutdown_workers"):  # (a loader with workers)
-            batches._shutdown_workers()
 
 
 class RunFolder:
