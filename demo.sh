@@ -24,6 +24,7 @@ CLIP_LR=${CLIP_LR:-2e-3}
 SAFECLIP_EPOCHS=${SAFECLIP_EPOCHS:-5}
 SAFECLIP_LR=${SAFECLIP_LR:-3e-3}
 LORA_ALPHA=${LORA_ALPHA:-4}        # LoRA scale alpha/rank = 1/4: adapters on 128-wide layers need more say than on 1024-wide ones
+LORA_DROPOUT=${LORA_DROPOUT:-0}    # the paper's 0.1 would draw a dropout mask per adapter: on a CPU half of a Safe-CLIP step (benchmarks/demo_step_profile.py)
 NCE_SCALE=${NCE_SCALE:-model}      # the toy CLIP's own logit scale (~21), not the 100 that OpenAI's CLIPs learned
 LAMBDAS=${LAMBDAS:-}               # empty: the paper's loss weights
 FREEZE=${FREEZE-}                  # empty: both towers, as in the paper; "vision": the text tower only
@@ -42,7 +43,7 @@ $PYTHON safeclip.py train --objective clip --scratch "$ARCH" --vocab-size 1000 \
 $PYTHON safeclip.py train --model "$OUT/clip" \
     --data "$OUT/data/pairs.jsonl" --out "$OUT/safeclip" --seed "$SEED" \
     --epochs "$SAFECLIP_EPOCHS" --batch-size 64 --lr "$SAFECLIP_LR" --patience 0 \
-    --lora-alpha "$LORA_ALPHA" --nce-scale "$NCE_SCALE" \
+    --lora-alpha "$LORA_ALPHA" --lora-dropout "$LORA_DROPOUT" --nce-scale "$NCE_SCALE" \
     ${LAMBDAS:+--lambdas $LAMBDAS} ${FREEZE:+--freeze $FREEZE}
 
 $PYTHON evaluate.py --ckpt "$OUT/safeclip" --baseline "$OUT/clip" --data "$OUT/data/pairs.jsonl" \

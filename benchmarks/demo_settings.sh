@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What demo.sh's Safe-CLIP settings buy: its Safe-CLIP step rerun with one choice changed at a time.
 #
-#   ./demo.sh && benchmarks/demo_settings.sh        # about 4 minutes on 2 CPU cores, after demo.sh
+#   ./demo.sh && benchmarks/demo_settings.sh        # about 5 minutes on 2 CPU cores, after demo.sh
 #
 # Each setting fine-tunes demo.sh's toy CLIP on its data with the command demo.sh's Safe-CLIP step
 # ran (its train_config.json, and its number of steps) plus the setting's flags, which win. Then
@@ -14,10 +14,11 @@ cd "$(dirname "$0")/.."
 DEMO=${DEMO:-runs/demo}
 OUT=${OUT:-runs/demo-settings}
 PYTHON=${PYTHON:-python}
-# name: flags. The text tower alone; the paper's InfoNCE scale; the paper's LoRA alpha.
+# name: flags. The text tower alone; the paper's InfoNCE scale; the paper's LoRA alpha; the paper's LoRA dropout.
 SETTINGS=${SETTINGS:-"text-tower-only:--freeze vision
 paper-scale-100:--nce-scale 100
-paper-alpha-1:--lora-alpha 1"}
+paper-alpha-1:--lora-alpha 1
+paper-dropout-0.1:--lora-dropout 0.1"}
 
 [ -f "$DEMO/safeclip/train_config.json" ] || { echo "error: run ./demo.sh first (no $DEMO/safeclip)" >&2; exit 2; }
 eval "RECIPE=($($PYTHON benchmarks/runs.py recipe "$DEMO/safeclip"))"
@@ -38,4 +39,4 @@ $PYTHON evaluate.py --ckpt "$DEMO/safeclip" "${compare[@]}" --baseline "$BASE" \
     --zeroshot "$ZS" --templates "$ZS/templates.txt" \
     --data "$DATA" --split test --no-cache --json "$OUT/eval.json" --markdown "$OUT/eval.md"
 $PYTHON benchmarks/runs.py summary "$OUT" "$OUT/eval.json" "${runs[@]}" "model=$DEMO/safeclip" \
-    --label "baseline=toy CLIP" --label "model=demo.sh (both towers, --nce-scale model, --lora-alpha 4)"
+    --label "baseline=toy CLIP" --label "model=demo.sh (both towers, --nce-scale model, --lora-alpha 4, --lora-dropout 0)"

@@ -43,7 +43,8 @@ def recipe(run):
     flags = ["--data", config["data"], "--model", config["model"], "--seed", config["seed"],
              "--batch-size", config["batch_size"], "--lr", config["lr"], "--schedule", config["schedule"],
              "--warmup", config["warmup"], "--weight-decay", config["weight_decay"], "--patience", config["patience"],
-             "--steps", steps(run), "--lora-rank", config["lora_rank"], "--lora-alpha", config["lora_alpha"]]
+             "--steps", steps(run), "--lora-rank", config["lora_rank"], "--lora-alpha", config["lora_alpha"],
+             "--lora-dropout", config["lora_dropout"]]
     flags += ["--nce-scale", config["nce_scale"]] if config.get("nce_scale") else []
     flags += ["--freeze", *config["freeze"]] if config["freeze"] else []
     return shlex.join(map(str, flags))

@@ -128,9 +128,10 @@ def test_the_objectives_benchmark_trains_each_objective_on_the_same_budget_and_c
     assert sum("loss" in json.loads(line) for line in (longer / "log.jsonl").read_text().splitlines()) == 2 * steps.pop()
     assert json.loads((longer / "train_config.json").read_text())["objective"] == "safeclip"
     # ... and the same recipe: the demo's, down to its LoRA and InfoNCE scale
-    assert len({(c["batch_size"], c["lr"], c["seed"], c["model"], c["lora_alpha"], c["nce_scale"])
+    assert len({(c["batch_size"], c["lr"], c["seed"], c["model"], c["lora_alpha"], c["lora_dropout"], c["nce_scale"])
                 for c in configs.values()}) == 1
     assert configs["safeclip"]["nce_scale"] == "model" and configs["safeclip"]["lora_alpha"] == 4
+    assert configs["safeclip"]["lora_dropout"] == 0  # demo.sh's, carried to every objective's run
     assert {c["objective"] for c in configs.values()} == {"safeclip", "safer-clip", "twin-offset", "twin-margin"}
     assert (configs["twin-offset"]["offset"], configs["twin-offset-a2"]["offset"]) == (1, 2)
     assert not configs["twin-offset"]["freeze"]

@@ -42,7 +42,8 @@ def test_twin_margin_breaks_safe_clips_tie_and_twin_nce_keeps_its_redirect(tmp_p
     configs = {k: json.loads((run / "train_config.json").read_text()) for k, run in runs.items()}
     steps = {sum("loss" in json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()) for run in runs.values()}
     assert len(steps) == 1
-    same = ("data_sha256", "model", "seed", "batch_size", "lr", "lora_rank", "lora_alpha", "nce_scale", "freeze")
+    same = ("data_sha256", "model", "seed", "batch_size", "lr", "lora_rank", "lora_alpha", "lora_dropout", "nce_scale",
+            "freeze")
     for name in ("twin-margin", "twin-nce"):
         assert {k: configs[name][k] for k in same} == {k: configs["safeclip"][k] for k in same}
         assert configs[name]["objective"] == name
