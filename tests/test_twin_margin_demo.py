@@ -19,7 +19,10 @@ from conftest import ROOT
 # tests/test_demo.py) 100 steps were too few for twin-margin on seeds 1 and 2 (T*->V+V* unsafe@1 above
 # Safe-CLIP's: 75.0 against 67.5, 50.0 against 46.2).
 SIZES = {"N": "800", "ARCH": "width=64,layers=2,embed_dim=64,image_resolution=48,vision_patch_size=8,context_length=40",
-         "CLIP_EPOCHS": "60", "SAFECLIP_EPOCHS": "10", "SAFECLIP_LR": "3e-3", "LORA_ALPHA": "4"}
+         "CLIP_EPOCHS": "60", "SAFECLIP_EPOCHS": "10", "SAFECLIP_LR": "3e-3", "LORA_ALPHA": "4",
+         # The paper's LoRA dropout, as the demo had when the bounds below were measured over 3 seeds x 3
+         # CPU kernel sets (demo.sh now leaves it out, for speed; on this copy both pass natively).
+         "LORA_DROPOUT": "0.1"}
 
 
 @pytest.mark.learned
