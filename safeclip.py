@@ -5,20 +5,28 @@ where its *safe* counterpart lands, while safe inputs keep the place the origina
 Downstream models that read CLIP's embeddings (Stable Diffusion, LLaVA, retrieval) become safer
 without any change of their own.
 
-The file has two parts. Part I is the method, to read top to bottom:
-  1. configuration               6. the Safe-CLIP objective: eight terms
-  2. the model                   7. beyond the paper: SafeR-CLIP, twin-offset, twin-margin, twin-nce
-  3. building it from weights    8. the data and the frozen targets
-  4. LoRA, and where it plugs in 9. the data order, one training step, exact resume, the loop
-  5. the inputs: image transform and token ids
-A first reading can skip section 7 and the model's speed-ups (marked "same result, less work").
-Where each question about the method is answered, in one place (search for the name):
-  the loss: its terms, weights and total       section 6, LAMBDAS to safe_clip_loss
-  the frozen targets: what, when, how precise  section 8, "The frozen targets" to bind_objective
-  one step, end to end, and its defaults       section 9, Schedule to lr_at; the defaults: TrainConfig
-  LoRA: where it plugs in, what trains, merge  section 4 (the sockets it names are in section 2)
-  gradient accumulation (--accum)              section 9, accumulate
-  exact resume                                 section 9, "exact resume" to restore_training_state
+The file has two parts. Part I is the method, to read top to bottom; its sections and main names:
+  1. configuration            CLIPConfig (the sizes), TrainConfig (every training setting, its default)
+  2. the model                LayerNorm, Attention, ResidualAttentionBlock, Transformer, VisionTransformer,
+                              CLIP (encode_text, encode_image); speed-ups marked "same result, less work"
+  3. building it from weights infer_config, build_model
+  4. LoRA, where it plugs in  LoRA, add_lora, _plain_state_dict (the merge), choose_trainable
+  5. the inputs               image_transform, preprocess_image; token ids
+  6. the Safe-CLIP objective  LAMBDAS, cosine_distance, info_nce, weighted_total, safe_clip_loss, clip_loss
+  7. beyond the paper         safer_clip_loss, twin_offset_loss, twin_margin_loss, twin_nce_loss, OBJECTIVES
+                              (a first reading can skip this section)
+  8. data, frozen targets     Quadruplets, collate_quadruplets, frozen_embeddings, frozen_targets,
+                              bind_objective
+  9. the step, resume, loop   Schedule, MicroBatch, autocast, Towers, embed, batch_loss, forward_backward,
+                              accumulate, update, lr_at, training_state, restore_training_state, train
+Where each question about the method is answered, in one place (search for the name; ~lines):
+  the loss: its terms, weights and total       section 6, from LAMBDAS to safe_clip_loss (~70)
+  the frozen targets: what, when, how precise  section 8, from "The frozen targets" to bind_objective (~110)
+  one step, end to end                         section 9, its banner to lr_at (~230), run by the loop
+                                               at the end of `train`; its defaults open TrainConfig (~25)
+  LoRA: where it plugs in, what trains, merge  section 4, its banner to choose_trainable (~115)
+  gradient accumulation (--accum)              section 9, accumulate (~35)
+  exact resume                                 section 9, "exact resume" to restore_training_state (~55)
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
 every weight format, exports, downloads, reading pairs.jsonl, distributed set-up, the run's
@@ -120,6 +128,29 @@ class TrainConfig:
     from the others" (`resolved`). The defaults are the paper's (its public code's where the paper
     is silent): ViT-L/14, LoRA rank 16 on both towers, AdamW at 1e-3, batches of 16."""
 
+    # -- the settings of one training step (section 9): what trains, and how --
+    # what trains
+    full: bool = setting(False, "full fine-tuning instead of LoRA", "what trains")
+    lora_rank: int = setting(16, "rank of the LoRA adapters", "what trains", metavar="R")
+    lora_alpha: float = setting(1.0, "LoRA scale is alpha / rank", "what trains", metavar="A")
+    lora_dropout: float = setting(0.1, "dropout on the adapters' input", "what trains", metavar="P")
+    freeze: list = setting(None, "towers to leave untouched", "what trains", nargs="+", choices=("text", "vision"))
+    # optimisation
+    lr: float = setting(None, "learning rate (default: 1e-3 LoRA, 1e-5 --full, 5e-4 --scratch; 1e-4 safer-clip)",
+                        "optimisation")
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay", "optimisation")
+    schedule: str = setting("constant", "learning rate after the warm-up: constant, or cosine decay to zero",
+                            "optimisation", choices=("constant", "cosine"))
+    warmup: int = setting(0, "linear warm-up steps", "optimisation")
+    grad_clip: float = setting(1.0, "max gradient norm (0: off)", "optimisation")
+    batch_size: int = setting(None, "quadruplets per micro-batch, over all processes (default: 16; 48 safer-clip)",
+                              "optimisation")
+    accum: int = setting(1, "micro-batches per step: the loss and gradients of one batch N times larger (the same "
+                         "rows and InfoNCE negatives; each micro-batch draws its own dropout masks)", "optimisation")
+    epochs: int = setting(10, "passes over the training split", "optimisation")
+    steps: int = setting(None, "optimizer steps (overrides --epochs)", "optimisation")
+    seed: int = setting(0, "adapters' initialisation, dropout and data order", "optimisation")
+    # -- everything else --
     # data and model
     data: str = setting(None, "pairs.jsonl (safe, unsafe, safe_image[, unsafe_image, category, split])", "data and model",
                         required=True, metavar="PAIRS")
@@ -156,27 +187,6 @@ class TrainConfig:
     nce_scale: str = setting(None, "logit scale of the InfoNCE terms: a number, or 'model' for the original model's "
                              "own exp(logit_scale) (default: 100, the paper's and OpenAI's CLIPs')", "objective",
                              metavar="S|model")
-    # what trains
-    full: bool = setting(False, "full fine-tuning instead of LoRA", "what trains")
-    lora_rank: int = setting(16, "rank of the LoRA adapters", "what trains", metavar="R")
-    lora_alpha: float = setting(1.0, "LoRA scale is alpha / rank", "what trains", metavar="A")
-    lora_dropout: float = setting(0.1, "dropout on the adapters' input", "what trains", metavar="P")
-    freeze: list = setting(None, "towers to leave untouched", "what trains", nargs="+", choices=("text", "vision"))
-    # optimisation
-    lr: float = setting(None, "learning rate (default: 1e-3 LoRA, 1e-5 --full, 5e-4 --scratch; 1e-4 safer-clip)",
-                        "optimisation")
-    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay", "optimisation")
-    schedule: str = setting("constant", "learning rate after the warm-up: constant, or cosine decay to zero",
-                            "optimisation", choices=("constant", "cosine"))
-    warmup: int = setting(0, "linear warm-up steps", "optimisation")
-    grad_clip: float = setting(1.0, "max gradient norm (0: off)", "optimisation")
-    batch_size: int = setting(None, "quadruplets per micro-batch, over all processes (default: 16; 48 safer-clip)",
-                              "optimisation")
-    accum: int = setting(1, "micro-batches per step: the loss and gradients of one batch N times larger (the same "
-                         "rows and InfoNCE negatives; each micro-batch draws its own dropout masks)", "optimisation")
-    epochs: int = setting(10, "passes over the training split", "optimisation")
-    steps: int = setting(None, "optimizer steps (overrides --epochs)", "optimisation")
-    seed: int = setting(0, "adapters' initialisation, dropout and data order", "optimisation")
     # validation and checkpoints
     eval_every: int = setting(None, "steps between validations (default: each epoch)", "validation and checkpoints")
     select: str = setting("loss", "best model by validation loss or by the recall-sum", "validation and checkpoints",
@@ -1210,7 +1220,7 @@ def bind_objective(config, targets, n_train, logit_scale):
 # every term of the objective from them, and takes one optimizer step. Mixed precision (AMP) is
 # the same code on every device; on CUDA it is bf16 by default.
 
-# In order: which rows a step trains on and how they arrive (`Schedule`, `training_steps`); the step
+# In order: which rows a step trains on and how they arrive (`Schedule`, `MicroBatch`); the step
 # itself (`embed`, `batch_loss`, `forward_backward` or, with --accum, `accumulate`, then `update` at
 # `lr_at`'s learning rate); exact resume (what a checkpoint holds); and `train`, which runs it all.
 # The defaults of every setting named here are `TrainConfig`'s (section 1).
@@ -1252,17 +1262,10 @@ class Schedule:
         return shuffled[: steps * self.batch * self.accum].view(steps * self.accum, self.batch)
 
 
-# Under torchrun each rank loads and embeds only its share of a micro-batch's rows, but every rank
-# knows the whole micro-batch (from the seed and the step: `Schedule`), so every shape of a step,
-# the V* that exist on other ranks included, is decided from host data: nothing waits for the GPU
-# or asks the other ranks.
-
-def rank_shares(rows, world):
-    """A micro-batch's rows over `world` ranks, [rank 0's, rank 1's, ...]: rank r takes every
-    world-th row from r on (one process: all of them). `gather` concatenates the ranks'
-    embeddings in this order."""
-    return [rows[r::world] for r in range(world)]
-
+# Each step's rows arrive as --accum `MicroBatch`es: `training_steps` (Part II, section 16) runs one
+# DataLoader for the whole run that loads this rank's share of every micro-batch of `Schedule.batches`
+# (under torchrun rank r takes every world-th row from r on, `rank_shares`), and adds the rows of every
+# rank, which each rank knows from the seed and the step without asking the others.
 
 class MicroBatch(NamedTuple):
     """One micro-batch as `embed` takes it: this rank's b rows, loaded and collated
@@ -1274,61 +1277,6 @@ class MicroBatch(NamedTuple):
     idx: torch.Tensor  # (b,) this rank's rows: indices into the training rows
     rows: torch.Tensor  # (B,) the rows of every rank, in the order `gather` returns their embeddings
     has_all: torch.Tensor  # (B,) bool: which of those have V*
-
-
-def micro_batch(collated, rows, world, has_v_unsafe):
-    """The MicroBatch of a micro-batch's `rows` (a row of `Schedule.batches`): `collated` is
-    `collate_quadruplets`' four for this rank's share of them (`rank_shares`), `has_v_unsafe` (N,)
-    says which training rows have V*."""
-    every_rank = torch.cat(rank_shares(rows, world))
-    return MicroBatch(*collated, every_rank, has_v_unsafe[every_rank])
-
-
-class MicroBatches:
-    """This rank's rows of every micro-batch from step `start` to `total`, epoch after epoch: the
-    batch sampler of the run's one DataLoader, whose workers then live for the whole run (a loader
-    per epoch would start fresh workers, and stall, at every epoch's start)."""
-
-    def __init__(self, schedule, start, total):
-        self.schedule, self.start, self.total = schedule, start, total
-        self.rank, self.world = dist_info()[:2]
-
-    def __len__(self):
-        return (self.total - self.start) * self.schedule.accum
-
-    def __iter__(self):
-        for rows in self.global_batches():
-            yield rank_shares(rows, self.world)[self.rank].tolist()
-
-    def global_batches(self):
-        """Each micro-batch's rows, all ranks' together (`Schedule.batches`, from step `start` on)."""
-        step, accum = self.start, self.schedule.accum
-        while step < self.total:
-            epoch, done = self.schedule.locate(step)
-            batches = self.schedule.batches(epoch)[done * accum: (done + self.total - step) * accum]
-            yield from batches
-            step += len(batches) // accum
-
-
-@contextlib.contextmanager
-def training_steps(dataset, schedule, start, total, workers, seed, device):
-    """The steps from `start` to `total`, each a list of --accum `MicroBatch`es, loaded by
-    `workers` processes. The workers stop when the block is left, however it is left: an error
-    whose traceback keeps this frame alive would otherwise keep them too, and the interpreter's
-    exit would wait on them for ever (they ignore SIGTERM, see `_quiet_worker`)."""
-    sampler = MicroBatches(schedule, start, total)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_quadruplets,
-        pin_memory=torch.device(device).type == "cuda", worker_init_fn=_quiet_worker,
-        generator=torch.Generator().manual_seed(seed))
-    has_v_unsafe = torch.tensor([r["unsafe_image"] is not None for r in dataset.rows])
-    batches = iter(loader)
-    whole = (micro_batch(b, rows, sampler.world, has_v_unsafe) for b, rows in zip(batches, sampler.global_batches()))
-    try:
-        yield iter(lambda: list(itertools.islice(whole, schedule.accum)), [])
-    finally:
-        if hasattr(batches, "_shutdown_workers"):  # (a loader with workers)
-            batches._shutdown_workers()
 
 
 # -- the step: forward, loss, backward, update ----------------------------------------------
@@ -1502,10 +1450,10 @@ def lr_at(step, config, total_steps):
 # - the generators a step draws from, on every rank: torch's CPU generator and the current CUDA
 #   device's, which draw the dropout masks (each rank its own, seeded seed + rank).
 # The data position is the step itself: the order of any step follows from the seed and the step
-# (`Schedule`), and `training_steps` starts its loader at the restored step. Everything else that
-# draws random numbers has a private generator, so it never moves the ones dropout draws from: the
-# data order (`Schedule.batches`: seed + epoch), the DataLoader (`training_steps`: seeded with the
-# seed) and validation's image loading (`encode_images`, Part II). Were they shared, a validation or
+# (`Schedule`), and the loader (`training_steps`, Part II) starts at the restored step. Everything
+# else that draws random numbers has a private generator, so it never moves the ones dropout draws
+# from: the data order (`Schedule.batches`: seed + epoch), the DataLoader (seeded with the seed) and
+# validation's image loading (`encode_images`, Part II). Were they shared, a validation or
 # a worker's start would shift every later dropout mask, and a resumed run, which validates at
 # other moments, would differ. The run writes the checkpoint at every epoch's end, every
 # --save-every steps, and when it stops (early, by a signal, or at the end), never after a
@@ -1638,7 +1586,8 @@ def train(config):
 #   14. Downloads             resolve_model, download, download_file (one per machine), verified
 #   15. Data files            read_pairs, open_image, encode_texts / encode_images (batching
 #                             loops: their callers choose the precision)
-#   16. Devices, torchrun     setup_device, gather / gather_rows / gather_some, from_rank0, to_device
+#   16. Devices, torchrun     setup_device, gather / gather_rows / gather_some, from_rank0, to_device;
+#                             the training loader: training_steps, MicroBatches, rank_shares
 #   17. The run               training_rows, initial_model; the frozen targets' cache
 #                             (objective_inputs, _fingerprint); Run and its pieces:
 #                             RunFolder (lock, train_config.json, log), Checkpoint (the file),
@@ -3039,6 +2988,74 @@ def _quiet_worker(_):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+# -- the training loader: this rank's share of every micro-batch ------------------------------
+# Under torchrun each rank loads and embeds only its share of a micro-batch's rows, but every rank
+# knows the whole micro-batch (from the seed and the step: `Schedule`), so every shape of a step,
+# the V* that exist on other ranks included, is decided from host data: nothing waits for the GPU
+# or asks the other ranks.
+
+def rank_shares(rows, world):
+    """A micro-batch's rows over `world` ranks, [rank 0's, rank 1's, ...]: rank r takes every
+    world-th row from r on (one process: all of them). `gather` concatenates the ranks'
+    embeddings in this order."""
+    return [rows[r::world] for r in range(world)]
+
+
+def micro_batch(collated, rows, world, has_v_unsafe):
+    """The MicroBatch of a micro-batch's `rows` (a row of `Schedule.batches`): `collated` is
+    `collate_quadruplets`' four for this rank's share of them (`rank_shares`), `has_v_unsafe` (N,)
+    says which training rows have V*."""
+    every_rank = torch.cat(rank_shares(rows, world))
+    return MicroBatch(*collated, every_rank, has_v_unsafe[every_rank])
+
+
+class MicroBatches:
+    """This rank's rows of every micro-batch from step `start` to `total`, epoch after epoch: the
+    batch sampler of the run's one DataLoader, whose workers then live for the whole run (a loader
+    per epoch would start fresh workers, and stall, at every epoch's start)."""
+
+    def __init__(self, schedule, start, total):
+        self.schedule, self.start, self.total = schedule, start, total
+        self.rank, self.world = dist_info()[:2]
+
+    def __len__(self):
+        return (self.total - self.start) * self.schedule.accum
+
+    def __iter__(self):
+        for rows in self.global_batches():
+            yield rank_shares(rows, self.world)[self.rank].tolist()
+
+    def global_batches(self):
+        """Each micro-batch's rows, all ranks' together (`Schedule.batches`, from step `start` on)."""
+        step, accum = self.start, self.schedule.accum
+        while step < self.total:
+            epoch, done = self.schedule.locate(step)
+            batches = self.schedule.batches(epoch)[done * accum: (done + self.total - step) * accum]
+            yield from batches
+            step += len(batches) // accum
+
+
+@contextlib.contextmanager
+def training_steps(dataset, schedule, start, total, workers, seed, device):
+    """The steps from `start` to `total`, each a list of --accum `MicroBatch`es, loaded by
+    `workers` processes. The workers stop when the block is left, however it is left: an error
+    whose traceback keeps this frame alive would otherwise keep them too, and the interpreter's
+    exit would wait on them for ever (they ignore SIGTERM, see `_quiet_worker`)."""
+    sampler = MicroBatches(schedule, start, total)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_quadruplets,
+        pin_memory=torch.device(device).type == "cuda", worker_init_fn=_quiet_worker,
+        generator=torch.Generator().manual_seed(seed))
+    has_v_unsafe = torch.tensor([r["unsafe_image"] is not None for r in dataset.rows])
+    batches = iter(loader)
+    whole = (micro_batch(b, rows, sampler.world, has_v_unsafe) for b, rows in zip(batches, sampler.global_batches()))
+    try:
+        yield iter(lambda: list(itertools.islice(whole, schedule.accum)), [])
+    finally:
+        if hasattr(batches, "_shutdown_workers"):  # (a loader with workers)
+            batches._shutdown_workers()
+
+
 # ---------------------------------------------------------------------------------------------
 # 17. The run: set-up, the frozen targets' cache, bookkeeping, validation
 # ---------------------------------------------------------------------------------------------
@@ -3925,12 +3942,11 @@ def build_parser():
                        "quadruplets, or pre-train a small CLIP from scratch with --objective clip --scratch. "
                        "`train --data pairs.jsonl` alone fine-tunes OpenAI's ViT-L/14 (downloaded into the "
                        "weights folder if missing) with the paper's settings into runs/safeclip.")
-    groups = {}
-    for f in fields(TrainConfig):
+    order = ("data and model", "objective", "what trains", "optimisation", "validation and checkpoints", "hardware")
+    groups = {name: t.add_argument_group(name) for name in order}  # --help's sections, in this order
+    for f in sorted(fields(TrainConfig), key=lambda f: order.index(f.metadata["group"])):
         cli = dict(f.metadata)
         group, parse = cli.pop("group"), cli.pop("parse", None)
-        if group not in groups:
-            groups[group] = t.add_argument_group(group)
         if f.type is bool and "action" not in cli:
             cli["action"] = "store_true"
         elif parse is not None:

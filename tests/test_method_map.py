@@ -72,3 +72,47 @@ def test_each_of_the_eight_terms_is_listed_with_its_weight(text):
         assert len(rows) == 1, f"{term}: expected one row in the table of terms, found {len(rows)}"
         cells = [c.strip() for c in rows[0].strip("|").split("|")]
         assert float(cells[2]) == weight, f"{term}: the map says λ = {cells[2]}, safeclip.LAMBDAS says {weight}"
+
+
+# safeclip.py's docstring is Part I's table of contents: each section with its main names. Each name
+# must be defined in that section, so a move or rename that forgets the table fails here.
+SOURCE = Path(safeclip.__file__).read_text(encoding="utf-8")
+DEFINED = re.compile(r"^(?:def |class |    def )?([A-Za-z_]\w*)\b(?:\(| =|:)", re.M)
+
+
+def part_one_sections():
+    """{section number: its source text}, from Part I's banners ("# N. Title") to the next one."""
+    part_one = SOURCE[: SOURCE.index("# PART II. THE PLUMBING")]
+    starts = [(int(m.group(1)), m.start()) for m in re.finditer(r"^# (\d)\. ", part_one, re.M)]
+    ends = [start for _, start in starts[1:]] + [len(part_one)]
+    return {number: part_one[start:end] for (number, start), end in zip(starts, ends)}
+
+
+def table_of_contents(docstring):
+    """{section number: the names its row lists} from the module docstring's table."""
+    table = docstring[docstring.index("The file has two parts"): docstring.index("Where each question")]
+    rows, number = {}, None
+    for line in table.splitlines()[1:]:
+        m = re.match(r"  (\d)\. (.{24})(.*)", line)
+        if m:
+            number, names = int(m.group(1)), m.group(3)
+        else:
+            names = line
+        tokens = (t.strip() for t in re.split(r"[,;()]", names))  # "(the merge)", "token ids": not names
+        rows.setdefault(number, []).extend(t for t in tokens if re.fullmatch(r"[A-Za-z_]\w*", t))
+    return rows
+
+
+def test_the_docstring_s_table_of_contents_names_what_each_section_defines():
+    sections, toc = part_one_sections(), table_of_contents(safeclip.__doc__)
+    assert sorted(toc) == sorted(sections) == list(range(1, 10))
+    for number, names in toc.items():
+        assert names, f"section {number}: no names in its row"
+        defined = set(DEFINED.findall(sections[number]))
+        assert not set(names) - defined, f"section {number} does not define {sorted(set(names) - defined)}"
+
+
+def test_a_name_in_the_wrong_section_is_caught():
+    doc = safeclip.__doc__.replace("infer_config, build_model", "infer_config, build_model, safe_clip_loss")
+    sections, toc = part_one_sections(), table_of_contents(doc)
+    assert "safe_clip_loss" in toc[3] and "safe_clip_loss" not in set(DEFINED.findall(sections[3]))
