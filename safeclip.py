@@ -3461,7 +3461,8 @@ class Run:
 
     def saved_state(self, trainable):
         """With --resume and a checkpoint in the folder: what it holds (`training_state`'s result),
-        read, checked against `trainable` and on every rank; else None (a fresh run)."""
+        read, checked against `trainable` and on every rank; else None (a fresh run). Opens (and
+        locks) the folder first, so `begin`, which comes next, finds it open."""
         if self.main:
             self.folder.open()
         if self.config.resume and from_rank0(self.ckpt_path.exists()):
@@ -3477,8 +3478,6 @@ class Run:
         if resumed_at is not None:
             self.state.update(resumed_at)
         self.best = BestModel(self.folder, self.state, self.config.select, self.config.patience, validation)
-        if self.main:
-            self.folder.open()
         safeclip_terms = self.config.objective == "safeclip"
         if resumed_at is not None:
             self.resumed()
