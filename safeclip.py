@@ -455,11 +455,12 @@ class CLIP(nn.Module):
         positions instead of 77, with the same result up to float rounding. (Ids on the CPU are
         trimmed here; ids already on a GPU as they are: whoever moves them trims them first.)
         """
-        if ids.shape[1] > self.config.context_length:
-            raise ValueError(f"token ids are {ids.shape[1]} long; this model reads at most "
-                             f"{self.config.context_length}")
         if ids.device.type == "cpu" and not torch.compiler.is_compiling():  # (reading the length from a
             ids = trim_padding(ids, multiple=1)  # GPU's ids would wait for it: the training step trims first)
+        if ids.shape[1] > self.config.context_length:  # (checked after the trim: padding never counts)
+            raise ValueError(f"token ids are {ids.shape[1]} long; this model reads at most "
+                             f"{self.config.context_length}: tokenize with context_length="
+                             f"{self.config.context_length}")
         eot = ids.argmax(dim=-1)  # EOT has the highest id in the vocabulary
         n = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:n]  # (B, n, C)

@@ -336,3 +336,15 @@ def test_export_command_takes_the_activation_for_a_plain_state_dict(tmp_path, fl
                           "--hf", str(tmp_path / "hf"), *flag]) == 0
     act = json.loads((tmp_path / "hf" / "config.json").read_text())["text_config"]["hidden_act"]
     assert act == ("quick_gelu" if quick else "gelu")
+
+
+def test_a_short_context_model_reads_the_tokenizers_default_ids_and_refuses_a_caption_too_long():
+    """Bug: `model.encode_text(model.tokenizer(texts))`, the README's usage, failed on a model with a
+    context shorter than the tokenizer's default 77 (the demo's models: 40), for the padding alone."""
+    model = scratch_model("width=32,layers=2,embed_dim=16,image_resolution=16,vision_patch_size=8,context_length=20")
+    short = random_token_ids(3, 77, 300, max_len=10)  # EOT within the first 10 positions, zeros after
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(short), model.encode_text(short[:, :20]))
+    long = random_token_ids(3, 77, 300, max_len=30)  # row 0's caption fills 30 positions: past 20
+    with pytest.raises(ValueError, match="reads at most 20: tokenize with context_length=20"):
+        model.encode_text(long)
