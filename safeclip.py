@@ -19,14 +19,16 @@ The file has two parts. Part I is the method, to read top to bottom; its section
                               bind_objective
   9. the step, resume, loop   Schedule, MicroBatch, autocast, Towers, embed, batch_loss, forward_backward,
                               accumulate, update, lr_at, training_state, restore_training_state, train
-Where each question about the method is answered, in one place (search for the name; ~lines):
-  the loss: its terms, weights and total       section 6, from LAMBDAS to safe_clip_loss (~70)
-  the frozen targets: what, when, how precise  section 8, from "The frozen targets" to bind_objective (~110)
-  one step, end to end                         section 9, its banner to lr_at (~230), run by the loop
-                                               at the end of `train`; its defaults open TrainConfig (~25)
-  LoRA: where it plugs in, what trains, merge  section 4, its banner to choose_trainable (~115)
-  gradient accumulation (--accum)              section 9, accumulate (~35)
-  exact resume                                 section 9, "exact resume" to restore_training_state (~55)
+Where each question about the method is answered, in exact lines (tests/test_method_map.py keeps
+them so); none of the answers needs Part II:
+  the loss: its terms, weights and total        lines 717-787    section 6 to safe_clip_loss
+  the frozen targets: what, when, how precise   lines 1108-1216  "The frozen targets" to bind_objective
+  one step, end to end                          lines 1220-1444  section 9 to lr_at
+  LoRA: where it plugs in, what trains, merge   lines 563-675    section 4 to choose_trainable
+  gradient accumulation (--accum)               lines 1372-1415  forward_backward to accumulate
+  exact resume                                  lines 1447-1498  "-- exact resume" to restore_training_state
+  and, for each of them, where it runs          lines 1501-1579  train
+The settings, each with its default and one line on what it does: lines 127-242  TrainConfig.
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
 every weight format, exports, downloads, reading pairs.jsonl, distributed set-up, the run's

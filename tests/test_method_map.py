@@ -1,6 +1,7 @@
 """docs/method.md maps the paper to the code by name: every `safeclip.NAME` / `evaluate.NAME` it
 cites must exist, so a rename that forgets the map fails here instead of misleading a reader."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -119,3 +120,56 @@ def test_the_docstring_s_table_of_contents_names_what_each_section_defines():
 def test_a_name_in_the_wrong_section_is_caught():
     doc = safeclip.__doc__.replace("infer_config, build_model", "infer_config, build_model, safe_clip_loss")
     assert misplaced(doc) == {3: ["safe_clip_loss"]}
+
+
+# The docstring's question map gives exact line ranges ("lines 715-785  section 6 to safe_clip_loss"),
+# so that a reader can read those lines and nothing else. Each range must be where the words beside
+# it say: from section N's banner, a comment that opens with the quoted words, or a definition, to
+# the last line of the named definition (or of the first one, when no "to" is given).
+RANGE = re.compile(r'lines +(\d+)-(\d+) +(?:section (\d)|"([^"]+)"|([A-Za-z_]\w*))(?: to ([A-Za-z_]\w*))?')
+
+
+def definitions(source):
+    """{top-level name: (first line, last line)}, decorators included, for defs, classes and assignments."""
+    spans = {}
+    for node in ast.parse(source).body:
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        names = [node.name] if hasattr(node, "name") else [t.id for t in getattr(node, "targets", []) if
+                                                             isinstance(t, ast.Name)]
+        for name in names:
+            spans[name] = (first, node.end_lineno)
+    return spans
+
+
+def wrong_ranges(docstring, source):
+    """[(what the map says, what the code has)] for each range of the question map that is off."""
+    lines, spans = source.splitlines(), definitions(source)
+    part_one = source[: source.index("# PART II. THE PLUMBING")].count("\n")
+    question_map = docstring[docstring.index("Where each question"): docstring.index("Part II is the plumbing")]
+    wrong, found = [], RANGE.findall(question_map)
+    assert len(found) >= 7, "the question map gives fewer ranges than it should; has its format changed?"
+    for first, last, section, comment, name, to in found:
+        if section:
+            start = next(i for i, line in enumerate(lines, 1) if line.startswith(f"# {section}. "))
+        elif comment:
+            start = next(i for i, line in enumerate(lines, 1) if line.lstrip().startswith(f"# {comment}"))
+        else:
+            start = spans[name][0]
+        end = spans[to or name][1]
+        if (int(first), int(last)) != (start, end) or end > part_one:
+            wrong.append((f"lines {first}-{last}", f"lines {start}-{end}"))
+    return wrong
+
+
+def test_the_question_map_s_line_ranges_are_exact():
+    assert wrong_ranges(safeclip.__doc__, SOURCE) == []
+
+
+def test_a_range_that_has_drifted_is_caught():
+    banner = SOURCE.splitlines().index("# 6. The Safe-CLIP objective: eight terms") + 1
+    _, end = definitions(SOURCE)["safe_clip_loss"]
+    lora = definitions(SOURCE)["choose_trainable"][1]  # section 4, above the change: still right
+    source = SOURCE.replace("\n\ndef safe_clip_loss(", "\n\n# one more line\ndef safe_clip_loss(", 1)
+    drifted = wrong_ranges(safeclip.__doc__, source)
+    assert (f"lines {banner}-{end}", f"lines {banner}-{end + 1}") in drifted
+    assert not any(said.endswith(f"-{lora}") for said, _ in drifted)
