@@ -23,11 +23,11 @@ Where each question about the method is answered, in exact lines (tests/test_met
 them so); none of the answers needs Part II:
   the loss: its terms, weights and total        lines 717-787    section 6 to safe_clip_loss
   the frozen targets: what, when, how precise   lines 1108-1216  "The frozen targets" to bind_objective
-  one step, end to end                          lines 1220-1444  section 9 to lr_at
+  one step, end to end                          lines 1220-1458  section 9 to lr_at
   LoRA: where it plugs in, what trains, merge   lines 563-675    section 4 to choose_trainable
-  gradient accumulation (--accum)               lines 1372-1415  forward_backward to accumulate
-  exact resume                                  lines 1447-1498  "-- exact resume" to restore_training_state
-  and, for each of them, where it runs          lines 1501-1579  train
+  gradient accumulation (--accum)               lines 1386-1429  forward_backward to accumulate
+  exact resume                                  lines 1461-1501  "-- exact resume" to restore_training_state
+  and, for each of them, where it runs          lines 1504-1582  train
 The settings, each with its default and one line on what it does: lines 127-242  TrainConfig.
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
@@ -1227,7 +1227,9 @@ def bind_objective(config, targets, n_train, logit_scale):
 # In order: which rows a step trains on and how they arrive (`Schedule`, `MicroBatch`); the step
 # itself (`embed`, `batch_loss`, `forward_backward` or, with --accum, `accumulate`, then `update` at
 # `lr_at`'s learning rate); exact resume (what a checkpoint holds); and `train`, which runs it all.
-# The defaults of every setting named here are `TrainConfig`'s (section 1).
+# The step's defaults (`TrainConfig`, section 1; the paper's): AdamW, lr 1e-3 (LoRA; 1e-5 --full),
+# weight decay 0, constant schedule, warm-up 0, grad clip 1.0, batch 16, accum 1; LoRA rank 16, alpha 1,
+# dropout 0.1; precision bf16 on CUDA, fp32 on the CPU.
 
 # -- which rows a step trains on, and how they arrive ----------------------------------------
 # The data order: each epoch is a permutation drawn from a generator of its own, seeded with
@@ -1369,6 +1371,18 @@ def batch_loss(loss_fn, logit_scale, emb, refs):
     return loss_fn(t_safe, t_unsafe, v_safe, v_unsafe, has_unsafe_image=has_v_unsafe, **refs)
 
 
+def _rng_state():
+    """The generators dropout draws from (the CPU's, and the current CUDA device's if in use):
+    `accumulate` replays them, and a checkpoint saves them (exact resume, below)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state[1])
+
+
 def forward_backward(micro_batches, embed_batch, loss_of, scaler, no_sync=None):
     """The loss of one optimizer step's batch and its gradients in the parameters' .grad:
     (loss, terms). `embed_batch` and `loss_of` are `embed` and `batch_loss` with the run's
@@ -1464,17 +1478,6 @@ def lr_at(step, config, total_steps):
 # non-finite loss, which stops the run with the last good checkpoint in place; `Checkpoint`
 # (Part II) only writes this state to the file atomically and reads it back, and `train` passes
 # what it read to `restore_training_state` before the first step.
-
-def _rng_state():
-    """The generators dropout draws from (the CPU's, and the current CUDA device's if in use)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state[0])
-    if state[1] is not None and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(state[1])
-
 
 def training_state(trainable, optimizer, scaler, progress, rng_of_ranks):
     """What a checkpoint holds: {trainable, optimizer, scaler, rng, cuda_rng, rng_ranks, state}.

@@ -3,6 +3,7 @@ cites must exist, so a rename that forgets the map fails here instead of mislead
 
 import ast
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,38 @@ def test_a_range_that_has_drifted_is_caught():
     drifted = wrong_ranges(safeclip.__doc__, source)
     assert (f"lines {banner}-{end}", f"lines {banner}-{end + 1}") in drifted
     assert not any(said.endswith(f"-{lora}") for said, _ in drifted)
+
+
+def step_defaults_comment(source):
+    start = source.index("# The step's defaults")
+    return " ".join(line.lstrip("# ") for line in source[start: source.index("\n\n", start)].splitlines())
+
+
+def stated_defaults_that_differ(comment):
+    """{phrase: (what section 9's comment says, what TrainConfig resolves to)} where they differ."""
+    lora = safeclip.TrainConfig(data="pairs.jsonl", device="cpu").resolved()
+    full = replace(lora, full=True, lr=None).resolved()
+    wanted = {"lr": lora.lr, "1e-5 --full": None, "weight decay": lora.weight_decay, "warm-up": lora.warmup,
+              "grad clip": lora.grad_clip, "batch": lora.batch_size, "accum": lora.accum, "LoRA rank": lora.lora_rank,
+              "alpha": lora.lora_alpha, "dropout": lora.lora_dropout}
+    wrong = {}
+    for phrase, value in wanted.items():
+        if value is None:  # the --full learning rate, written before its flag
+            said = re.search(r"(\d(?:[0-9.e-]*\d)?) --full", comment)
+            value = full.lr
+        else:
+            said = re.search(rf"{phrase} (\d(?:[0-9.e-]*\d)?)", comment)
+        if said is None or float(said.group(1)) != value:
+            wrong[phrase] = (said and said.group(1), value)
+    if f"{lora.schedule} schedule" not in comment:
+        wrong["schedule"] = (None, lora.schedule)
+    return wrong
+
+
+def test_section_9_states_the_step_s_defaults_as_train_config_resolves_them():
+    assert stated_defaults_that_differ(step_defaults_comment(SOURCE)) == {}
+
+
+def test_a_stated_default_that_differs_is_caught():
+    comment = step_defaults_comment(SOURCE).replace("grad clip 1.0", "grad clip 0.5")
+    assert stated_defaults_that_differ(comment) == {"grad clip": ("0.5", 1.0)}
