@@ -21,14 +21,15 @@ The file has two parts. Part I is the method, to read top to bottom; its section
                               accumulate, update, lr_at, training_state, restore_training_state, train
 Where each question about the method is answered, in exact lines (tests/test_method_map.py keeps
 them so); none of the answers needs Part II:
-  the loss: its terms, weights and total        lines 717-787    section 6 to safe_clip_loss
-  the frozen targets: what, when, how precise   lines 1108-1216  "The frozen targets" to bind_objective
-  one step, end to end                          lines 1220-1458  section 9 to lr_at
-  LoRA: where it plugs in, what trains, merge   lines 563-675    section 4 to choose_trainable
-  gradient accumulation (--accum)               lines 1386-1429  forward_backward to accumulate
-  exact resume                                  lines 1461-1501  "-- exact resume" to restore_training_state
-  and, for each of them, where it runs          lines 1504-1582  train
-The settings, each with its default and one line on what it does: lines 127-242  TrainConfig.
+  the loss: its terms, weights and total        lines 719-789    section 6 to safe_clip_loss
+  the frozen targets: what, when, how precise   lines 1110-1218  "The frozen targets" to bind_objective
+  one step, end to end                          lines 1222-1460  section 9 to lr_at
+  LoRA: where it plugs in, what trains, merge   lines 565-677    section 4 to choose_trainable
+                                                lines 269-336    Linear to Attention (its sockets)
+  gradient accumulation (--accum)               lines 1376-1431  _rng_state to accumulate
+  exact resume                                  lines 1463-1503  "-- exact resume" to restore_training_state
+  and, for each of them, where it runs          lines 1506-1584  train
+The settings, each with its default and one line on what it does: lines 128-243  TrainConfig.
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
 every weight format, exports, downloads, reading pairs.jsonl, distributed set-up, the run's
@@ -277,6 +278,19 @@ class Linear(nn.Linear):
         return y if self.lora is None else y + self.lora(x)
 
 
+class PatchEmbedding(nn.Conv2d):
+    """The ViT's first layer: a convolution whose kernel and stride are the patch size. Like
+    `Linear`, it can carry a LoRA adapter (section 4)."""
+
+    def __init__(self, width, patch):
+        super().__init__(3, width, patch, stride=patch, bias=False)
+        self.lora = None
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y if self.lora is None else y + self.lora.conv(x, self.stride)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names (OpenAI's files)."""
 
@@ -375,18 +389,6 @@ class Transformer(nn.Module):
             else:
                 x = block(x, causal, query)
         return x
-
-
-class PatchEmbedding(nn.Conv2d):
-    """The ViT's first layer: a convolution whose kernel and stride are the patch size."""
-
-    def __init__(self, width, patch):
-        super().__init__(3, width, patch, stride=patch, bias=False)
-        self.lora = None
-
-    def forward(self, x):
-        y = super().forward(x)
-        return y if self.lora is None else y + self.lora.conv(x, self.stride)
 
 
 class VisionTransformer(nn.Module):
