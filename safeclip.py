@@ -19,17 +19,17 @@ The file has two parts. Part I is the method, to read top to bottom; its section
                               bind_objective
   9. the step, resume, loop   Schedule, MicroBatch, autocast, Towers, embed, batch_loss, forward_backward,
                               accumulate, update, lr_at, training_state, restore_training_state, train
-Where each question about the method is answered, in exact lines (tests/test_method_map.py keeps
-them so); none of the answers needs Part II:
+Where each question about the method is answered: these lines alone answer it (about 700 for all six),
+none of them in Part II, and they are exact (tests/test_method_map.py keeps them so):
   the loss: its terms, weights and total        lines 719-789    section 6 to safe_clip_loss
-  the frozen targets: what, when, how precise   lines 1110-1218  "The frozen targets" to bind_objective
+  the frozen targets: what, when, how precise   lines 1110-1189  "The frozen targets" to frozen_targets
   one step, end to end                          lines 1222-1460  section 9 to lr_at
   LoRA: where it plugs in, what trains, merge   lines 565-677    section 4 to choose_trainable
                                                 lines 269-336    Linear to Attention (its sockets)
   gradient accumulation (--accum)               lines 1376-1431  _rng_state to accumulate
   exact resume                                  lines 1463-1503  "-- exact resume" to restore_training_state
   and, for each of them, where it runs          lines 1506-1584  train
-The settings, each with its default and one line on what it does: lines 128-243  TrainConfig.
+Every setting's default is in TrainConfig (section 1); the step's are also listed atop section 9.
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
 every weight format, exports, downloads, reading pairs.jsonl, distributed set-up, the run's

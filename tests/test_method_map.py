@@ -209,3 +209,14 @@ def test_section_9_states_the_step_s_defaults_as_train_config_resolves_them():
 def test_a_stated_default_that_differs_is_caught():
     comment = step_defaults_comment(SOURCE).replace("grad clip 1.0", "grad clip 0.5")
     assert stated_defaults_that_differ(comment) == {"grad clip": ("0.5", 1.0)}
+
+
+def mapped_lines(docstring):
+    """The lines of safeclip.py that the question map's ranges cover, all together."""
+    question_map = docstring[docstring.index("Where each question"): docstring.index("Part II is the plumbing")]
+    return set().union(*(range(int(first), int(last) + 1) for first, last, *_ in RANGE.findall(question_map)))
+
+
+def test_the_map_says_how_many_lines_its_ranges_cover_to_within_a_tenth():
+    said = int(re.search(r"about (\d+) for all six", safeclip.__doc__).group(1))
+    assert abs(said - len(mapped_lines(safeclip.__doc__))) <= len(mapped_lines(safeclip.__doc__)) / 10
