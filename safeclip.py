@@ -19,17 +19,18 @@ The file has two parts. Part I is the method, to read top to bottom; its section
                               bind_objective
   9. the step, resume, loop   Schedule, MicroBatch, autocast, Towers, embed, batch_loss, forward_backward,
                               accumulate, update, lr_at, training_state, restore_training_state, train
-Where each question about the method is answered: these lines alone answer it (about 700 for all six),
-none of them in Part II, and they are exact (tests/test_method_map.py keeps them so):
-  the loss: its terms, weights and total        lines 719-789    section 6 to safe_clip_loss
-  the frozen targets: what, when, how precise   lines 1110-1189  "The frozen targets" to frozen_targets
-  one step, end to end                          lines 1222-1460  section 9 to lr_at
-  LoRA: where it plugs in, what trains, merge   lines 565-677    section 4 to choose_trainable
-                                                lines 269-336    Linear to Attention (its sockets)
-  gradient accumulation (--accum)               lines 1376-1431  _rng_state to accumulate
-  exact resume                                  lines 1463-1503  "-- exact resume" to restore_training_state
-  and, for each of them, where it runs          lines 1506-1584  train
-Every setting's default is in TrainConfig (section 1); the step's are also listed atop section 9.
+Where each question about the method is answered: these lines alone answer it (about 700 for all six,
+train included), none of them in Part II, and they are exact (tests/test_method_map.py keeps them so):
+  the loss: its terms, weights and total        lines 720-790    section 6 to safe_clip_loss
+  the frozen targets: what, when, how precise   lines 1111-1190  "The frozen targets" to frozen_targets
+  one step, end to end                          lines 1223-1461  section 9 to lr_at
+  LoRA: where it plugs in, what trains, merge   lines 566-678    section 4 to choose_trainable
+                                                lines 270-337    Linear to Attention (its sockets)
+  gradient accumulation (--accum)               lines 1377-1439  _rng_state to concat_embeddings
+  exact resume                                  lines 1464-1504  "-- exact resume" to restore_training_state
+                                                lines 1377-1386  _rng_state to _set_rng_state (the generators)
+  and, for each of them, where it runs          lines 1507-1585  train
+Every setting's default is in TrainConfig (section 1); those of one step are also listed atop section 9.
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
 every weight format, exports, downloads, reading pairs.jsonl, distributed set-up, the run's
@@ -1065,7 +1066,7 @@ OBJECTIVES = {
 # Every target of the objectives comes from the original, frozen model: T0(T), V0(V) and, for
 # some objectives, T0(T*), V0(V*) and what is derived from them. They never move, so they are
 # computed once, before the first step, instead of running frozen encoders at every step: the
-# whole story is the next ~120 lines, from `REFERENCE_INPUTS` to `bind_objective`, which binds
+# whole story is "The frozen targets" below, to `frozen_targets`; `bind_objective`, after it, binds
 # them, --lambdas and the objective's settings to its loss.
 
 
@@ -1229,9 +1230,9 @@ def bind_objective(config, targets, n_train, logit_scale):
 # In order: which rows a step trains on and how they arrive (`Schedule`, `MicroBatch`); the step
 # itself (`embed`, `batch_loss`, `forward_backward` or, with --accum, `accumulate`, then `update` at
 # `lr_at`'s learning rate); exact resume (what a checkpoint holds); and `train`, which runs it all.
-# The step's defaults (`TrainConfig`, section 1; the paper's): AdamW, lr 1e-3 (LoRA; 1e-5 --full),
-# weight decay 0, constant schedule, warm-up 0, grad clip 1.0, batch 16, accum 1; LoRA rank 16, alpha 1,
-# dropout 0.1; precision bf16 on CUDA, fp32 on the CPU.
+# The step's defaults (`TrainConfig`, section 1) for --objective safeclip: AdamW, lr 1e-3 (LoRA; 1e-5
+# --full), weight decay 0, constant schedule, warm-up 0, grad clip 1.0, batch 16, accum 1, epochs 10,
+# seed 0; LoRA rank 16, alpha 1, dropout 0.1, on both towers; precision bf16 on CUDA, fp32 on the CPU.
 
 # -- which rows a step trains on, and how they arrive ----------------------------------------
 # The data order: each epoch is a permutation drawn from a generator of its own, seeded with

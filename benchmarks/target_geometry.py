@@ -4,16 +4,17 @@ An objective pulls every unsafe item to a target made of frozen embeddings: Safe
 T0(T) and V(V*) on V0(V); twin-offset puts them a step a along a direction u off those spots. This
 script skips training: it takes the original model's embeddings of the test split, puts each unsafe
 item exactly on its target (the safe items stay where the original model put them), and scores that
-geometry with evaluate.py's own metrics. A target geometry that misses a figure here cannot meet it
-by training; one that meets it tells how much room training has.
+geometry with evaluate.py's own metrics. A figure missed here is missed by any model that meets
+those targets; a figure met here tells that the targets leave room for it, and training must get there.
 
     python benchmarks/target_geometry.py runs/demo            # the demo's toy CLIP and test split
     python benchmarks/target_geometry.py runs/demo --offsets 0.05 0.1 0.2 0.3 0.5 1
 
 Directions u (each unit length; the text target is normalize(T0(T) + a u), the image target
 normalize(V0(V) - a u), as in twin-offset):
-  eigen  twin-offset's: the top eigenvector of M(unsafe) - M(safe) over the training split;
-  gap    the modality gap: mean T0(T) minus mean V0(V) over the training split (normalised embeddings).
+  eigen  twin-offset's: the top eigenvector of M(unsafe) - M(safe);
+  gap    the modality gap: mean T0(T) minus mean V0(V) (normalised embeddings);
+each over the first --train-rows rows of the training split (1000; twin-offset itself uses them all).
 """
 
 import argparse

@@ -42,11 +42,12 @@ def test_a_step_no_safe_item_sees_keeps_the_safe_order_and_ranks_every_unsafe_it
     t_to_v, v_to_t, ts_to_v, vs_to_t, *unsafe_at_1 = target_geometry.figures(stepped)
     assert 0 < t_to_v < 100 and 0 < v_to_t < 100  # a gallery that is not trivial
     assert (ts_to_v, vs_to_t) == (t_to_v, v_to_t)  # every cosine scaled by the same 1/sqrt(1 + a^2)
-    assert unsafe_at_1 == [0.0] * 4  # T* and V* offset in opposite directions: (c - a^2) / (1 + a^2)
+    # unsafe queries: cos(T*, V*) = (c - a^2) / (1 + a^2), the offsets opposed; safe queries: c / sqrt(1 + a^2)
+    assert unsafe_at_1 == [0.0] * 4
 
 
 def test_a_step_too_long_costs_the_redirect():
     t, v = safe_items(seed=2)
-    u = F.normalize(t.mean(0) - v.mean(0), dim=0)
+    u = target_geometry.directions({"T": t, "V": v, "T*": t, "V*": v})["gap"]  # the safe items use it
     near, far = (target_geometry.figures(target_geometry.stepped_aside({"T": t, "V": v}, u, a)) for a in (0.05, 3.0))
     assert far[2] < near[2]  # T*->V R@1: along a direction the safe items do use, a long step reorders them
