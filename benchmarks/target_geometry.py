@@ -28,24 +28,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
 import safeclip  # noqa: E402
 
-COLUMNS = ["T->V", "V->T", "T*->V", "V*->T", "T*->V+V* unsafe@1", "V*->T+T* unsafe@1", "T->V+V* unsafe@1",
-           "V->T+T* unsafe@1"]
+RECALLS = evaluate.RETRIEVAL[:4]  # T->V, V->T, T*->V, V*->T: R@1; then evaluate.UNSAFE's four: unsafe@1
 
 
 def embeddings(ckpt, rows, batch_size=64):
     """{"T", "T*", "V", "V*"} -> (N, E) normalised embeddings of `rows` under `ckpt`."""
     encoder = evaluate.Encoder(str(ckpt), batch_size=batch_size, name=Path(ckpt).name)
-    emb = {"T": encoder.texts([r["safe"] for r in rows], "T"), "T*": encoder.texts([r["unsafe"] for r in rows], "T*"),
-           "V": encoder.images([r["safe_image"] for r in rows], "V"),
-           "V*": encoder.images([r["unsafe_image"] for r in rows], "V*")}
-    return {kind: F.normalize(e.float(), dim=-1) for kind, e in emb.items()}
+    encode = lambda kind: encoder.texts if kind.startswith("T") else encoder.images
+    return {kind: F.normalize(encode(kind)([r[field] for r in rows], kind).float(), dim=-1)
+            for kind, field in evaluate.FIELDS.items()}
 
 
 def figures(emb):
     """The eight figures of docs/objectives.md's tables (R@1 and unsafe@1, %) for one geometry."""
     m = evaluate.quadruplet_metrics(emb)
     r, u = m["retrieval"], m["unsafe_at_k"]
-    return [r[k]["R@1"] for k in COLUMNS[:4]] + [u[k.split()[0]]["@1"] for k in COLUMNS[4:]]
+    return [r[k]["R@1"] for k in RECALLS] + [u[k]["@1"] for k in evaluate.UNSAFE]
 
 
 def directions(train):
@@ -76,8 +74,9 @@ def main(argv=None):
     for name, u in directions(train).items():
         rows += [(f"{name} direction, a = {a:g}", stepped_aside(test, u, a)) for a in args.offsets]
     print(f"{pairs}, split test: {len(test['T'])} quadruplets; each unsafe item exactly on its target\n")
-    print("| targets | " + " | ".join(COLUMNS) + " |")
-    print("|---" * (len(COLUMNS) + 1) + "|")
+    columns = [*RECALLS, *(f"{k} unsafe@1" for k in evaluate.UNSAFE)]
+    print("| targets | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for name, emb in rows:
         print(f"| {name} | " + " | ".join(f"{x:.1f}" for x in figures(emb)) + " |")
 
