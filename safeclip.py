@@ -13,7 +13,8 @@ The file has two parts. Part I is the method, to read top to bottom; its section
   4. LoRA, where it plugs in  LoRA, add_lora, _plain_state_dict (the merge), choose_trainable
   5. the inputs               image_transform, preprocess_image; token ids
   6. the Safe-CLIP objective  LAMBDAS, cosine_distance, info_nce, weighted_total, safe_clip_loss, clip_loss
-  7. beyond the paper         safer_clip_loss, twin_offset_loss, twin_margin_loss, twin_nce_loss, OBJECTIVES
+  7. beyond the paper         safer_clip_loss, twin_offset_loss, twin_margin_loss, twin_nce_loss, twin_gap_loss,
+                              OBJECTIVES
                               (a first reading can skip this section)
   8. data, frozen targets     Quadruplets, collate_quadruplets, frozen_embeddings, frozen_targets,
                               bind_objective
@@ -21,15 +22,15 @@ The file has two parts. Part I is the method, to read top to bottom; its section
                               accumulate, update, lr_at, training_state, restore_training_state, train
 Where each question about the method is answered: these lines alone answer it (about 700 for all six,
 train included), none of them in Part II, and they are exact (tests/test_method_map.py keeps them so):
-  the loss: its terms, weights and total        lines 720-790    section 6 to safe_clip_loss
-  the frozen targets: what, when, how precise   lines 1111-1190  "The frozen targets" to frozen_targets
-  one step, end to end                          lines 1223-1461  section 9 to lr_at
-  LoRA: where it plugs in, what trains, merge   lines 566-678    section 4 to choose_trainable
-                                                lines 270-337    Linear to Attention (its sockets)
-  gradient accumulation (--accum)               lines 1377-1439  _rng_state to concat_embeddings
-  exact resume                                  lines 1464-1504  "-- exact resume" to restore_training_state
-                                                lines 1377-1386  _rng_state to _set_rng_state (the generators)
-  and, for each of them, where it runs          lines 1507-1585  train
+  the loss: its terms, weights and total        lines 723-793    section 6 to safe_clip_loss
+  the frozen targets: what, when, how precise   lines 1165-1246  "The frozen targets" to frozen_targets
+  one step, end to end                          lines 1279-1517  section 9 to lr_at
+  LoRA: where it plugs in, what trains, merge   lines 569-681    section 4 to choose_trainable
+                                                lines 273-340    Linear to Attention (its sockets)
+  gradient accumulation (--accum)               lines 1433-1495  _rng_state to concat_embeddings
+  exact resume                                  lines 1520-1560  "-- exact resume" to restore_training_state
+                                                lines 1433-1442  _rng_state to _set_rng_state (the generators)
+  and, for each of them, where it runs          lines 1563-1641  train
 Every setting's default is in TrainConfig (section 1); those of one step are also listed atop section 9.
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
@@ -177,14 +178,16 @@ class TrainConfig:
     skip_bad: bool = setting(False, "skip malformed rows and unreadable images instead of stopping", "data and model")
     # objective
     objective: str = setting("safeclip", "safeclip: the eight Safe-CLIP terms; safer-clip: SafeR-CLIP; twin-offset, "
-                             "twin-margin, twin-nce: ours (docs/objectives.md); clip: CLIP's own pre-training loss",
+                             "twin-margin, twin-nce, twin-gap: ours (docs/objectives.md); clip: CLIP's own pre-training loss",
                              "objective", choices=("safeclip", "safer-clip", "twin-offset", "twin-margin", "twin-nce",
-                                                   "clip"))
+                                                   "twin-gap", "clip"))
     lambdas: dict = setting(None, "loss weights: the objective's terms' values in order (for safeclip: text_safe, "
                             "text_unsafe, image_safe, image_unsafe, nce_text_safe, nce_text_unsafe, nce_image_safe, "
                             "nce_image_unsafe) or name=value pairs (default: its paper's)", "objective",
                             parse="str")
-    offset: float = setting(None, "twin-offset: length a of the unsafe offset (default: 1.0)", "objective")
+    offset: float = setting(None, "twin-offset: length a of the unsafe offset (default: 1.0); twin-gap: how far, in "
+                            "cosine along the modality gap, an unsafe item sits beyond its safe twin (default: 0.1)",
+                            "objective")
     margin: float = setting(None, "twin-margin, twin-nce: how far, in cosine, a query must score its safe twin above "
                             "the unsafe one (default: 0.3)", "objective", metavar="M")
     margin_tau: float = setting(None, "twin-margin, twin-nce: the smoothing of the hinge, T * softplus(x / T) "
@@ -803,11 +806,11 @@ def clip_loss(text, image, logit_scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Beyond the paper: SafeR-CLIP, twin-offset, twin-margin and twin-nce
+# 7. Beyond the paper: SafeR-CLIP, twin-offset, twin-margin, twin-nce and twin-gap
 # ---------------------------------------------------------------------------------------------
 # More objectives with `safe_clip_loss`'s signature, on the same data and loop: a first reading can
 # skip to section 8. What they need beyond T0(T) and V0(V) (T0(T*), V0(V*), a nearest safe caption,
-# a curriculum, an unsafe direction) is computed once from the frozen embeddings in
+# a curriculum, an unsafe direction, the modality gap) is computed once from the frozen embeddings in
 # `frozen_targets` (section 8). `OBJECTIVES`, at the end, names them all for --objective.
 
 # SafeR-CLIP (Yousaf et al., AAAI 2026), as far as its project page, poster and slides show it:
@@ -999,6 +1002,50 @@ def twin_nce_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None
     return weighted_total(terms, lambdas), terms
 
 
+# twin-gap (ours, beyond both papers; issue #34). twin-offset's idea, a step aside that the safe
+# items do not see, asked as a margin and along a direction the towers already use: the modality
+# gap g = normalize(mean T0(T) - mean V0(V)) (unit embeddings of the training rows, computed once),
+# the direction from CLIP's images to its captions. Safe-CLIP's eight terms redirect each unsafe
+# item onto its safe twin; three more terms set it aside from that twin along g, in opposite
+# directions for the two modalities:
+#     gap_text   T(T*) . g >= T(T) . g + a      (an unsafe caption further from every image)
+#     gap_image  V(V*) . g <= V(V) . g - a      (an unsafe image further from every caption)
+# each as tau * softplus(x / tau) of the shortfall (a hinge with its corner smoothed), with the
+# safe item a constant there (detached): the unsafe item moves, not its twin. On their own these
+# open the whole gap, safe items included, which costs safe retrieval; so
+#     gap_hold   (T(T) . g - T0(T) . g)^2 + (V(V) . g - V0(V) . g)^2
+# holds every safe item's component along g where the original model put it. A cosine with an
+# unsafe item then drops by about a times the query's own |component along g| for every query alike,
+# so the order among safe items (the redirect, T*->V) is kept while each unsafe item ranks just
+# below its twin. Why the gap, why a hinge and why the hold: docs/objectives.md ("A step aside
+# along the modality gap"); benchmarks/target_geometry.py scores these targets met exactly.
+TWIN_GAP = 0.1  # a, in cosine along g (chosen by measurement, see docs/objectives.md)
+TWIN_GAP_TAU = 0.02  # tau: the smoothing of the hinge's corner
+TWIN_GAP_LAMBDAS = {**LAMBDAS, "text_safe": 1.0, "image_safe": 1.0, "nce_text_safe": 1.0, "nce_image_safe": 1.0,
+                    "gap_text": 1.0, "gap_image": 4.0, "gap_hold": 4.0}
+
+
+def along(x, direction):
+    """(N,) component of each unit row of `x` along the unit vector `direction`."""
+    return F.normalize(x.float(), dim=-1) @ direction
+
+
+def twin_gap_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
+                  gap_dir, offset=TWIN_GAP, tau=TWIN_GAP_TAU, scale=100.0):
+    """The twin-gap objective. Returns `(total, terms)` like `safe_clip_loss`, whose eight terms it
+    includes; `gap_dir` (E,) is g; `v_unsafe` holds the rows where `has_unsafe_image` (all when None)."""
+    lambdas = {**TWIN_GAP_LAMBDAS, **(lambdas or {})}
+    _, terms = safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, has_unsafe_image=has_unsafe_image,
+                              scale=scale)
+    rows = slice(None) if has_unsafe_image is None else has_unsafe_image  # the rows that have V*
+    g = F.normalize(gap_dir.float().to(t_ref.device), dim=-1)
+    hinge = lambda shortfall: (tau * F.softplus(shortfall / tau)).mean()
+    terms["gap_text"] = hinge(along(t_safe.detach(), g) + offset - along(t_unsafe, g))
+    if len(v_unsafe):
+        terms["gap_image"] = hinge(along(v_unsafe, g) + offset - along(v_safe[rows].detach(), g))
+    terms["gap_hold"] = ((along(t_safe, g) - along(t_ref, g)) ** 2).mean() + ((along(v_safe, g) - along(v_ref, g)) ** 2).mean()
+    return weighted_total(terms, lambdas), terms
+
 # What the objectives beyond the paper derive from the frozen targets, once (`frozen_targets`, section 8).
 
 def nearest_safe(queries, pool, chunk=4096):
@@ -1035,6 +1082,12 @@ def unsafe_direction(safe, unsafe):
     return (u * u[u.abs().argmax()].sign()).float()
 
 
+def modality_gap(t_safe, v_safe):
+    """twin-gap's direction g: normalize(mean of the unit T0(T) - mean of the unit V0(V)), from CLIP's
+    images to its captions (float64 means; the training rows)."""
+    mean = lambda x: F.normalize(x.double(), dim=-1).mean(0)
+    return F.normalize(mean(t_safe) - mean(v_safe), dim=0).float()
+
 @dataclass(frozen=True)
 class Objective:
     loss: object  # f(t_safe, t_unsafe, v_safe, v_unsafe, **references, lambdas=..) -> (total, terms)
@@ -1053,6 +1106,7 @@ OBJECTIVES = {
     "twin-offset": Objective(twin_offset_loss, TWIN_OFFSET_LAMBDAS, constants=("unsafe_dir",)),
     "twin-margin": Objective(twin_margin_loss, TWIN_MARGIN_LAMBDAS),
     "twin-nce": Objective(twin_nce_loss, TWIN_NCE_LAMBDAS),
+    "twin-gap": Objective(twin_gap_loss, TWIN_GAP_LAMBDAS, constants=("gap_dir",)),
 }
 
 
@@ -1175,7 +1229,7 @@ def frozen_targets(objective, model, preprocess, rows, n_train, device, batch_si
     """Everything `objective` pulls toward, for every row, from `model` as it is (`train` calls this
     before any adapter exists): the frozen embeddings it needs (`references_needed`), then what it
     derives from them once: SafeR-CLIP's nearest safe caption of each row and its curriculum order,
-    twin-offset's unsafe direction. {name: tensor}. Rows [0, n_train) are the training split, the
+    twin-offset's unsafe direction, twin-gap's modality gap. {name: tensor}. Rows [0, n_train) are the training split, the
     rest validation's; only the training rows are drawn on."""
     # `frozen_embeddings` of every row, each rank embedding a stride of them
     emb = reference_embeddings(model, preprocess, rows, device, batch_size, workers, references_needed(objective))
@@ -1187,6 +1241,8 @@ def frozen_targets(objective, model, preprocess, rows, n_train, device, batch_si
     if "unsafe_dir" in spec.constants:
         out["unsafe_dir"] = unsafe_direction(torch.cat([t_ref[:n_train], emb["v_ref"][:n_train]]),
                                              torch.cat([emb["t_unsafe_ref"][:n_train], emb["v_unsafe_ref"][:n_train]]))
+    if "gap_dir" in spec.constants:
+        out["gap_dir"] = modality_gap(t_ref[:n_train], emb["v_ref"][:n_train])
     return out
 
 
@@ -1205,7 +1261,7 @@ def bind_objective(config, targets, n_train, logit_scale):
     weights (--lambdas, or the objective's own), the InfoNCE scale (--nce-scale: a number, or
     "model" for the original model's own exp(logit_scale); default the paper's 100), the
     objective's settings that were given (--offset, --margin, --margin-tau; else its defaults) and
-    its constants from `targets` (twin-offset's direction). refs: its per-row frozen references
+    its constants from `targets` (twin-offset's and twin-gap's directions). refs: its per-row frozen references
     (`frozen_targets`' result), split at n_train. --objective clip: (None, no refs, None), which
     `batch_loss` reads as CLIP's own loss."""
     if config.objective == "clip":
@@ -3871,7 +3927,8 @@ def train_option_errors(args):
          f"{args.objective} fine-tunes a trained one (--model)"),
         ({"text", "vision"} <= set(args.freeze or ()), "--freeze text vision leaves nothing to train; freeze one tower at most"),
         (args.objective == "clip" and args.lambdas, "--lambdas weighs the terms of a fine-tuning objective, not of --objective clip"),
-        (args.offset is not None and args.objective != "twin-offset", "--offset only applies to --objective twin-offset"),
+        (args.offset is not None and args.objective not in ("twin-offset", "twin-gap"),
+         "--offset only applies to --objective twin-offset and twin-gap"),
         ((args.margin is not None or args.margin_tau is not None) and args.objective not in ("twin-margin", "twin-nce"),
          "--margin and --margin-tau only apply to --objective twin-margin and twin-nce"),
         (args.margin_tau is not None and args.margin_tau <= 0, "--margin-tau takes a positive number"),

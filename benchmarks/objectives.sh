@@ -15,6 +15,8 @@
 #                    tried beside it, as "twin-offset-aA");
 #      twin-margin   with its defaults, or the flags in MARGIN_FLAGS (--margin, --margin-tau, --lambdas);
 #      twin-nce      likewise (MARGIN_FLAGS too; opt in: not in the default list);
+#      twin-gap      with its defaults, or the flags in GAP_FLAGS (--offset, --lambdas; opt in);
+#      twin-gap-2x   twin-gap with twice the steps (GAP_FLAGS too; opt in);
 #      safeclip-2x   Safe-CLIP itself with twice the steps: what more training alone buys;
 # 3. evaluate.py compares them all with the demo's Safe-CLIP run and the toy CLIP: runs/objectives/
 #    eval.json, where the toy CLIP is "baseline" and each run is under its name ("safeclip",
@@ -31,12 +33,13 @@ PYTHON=${PYTHON:-python}
 OBJECTIVES=${OBJECTIVES:-safer-clip twin-offset twin-margin safeclip-2x}
 OFFSETS=${OFFSETS:-1 2}                 # twin-offset's --offset a: the default first, then the others tried
 MARGIN_FLAGS=${MARGIN_FLAGS:-}          # twin-margin's (and twin-nce's) settings; empty: safeclip.py's defaults
+GAP_FLAGS=${GAP_FLAGS:-}                # twin-gap's settings; empty: safeclip.py's defaults
 
 for objective in $OBJECTIVES; do
     case $objective in
-        safer-clip|twin-offset|twin-margin|twin-nce|safeclip-2x) ;;
+        safer-clip|twin-offset|twin-margin|twin-nce|twin-gap|twin-gap-2x|safeclip-2x) ;;
         *) echo "error: OBJECTIVES: unknown objective '$objective' (safer-clip, twin-offset, twin-margin, twin-nce," \
-                "safeclip-2x; the demo's Safe-CLIP run is always compared)" >&2; exit 2 ;;
+                "twin-gap, twin-gap-2x, safeclip-2x; the demo's Safe-CLIP run is always compared)" >&2; exit 2 ;;
     esac
 done
 
@@ -68,6 +71,14 @@ for objective in $OBJECTIVES; do
             # shellcheck disable=SC2086   # the flags are words
             train "$objective" --objective "$objective" $MARGIN_FLAGS
             [ -z "$MARGIN_FLAGS" ] || labels+=(--label "$objective=$objective ($MARGIN_FLAGS)") ;;
+        twin-gap)
+            # shellcheck disable=SC2086   # the flags are words
+            train twin-gap --objective twin-gap $GAP_FLAGS
+            [ -z "$GAP_FLAGS" ] || labels+=(--label "twin-gap=twin-gap ($GAP_FLAGS)") ;;
+        twin-gap-2x)
+            # shellcheck disable=SC2086   # the flags are words
+            train twin-gap-2x --objective twin-gap --steps $((2 * STEPS)) $GAP_FLAGS
+            labels+=(--label "twin-gap-2x=twin-gap, 2x steps${GAP_FLAGS:+ ($GAP_FLAGS)}") ;;
         safeclip-2x)
             train safeclip-2x --objective safeclip --steps $((2 * STEPS))
             labels+=(--label "safeclip-2x=safeclip, 2x steps") ;;

@@ -32,7 +32,7 @@ def traced(tmp_path, argv, ranks=1):
     return [json.loads(f.read_text()) for f in files]
 
 
-OBJECTIVES = ["safeclip", "safer-clip", "twin-offset", "twin-margin", "twin-nce", "clip"]
+OBJECTIVES = ["safeclip", "safer-clip", "twin-offset", "twin-margin", "twin-nce", "twin-gap", "clip"]
 
 
 @pytest.fixture(scope="module")
