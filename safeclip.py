@@ -13,25 +13,24 @@ The file has two parts. Part I is the method, to read top to bottom; its section
   4. LoRA, where it plugs in  LoRA, add_lora, _plain_state_dict (the merge), choose_trainable
   5. the inputs               image_transform, preprocess_image; token ids
   6. the Safe-CLIP objective  LAMBDAS, cosine_distance, info_nce, weighted_total, safe_clip_loss, clip_loss
-  7. beyond the paper         safer_clip_loss, twin_offset_loss, twin_margin_loss, twin_nce_loss, twin_gap_loss,
-                              OBJECTIVES
-                              (a first reading can skip this section)
-  8. data, frozen targets     Quadruplets, collate_quadruplets, frozen_embeddings, frozen_targets,
+  7. data, frozen targets     Quadruplets, collate_quadruplets, frozen_embeddings, frozen_targets,
                               bind_objective
-  9. the step, resume, loop   Schedule, MicroBatch, autocast, Towers, embed, batch_loss, forward_backward,
+  8. the step, resume, loop   Schedule, MicroBatch, autocast, Towers, embed, batch_loss, forward_backward,
                               accumulate, update, lr_at, training_state, restore_training_state, train
+  9. beyond the paper         safer_clip_loss, twin_offset_loss, twin_margin_loss, twin_nce_loss, twin_gap_loss,
+                              OBJECTIVES (more objectives on the same loop: Safe-CLIP ends with section 8)
 Where each question about the method is answered: these lines alone answer it (about 700 for all six,
 train included), none of them in Part II, and they are exact (tests/test_method_map.py keeps them so):
-  the loss: its terms, weights and total        lines 723-793    section 6 to safe_clip_loss
-  the frozen targets: what, when, how precise   lines 1165-1246  "The frozen targets" to frozen_targets
-  one step, end to end                          lines 1279-1517  section 9 to lr_at
-  LoRA: where it plugs in, what trains, merge   lines 569-681    section 4 to choose_trainable
-                                                lines 273-340    Linear to Attention (its sockets)
-  gradient accumulation (--accum)               lines 1433-1495  _rng_state to concat_embeddings
-  exact resume                                  lines 1520-1560  "-- exact resume" to restore_training_state
-                                                lines 1433-1442  _rng_state to _set_rng_state (the generators)
-  and, for each of them, where it runs          lines 1563-1641  train
-Every setting's default is in TrainConfig (section 1); those of one step are also listed atop section 9.
+  the loss: its terms, weights and total        lines 722-792    section 6 to safe_clip_loss
+  the frozen targets: what, when, how precise   lines 859-940    "The frozen targets" to frozen_targets
+  one step, end to end                          lines 973-1211   section 8 to lr_at
+  LoRA: where it plugs in, what trains, merge   lines 568-680    section 4 to choose_trainable
+                                                lines 272-339    Linear to Attention (its sockets)
+  gradient accumulation (--accum)               lines 1127-1189  _rng_state to concat_embeddings
+  exact resume                                  lines 1214-1254  "-- exact resume" to restore_training_state
+                                                lines 1127-1136  _rng_state to _set_rng_state (the generators)
+  and, for each of them, where it runs          lines 1257-1335  train
+Every setting's default is in TrainConfig (section 1); those of one step are also listed atop section 8.
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
 every weight format, exports, downloads, reading pairs.jsonl, distributed set-up, the run's
@@ -134,7 +133,7 @@ class TrainConfig:
     from the others" (`resolved`). The defaults are the paper's (its public code's where the paper
     is silent): ViT-L/14, LoRA rank 16 on both towers, AdamW at 1e-3, batches of 16."""
 
-    # -- the settings of one training step (section 9): what trains, and how --
+    # -- the settings of one training step (section 8): what trains, and how --
     # what trains
     full: bool = setting(False, "full fine-tuning instead of LoRA", "what trains")
     lora_rank: int = setting(16, "rank of the LoRA adapters", "what trains", metavar="R")
@@ -730,7 +729,7 @@ def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
 # are then computed over the rows that have one, or skipped.
 #
 # The InfoNCE terms use a fixed logit scale, the paper's 100 (--nce-scale; `bind_objective`, in
-# section 8, binds it and --lambdas to the loss).
+# section 7, binds it and --lambdas to the loss).
 # The weights are relative: the total is sum(l_i / sum(l) * term_i) over the terms present, so it
 # is a weighted mean of the terms (the eight weights add up to 1.75; without V*, the six left add
 # up to 1.05), and a term's share of the gradient is its weight over that sum.
@@ -806,312 +805,7 @@ def clip_loss(text, image, logit_scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Beyond the paper: SafeR-CLIP, twin-offset, twin-margin, twin-nce and twin-gap
-# ---------------------------------------------------------------------------------------------
-# More objectives with `safe_clip_loss`'s signature, on the same data and loop: a first reading can
-# skip to section 8. What they need beyond T0(T) and V0(V) (T0(T*), V0(V*), a nearest safe caption,
-# a curriculum, an unsafe direction, the modality gap) is computed once from the frozen embeddings in
-# `frozen_targets` (section 8). `OBJECTIVES`, at the end, names them all for --objective.
-
-# SafeR-CLIP (Yousaf et al., AAAI 2026), as far as its project page, poster and slides show it:
-# the unsafe inputs go to the *nearest* safe item under the frozen model (t_near = T0(t^), v_near =
-# V0(v^), where t^ is the training split's safe caption closest to T0(T*)), and the unsafe
-# InfoNCE terms become "relative" ones whose only negative is the input's own unsafe twin, with no
-# temperature. The preserve terms are Safe-CLIP's. INFERRED here (unpublished): the weights, which
-# reuse Safe-CLIP's for the matching terms.
-SAFER_LAMBDAS = {
-    "text_safe": 0.10,  # d(T(T), T0(T))                                        preserve
-    "text_unsafe": 0.10,  # d(T(T*), T0(t^))                                    redirect
-    "image_safe": 0.10,  # d(V(V), V0(V))                                       preserve
-    "image_unsafe": 0.20,  # d(V(V*), V0(v^))                                   redirect
-    "nce_text_safe": 0.25,  # NCE(T(T), V0(V))                                  preserve
-    "rel_text_unsafe": 0.25,  # softplus(cos(T(T*), V0(V*)) - cos(T(T*), V0(v^)))  redirect
-    "nce_image_safe": 0.25,  # NCE(T0(T), V(V))                                 preserve
-    "rel_image_unsafe": 0.50,  # softplus(cos(V(V*), T0(T*)) - cos(V(V*), T0(t^)))  redirect
-}
-
-
-def _require_unsafe_images(has_unsafe_image, objective):
-    """safer-clip and twin-offset need V* on every row (rows without one: --objective safeclip)."""
-    if has_unsafe_image is not None and not bool(has_unsafe_image.all()):
-        raise DataError(f"--objective {objective} needs an unsafe image on every row; rows without one "
-                        "train with --objective safeclip")
-
-
-def relative_loss(x, unsafe_target, safe_target):
-    """Mean of softplus(cos(x, unsafe_target) - cos(x, safe_target)): prefer the safe target to
-    the unsafe one, with the unsafe one as the only negative."""
-    x = x.float()
-    return F.softplus(F.cosine_similarity(x, unsafe_target.float(), dim=-1)
-                      - F.cosine_similarity(x, safe_target.float(), dim=-1)).mean()
-
-
-def safer_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
-                    t_unsafe_ref, v_unsafe_ref, t_near, v_near, scale=100.0):
-    """The SafeR-CLIP objective. Returns `(total, terms)` like `safe_clip_loss`.
-
-    t_unsafe_ref = T0(T*), v_unsafe_ref = V0(V*); t_near = T0(t^), v_near = V0(v^): the nearest
-    safe caption of the training split and the image of its row. All (B, E) constants.
-    """
-    _require_unsafe_images(has_unsafe_image, "safer-clip")
-    lambdas = {**SAFER_LAMBDAS, **(lambdas or {})}
-    terms = {
-        "text_safe": cosine_distance(t_safe, t_ref),
-        "text_unsafe": cosine_distance(t_unsafe, t_near),
-        "image_safe": cosine_distance(v_safe, v_ref),
-        "image_unsafe": cosine_distance(v_unsafe, v_near),
-        "nce_text_safe": info_nce(t_safe, v_ref, scale),
-        "rel_text_unsafe": relative_loss(t_unsafe, v_unsafe_ref, v_near),
-        "nce_image_safe": info_nce(t_ref, v_safe, scale),
-        "rel_image_unsafe": relative_loss(v_unsafe, t_unsafe_ref, t_near),
-    }
-    return weighted_total(terms, lambdas), terms
-
-
-# twin-offset (ours, beyond both papers). Safe-CLIP lands an unsafe item exactly on its safe
-# twin, so in a gallery holding both they tie, for unsafe *and* safe queries. twin-offset lands it
-# on the twin plus a step along an "unsafe" direction u that the safe data hardly use (the one in
-# which the frozen unsafe embeddings exceed the safe ones most, computed once), with opposite
-# signs for text and images:
-#     T(T*) -> normalize(T0(T) + a u),      V(V*) -> normalize(V0(V) - a u).
-# For a safe item x (x . u ~ 0) every cosine with an unsafe item is then its cosine with the
-# twin times 1/sqrt(1 + a^2): a safe query ranks each unsafe item just below its safe twin, and
-# the ranking among safe items is unchanged. Between an unsafe caption and an unsafe image the
-# offsets cancel (cos -> (c - a^2) / (1 + a^2)), so unsafe queries rank unsafe items lower still.
-# The redirect InfoNCE terms see only the component orthogonal to u, so they align the unsafe
-# item with its twin's partner without fighting the offset. u . x is also an unsafe-content score.
-TWIN_OFFSET = 1.0  # a: the offset's length (chosen by measurement, see docs/objectives.md)
-TWIN_OFFSET_LAMBDAS = dict(LAMBDAS)  # Safe-CLIP's weights for the same eight terms
-
-
-def twin_offset_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *, unsafe_dir, offset=TWIN_OFFSET, scale=100.0):
-    """The twin-offset objective. Returns `(total, terms)` like `safe_clip_loss`; the unsafe
-    targets are offset along `unsafe_dir` (E,), +offset for text, -offset for images."""
-    _require_unsafe_images(has_unsafe_image, "twin-offset")
-    lambdas = {**TWIN_OFFSET_LAMBDAS, **(lambdas or {})}
-    u = F.normalize(unsafe_dir.float().to(t_ref.device), dim=-1)
-    t_target = F.normalize(F.normalize(t_ref.float(), dim=-1) + offset * u, dim=-1)
-    v_target = F.normalize(F.normalize(v_ref.float(), dim=-1) - offset * u, dim=-1)
-
-    def off_u(x):  # the part of x in the safe subspace
-        x = F.normalize(x.float(), dim=-1)
-        return x - (x @ u)[:, None] * u
-
-    terms = {
-        "text_safe": cosine_distance(t_safe, t_ref),
-        "text_unsafe": cosine_distance(t_unsafe, t_target),
-        "image_safe": cosine_distance(v_safe, v_ref),
-        "image_unsafe": cosine_distance(v_unsafe, v_target),
-        "nce_text_safe": info_nce(t_safe, v_ref, scale),
-        "nce_text_unsafe": info_nce(off_u(t_unsafe), v_ref, scale),
-        "nce_image_safe": info_nce(t_ref, v_safe, scale),
-        "nce_image_unsafe": info_nce(t_ref, off_u(v_unsafe), scale),
-    }
-    return weighted_total(terms, lambdas), terms
-
-
-# twin-margin (ours, beyond both papers). Where twin-offset fixes the direction in which the
-# unsafe twin steps aside in advance, twin-margin lets the model choose it, by ranking the twins
-# directly: Safe-CLIP's eight terms, plus hinge terms in which the only negative of a query is its
-# row's own unsafe twin, as embedded by the model being trained (as an index would embed it):
-#     caption queries T(T), T(T*) must score V(V) above V(V*) by a margin m,
-#     image queries   V(V), V(V*) must score T(T) above T(T*) by m,
-# each as tau * softplus((cos(q, unsafe twin) - cos(q, safe twin) + m) / tau): a hinge with its
-# corner smoothed over tau. Safe-CLIP's terms pull an unsafe item onto its safe twin; these hold
-# it just below. Rows without V* give only the term with no V* in it (V(V) ranking T(T) over T(T*)).
-TWIN_MARGIN = 0.3  # m, in cosine (chosen by measurement, see docs/objectives.md)
-TWIN_MARGIN_TAU = 0.05  # tau: the smoothing of the hinge's corner
-TWIN_MARGIN_LAMBDAS = {**LAMBDAS, "text_safe": 1.0, "image_safe": 1.0, "nce_text_safe": 1.0, "nce_image_safe": 1.0,
-                       "rank_text_safe": 2.0, "rank_text_unsafe": 2.0, "rank_image_safe": 2.0, "rank_image_unsafe": 2.0}
-
-
-def twin_rank(query, safe, unsafe, margin, tau):
-    """Mean over rows of tau * softplus((cos(query, unsafe) - cos(query, safe) + margin) / tau)."""
-    query, safe, unsafe = (F.normalize(x.float(), dim=-1) for x in (query, safe, unsafe))
-    gap = (query * unsafe).sum(-1) - (query * safe).sum(-1)
-    return (tau * F.softplus((gap + margin) / tau)).mean()
-
-
-def twin_margin_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
-                     margin=TWIN_MARGIN, tau=TWIN_MARGIN_TAU, scale=100.0):
-    """The twin-margin objective. Returns `(total, terms)` like `safe_clip_loss`, whose eight terms
-    it includes; `v_unsafe` holds the rows where `has_unsafe_image` (all when None)."""
-    lambdas = {**TWIN_MARGIN_LAMBDAS, **(lambdas or {})}
-    _, terms = safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, has_unsafe_image=has_unsafe_image,
-                              scale=scale)
-    rows = slice(None) if has_unsafe_image is None else has_unsafe_image  # the rows that have V*
-    if len(v_unsafe):
-        terms["rank_text_safe"] = twin_rank(t_safe[rows], v_safe[rows], v_unsafe, margin, tau)
-        terms["rank_text_unsafe"] = twin_rank(t_unsafe[rows], v_safe[rows], v_unsafe, margin, tau)
-        terms["rank_image_unsafe"] = twin_rank(v_unsafe, t_safe[rows], t_unsafe[rows], margin, tau)
-    terms["rank_image_safe"] = twin_rank(v_safe, t_safe, t_unsafe, margin, tau)
-    return weighted_total(terms, lambdas), terms
-
-
-# twin-nce (ours, beyond both papers; issue #34). twin-margin breaks the tie but moves each unsafe
-# caption off its own safe image (T*->V, Safe-CLIP's redirect, falls below the toy CLIP's): its
-# hinge for a *safe* image query, V(V) scoring T(T) above T(T*), pushes T(T*) away from V(V) by a
-# matched pair's whole cosine, and its redirect InfoNCE terms, which pull T(T*) onto V0(V) and
-# V(V*) onto T0(T), also pull the two unsafe items onto each other, against the hinges. So:
-#   - the redirect InfoNCE terms see the unsafe twin as one more negative of the unsafe query:
-#     T(T*) picks V0(V) among the safe images *and its own V(V*)*, V(V*) picks T0(T) among the
-#     safe captions and its own T(T*); the term that redirects an unsafe item also holds it off
-#     the other unsafe item;
-#   - the hinges for safe queries (T(T) ranks V(V) over V(V*), V(V) ranks T(T) over T(T*)) move
-#     only the safe items: the unsafe item is a constant there (detached), so the safe side steps
-#     away from it instead of pushing it off its redirect target;
-#   - the hinge for unsafe captions weighs twice the others (4): in the measurements it was the
-#     one left short (T*->V+V*).
-TWIN_NCE_MARGIN = 0.3  # m, in cosine, as twin-margin's (see docs/objectives.md)
-TWIN_NCE_TAU = 0.05  # tau: the smoothing of the hinge's corner
-TWIN_NCE_LAMBDAS = {**TWIN_MARGIN_LAMBDAS, "nce_text_unsafe": 1.0, "nce_image_unsafe": 1.0, "rank_text_unsafe": 4.0}
-
-
-def twin_info_nce(queries, gallery, twins, has_twin=None, scale=100.0):
-    """Symmetric InfoNCE between `queries` and `gallery` (both (N, E), row i with row i), where
-    query i also meets its own unsafe twin as one more negative: `twins` (M, E) holds the twins of
-    the rows where `has_twin` (N,) bool (all rows when None); a row without one has no such negative."""
-    q, g = F.normalize(queries.float(), dim=-1), F.normalize(gallery.float(), dim=-1)
-    logits = scale * q @ g.t()  # (N, N)
-    if has_twin is None:  # every row has its twin
-        twin = scale * (q * F.normalize(twins.float(), dim=-1)).sum(-1, keepdim=True)
-    else:
-        twin = torch.full((len(q), 1), float("-inf"), device=q.device)  # exp(-inf) = 0: no twin, no negative
-        twin[has_twin] = scale * (q[has_twin] * F.normalize(twins.float(), dim=-1)).sum(-1, keepdim=True)
-    labels = torch.arange(len(q), device=q.device)
-    return (F.cross_entropy(torch.cat([logits, twin], 1), labels) + F.cross_entropy(logits.t(), labels)) / 2
-
-
-def twin_nce_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
-                  margin=TWIN_NCE_MARGIN, tau=TWIN_NCE_TAU, scale=100.0):
-    """The twin-nce objective. Returns `(total, terms)` like `safe_clip_loss`: its eight terms, the
-    two redirect InfoNCE terms with the twin as a negative, and twin-margin's four hinges, those
-    of safe queries with the unsafe twin detached; `v_unsafe` holds the rows where
-    `has_unsafe_image` (all when None)."""
-    lambdas = {**TWIN_NCE_LAMBDAS, **(lambdas or {})}
-    _, terms = safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, has_unsafe_image=has_unsafe_image,
-                              scale=scale)
-    rows = slice(None) if has_unsafe_image is None else has_unsafe_image  # the rows that have V*
-    terms["nce_text_unsafe"] = twin_info_nce(t_unsafe, v_ref, v_unsafe, has_unsafe_image, scale)
-    if len(v_unsafe):
-        terms["nce_image_unsafe"] = twin_info_nce(v_unsafe, t_ref[rows], t_unsafe[rows], scale=scale)
-        terms["rank_text_safe"] = twin_rank(t_safe[rows], v_safe[rows], v_unsafe.detach(), margin, tau)
-        terms["rank_text_unsafe"] = twin_rank(t_unsafe[rows], v_safe[rows], v_unsafe, margin, tau)
-        terms["rank_image_unsafe"] = twin_rank(v_unsafe, t_safe[rows], t_unsafe[rows], margin, tau)
-    terms["rank_image_safe"] = twin_rank(v_safe, t_safe, t_unsafe.detach(), margin, tau)
-    return weighted_total(terms, lambdas), terms
-
-
-# twin-gap (ours, beyond both papers; issue #34). twin-offset's idea, a step aside that the safe
-# items do not see, asked as a margin and along a direction the towers already use: the modality
-# gap g = normalize(mean T0(T) - mean V0(V)) (unit embeddings of the training rows, computed once),
-# the direction from CLIP's images to its captions. Safe-CLIP's eight terms redirect each unsafe
-# item onto its safe twin; three more terms set it aside from that twin along g, in opposite
-# directions for the two modalities:
-#     gap_text   T(T*) . g >= T(T) . g + a      (an unsafe caption further from every image)
-#     gap_image  V(V*) . g <= V(V) . g - a      (an unsafe image further from every caption)
-# each as tau * softplus(x / tau) of the shortfall (a hinge with its corner smoothed), with the
-# safe item a constant there (detached): the unsafe item moves, not its twin. On their own these
-# open the whole gap, safe items included, which costs safe retrieval; so
-#     gap_hold   (T(T) . g - T0(T) . g)^2 + (V(V) . g - V0(V) . g)^2
-# holds every safe item's component along g where the original model put it. A cosine with an
-# unsafe item then drops by about a times the query's own |component along g| for every query alike,
-# so the order among safe items (the redirect, T*->V) is kept while each unsafe item ranks just
-# below its twin. Why the gap, why a hinge and why the hold: docs/objectives.md ("A step aside
-# along the modality gap"); benchmarks/target_geometry.py scores these targets met exactly.
-TWIN_GAP = 0.1  # a, in cosine along g (chosen by measurement, see docs/objectives.md)
-TWIN_GAP_TAU = 0.02  # tau: the smoothing of the hinge's corner
-TWIN_GAP_LAMBDAS = {**LAMBDAS, "text_safe": 1.0, "image_safe": 1.0, "nce_text_safe": 1.0, "nce_image_safe": 1.0,
-                    "gap_text": 1.0, "gap_image": 4.0, "gap_hold": 4.0}
-
-
-def along(x, direction):
-    """(N,) component of each unit row of `x` along the unit vector `direction`."""
-    return F.normalize(x.float(), dim=-1) @ direction
-
-
-def twin_gap_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
-                  gap_dir, offset=TWIN_GAP, tau=TWIN_GAP_TAU, scale=100.0):
-    """The twin-gap objective. Returns `(total, terms)` like `safe_clip_loss`, whose eight terms it
-    includes; `gap_dir` (E,) is g; `v_unsafe` holds the rows where `has_unsafe_image` (all when None)."""
-    lambdas = {**TWIN_GAP_LAMBDAS, **(lambdas or {})}
-    _, terms = safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, has_unsafe_image=has_unsafe_image,
-                              scale=scale)
-    rows = slice(None) if has_unsafe_image is None else has_unsafe_image  # the rows that have V*
-    g = F.normalize(gap_dir.float().to(t_ref.device), dim=-1)
-    hinge = lambda shortfall: (tau * F.softplus(shortfall / tau)).mean()
-    terms["gap_text"] = hinge(along(t_safe.detach(), g) + offset - along(t_unsafe, g))
-    if len(v_unsafe):
-        terms["gap_image"] = hinge(along(v_unsafe, g) + offset - along(v_safe[rows].detach(), g))
-    terms["gap_hold"] = ((along(t_safe, g) - along(t_ref, g)) ** 2).mean() + ((along(v_safe, g) - along(v_ref, g)) ** 2).mean()
-    return weighted_total(terms, lambdas), terms
-
-# What the objectives beyond the paper derive from the frozen targets, once (`frozen_targets`, section 8).
-
-def nearest_safe(queries, pool, chunk=4096):
-    """(Q,) index of the pool row with the highest cosine to each query (SafeR-CLIP's t^)."""
-    pool = F.normalize(pool.float(), dim=-1)
-    return torch.cat([(F.normalize(q.float(), dim=-1) @ pool.t()).argmax(1) for q in queries.split(chunk)])
-
-
-def curriculum_order(t_safe, t_unsafe):
-    """Training rows from easy to hard: by decreasing cosine between the frozen embeddings of a
-    pair's safe and unsafe captions (an unsafe caption close to its safe one needs the smallest
-    move). INFERRED: SafeR-CLIP says "easy to hard by the safe-unsafe similarity"; the direction
-    is our reading of it. Ties keep row order."""
-    cos = F.cosine_similarity(t_safe.float(), t_unsafe.float(), dim=-1)
-    return cos.argsort(descending=True, stable=True)
-
-
-def curriculum_rows(order, epoch):
-    """Rows of an epoch under the curriculum: the easiest third in epoch 0, two thirds in epoch 1,
-    all from epoch 2 on. INFERRED: SafeR-CLIP publishes "easy, then adds medium, then all", not
-    the bins; equal thirds are our choice."""
-    return order[: math.ceil(len(order) * min(epoch + 1, 3) / 3)]
-
-
-def unsafe_direction(safe, unsafe):
-    """twin-offset's "unsafe" direction u: the unit vector along which the frozen model's unsafe
-    embeddings (normalised) have the most second moment *more* than its safe ones, the top
-    eigenvector of M(unsafe) - M(safe) with M(x) = mean of x x^T. The safe data hardly use it, and
-    the towers can produce it (their unsafe inputs already do; the direction of least safe
-    variance cannot serve: the final LayerNorm makes some directions unreachable). Signed so its
-    largest entry is positive (eigh's sign is arbitrary)."""
-    moment = lambda x: (lambda y: y.t() @ y / len(y))(F.normalize(x.double(), dim=-1))
-    u = torch.linalg.eigh(moment(unsafe) - moment(safe)).eigenvectors[:, -1]
-    return (u * u[u.abs().argmax()].sign()).float()
-
-
-def modality_gap(t_safe, v_safe):
-    """twin-gap's direction g: normalize(mean of the unit T0(T) - mean of the unit V0(V)), from CLIP's
-    images to its captions (float64 means; the training rows)."""
-    mean = lambda x: F.normalize(x.double(), dim=-1).mean(0)
-    return F.normalize(mean(t_safe) - mean(v_safe), dim=0).float()
-
-@dataclass(frozen=True)
-class Objective:
-    loss: object  # f(t_safe, t_unsafe, v_safe, v_unsafe, **references, lambdas=..) -> (total, terms)
-    lambdas: dict  # the terms and their default weights
-    references: tuple = ("t_ref", "v_ref")  # per-row references from the frozen model it takes
-    constants: tuple = ()  # references that are one tensor for the whole data
-    curriculum: bool = False  # epochs grow from the easiest pairs to all (SafeR-CLIP)
-    recipe: dict = None  # its paper's training options, used where the command line gives none
-
-
-OBJECTIVES = {
-    "safeclip": Objective(safe_clip_loss, LAMBDAS),
-    "safer-clip": Objective(safer_clip_loss, SAFER_LAMBDAS,
-                            ("t_ref", "v_ref", "t_unsafe_ref", "v_unsafe_ref", "t_near", "v_near"), curriculum=True,
-                            recipe={"lr": 1e-4, "batch_size": 48}),  # and LoRA r16, our default
-    "twin-offset": Objective(twin_offset_loss, TWIN_OFFSET_LAMBDAS, constants=("unsafe_dir",)),
-    "twin-margin": Objective(twin_margin_loss, TWIN_MARGIN_LAMBDAS),
-    "twin-nce": Objective(twin_nce_loss, TWIN_NCE_LAMBDAS),
-    "twin-gap": Objective(twin_gap_loss, TWIN_GAP_LAMBDAS, constants=("gap_dir",)),
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# 8. The data and the frozen targets
+# 7. The data and the frozen targets
 # ---------------------------------------------------------------------------------------------
 # A row of pairs.jsonl is a quadruplet: a safe caption T, its unsafe twin T*, a safe image V and,
 # optionally, its unsafe twin V* (the public datasets publish none). Part II reads and checks the
@@ -1165,7 +859,7 @@ def collate_quadruplets(batch):
 # The frozen targets: what, when, how precise.
 # - What: the original model's embeddings of every row (training and validation), not normalised:
 #   T0(T) and V0(V) for Safe-CLIP (`t_ref`, `v_ref`); T0(T*), V0(V*) and what is derived from them
-#   for some objectives of section 7 (`references_needed`).
+#   for some objectives of section 9 (`references_needed`).
 # - When: once per run, in `train`, *before* `choose_trainable` attaches any adapter, so the model
 #   embedding them is the original one; a step then runs only the model being trained.
 # - How precise: true float32, whatever --precision says (no autocast, no TF32: `frozen_embeddings`),
@@ -1276,7 +970,7 @@ def bind_objective(config, targets, n_train, logit_scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. One training step, exact resume, and the loop
+# 8. One training step, exact resume, and the loop
 # ---------------------------------------------------------------------------------------------
 # A step runs the text tower once over the safe and unsafe captions together and the vision tower
 # once over the safe and unsafe images together, gathers the embeddings over ranks, computes
@@ -1639,6 +1333,312 @@ def train(config):
         del towers, embed_batch, no_sync
         end_process_group()
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Beyond the paper: SafeR-CLIP, twin-offset, twin-margin, twin-nce and twin-gap
+# ---------------------------------------------------------------------------------------------
+# Safe-CLIP is all above; a first reading can stop here. What follows are more objectives with
+# `safe_clip_loss`'s signature, on the same data and loop. What they need beyond T0(T) and V0(V)
+# (T0(T*), V0(V*), a nearest safe caption, a curriculum, an unsafe direction, the modality gap) is
+# computed once from the frozen embeddings in `frozen_targets` (section 7). `OBJECTIVES`, at the
+# end, names them all for --objective.
+
+# SafeR-CLIP (Yousaf et al., AAAI 2026), as far as its project page, poster and slides show it:
+# the unsafe inputs go to the *nearest* safe item under the frozen model (t_near = T0(t^), v_near =
+# V0(v^), where t^ is the training split's safe caption closest to T0(T*)), and the unsafe
+# InfoNCE terms become "relative" ones whose only negative is the input's own unsafe twin, with no
+# temperature. The preserve terms are Safe-CLIP's. INFERRED here (unpublished): the weights, which
+# reuse Safe-CLIP's for the matching terms.
+SAFER_LAMBDAS = {
+    "text_safe": 0.10,  # d(T(T), T0(T))                                        preserve
+    "text_unsafe": 0.10,  # d(T(T*), T0(t^))                                    redirect
+    "image_safe": 0.10,  # d(V(V), V0(V))                                       preserve
+    "image_unsafe": 0.20,  # d(V(V*), V0(v^))                                   redirect
+    "nce_text_safe": 0.25,  # NCE(T(T), V0(V))                                  preserve
+    "rel_text_unsafe": 0.25,  # softplus(cos(T(T*), V0(V*)) - cos(T(T*), V0(v^)))  redirect
+    "nce_image_safe": 0.25,  # NCE(T0(T), V(V))                                 preserve
+    "rel_image_unsafe": 0.50,  # softplus(cos(V(V*), T0(T*)) - cos(V(V*), T0(t^)))  redirect
+}
+
+
+def _require_unsafe_images(has_unsafe_image, objective):
+    """safer-clip and twin-offset need V* on every row (rows without one: --objective safeclip)."""
+    if has_unsafe_image is not None and not bool(has_unsafe_image.all()):
+        raise DataError(f"--objective {objective} needs an unsafe image on every row; rows without one "
+                        "train with --objective safeclip")
+
+
+def relative_loss(x, unsafe_target, safe_target):
+    """Mean of softplus(cos(x, unsafe_target) - cos(x, safe_target)): prefer the safe target to
+    the unsafe one, with the unsafe one as the only negative."""
+    x = x.float()
+    return F.softplus(F.cosine_similarity(x, unsafe_target.float(), dim=-1)
+                      - F.cosine_similarity(x, safe_target.float(), dim=-1)).mean()
+
+
+def safer_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
+                    t_unsafe_ref, v_unsafe_ref, t_near, v_near, scale=100.0):
+    """The SafeR-CLIP objective. Returns `(total, terms)` like `safe_clip_loss`.
+
+    t_unsafe_ref = T0(T*), v_unsafe_ref = V0(V*); t_near = T0(t^), v_near = V0(v^): the nearest
+    safe caption of the training split and the image of its row. All (B, E) constants.
+    """
+    _require_unsafe_images(has_unsafe_image, "safer-clip")
+    lambdas = {**SAFER_LAMBDAS, **(lambdas or {})}
+    terms = {
+        "text_safe": cosine_distance(t_safe, t_ref),
+        "text_unsafe": cosine_distance(t_unsafe, t_near),
+        "image_safe": cosine_distance(v_safe, v_ref),
+        "image_unsafe": cosine_distance(v_unsafe, v_near),
+        "nce_text_safe": info_nce(t_safe, v_ref, scale),
+        "rel_text_unsafe": relative_loss(t_unsafe, v_unsafe_ref, v_near),
+        "nce_image_safe": info_nce(t_ref, v_safe, scale),
+        "rel_image_unsafe": relative_loss(v_unsafe, t_unsafe_ref, t_near),
+    }
+    return weighted_total(terms, lambdas), terms
+
+
+# twin-offset (ours, beyond both papers). Safe-CLIP lands an unsafe item exactly on its safe
+# twin, so in a gallery holding both they tie, for unsafe *and* safe queries. twin-offset lands it
+# on the twin plus a step along an "unsafe" direction u that the safe data hardly use (the one in
+# which the frozen unsafe embeddings exceed the safe ones most, computed once), with opposite
+# signs for text and images:
+#     T(T*) -> normalize(T0(T) + a u),      V(V*) -> normalize(V0(V) - a u).
+# For a safe item x (x . u ~ 0) every cosine with an unsafe item is then its cosine with the
+# twin times 1/sqrt(1 + a^2): a safe query ranks each unsafe item just below its safe twin, and
+# the ranking among safe items is unchanged. Between an unsafe caption and an unsafe image the
+# offsets cancel (cos -> (c - a^2) / (1 + a^2)), so unsafe queries rank unsafe items lower still.
+# The redirect InfoNCE terms see only the component orthogonal to u, so they align the unsafe
+# item with its twin's partner without fighting the offset. u . x is also an unsafe-content score.
+TWIN_OFFSET = 1.0  # a: the offset's length (chosen by measurement, see docs/objectives.md)
+TWIN_OFFSET_LAMBDAS = dict(LAMBDAS)  # Safe-CLIP's weights for the same eight terms
+
+
+def twin_offset_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *, unsafe_dir, offset=TWIN_OFFSET, scale=100.0):
+    """The twin-offset objective. Returns `(total, terms)` like `safe_clip_loss`; the unsafe
+    targets are offset along `unsafe_dir` (E,), +offset for text, -offset for images."""
+    _require_unsafe_images(has_unsafe_image, "twin-offset")
+    lambdas = {**TWIN_OFFSET_LAMBDAS, **(lambdas or {})}
+    u = F.normalize(unsafe_dir.float().to(t_ref.device), dim=-1)
+    t_target = F.normalize(F.normalize(t_ref.float(), dim=-1) + offset * u, dim=-1)
+    v_target = F.normalize(F.normalize(v_ref.float(), dim=-1) - offset * u, dim=-1)
+
+    def off_u(x):  # the part of x in the safe subspace
+        x = F.normalize(x.float(), dim=-1)
+        return x - (x @ u)[:, None] * u
+
+    terms = {
+        "text_safe": cosine_distance(t_safe, t_ref),
+        "text_unsafe": cosine_distance(t_unsafe, t_target),
+        "image_safe": cosine_distance(v_safe, v_ref),
+        "image_unsafe": cosine_distance(v_unsafe, v_target),
+        "nce_text_safe": info_nce(t_safe, v_ref, scale),
+        "nce_text_unsafe": info_nce(off_u(t_unsafe), v_ref, scale),
+        "nce_image_safe": info_nce(t_ref, v_safe, scale),
+        "nce_image_unsafe": info_nce(t_ref, off_u(v_unsafe), scale),
+    }
+    return weighted_total(terms, lambdas), terms
+
+
+# twin-margin (ours, beyond both papers). Where twin-offset fixes the direction in which the
+# unsafe twin steps aside in advance, twin-margin lets the model choose it, by ranking the twins
+# directly: Safe-CLIP's eight terms, plus hinge terms in which the only negative of a query is its
+# row's own unsafe twin, as embedded by the model being trained (as an index would embed it):
+#     caption queries T(T), T(T*) must score V(V) above V(V*) by a margin m,
+#     image queries   V(V), V(V*) must score T(T) above T(T*) by m,
+# each as tau * softplus((cos(q, unsafe twin) - cos(q, safe twin) + m) / tau): a hinge with its
+# corner smoothed over tau. Safe-CLIP's terms pull an unsafe item onto its safe twin; these hold
+# it just below. Rows without V* give only the term with no V* in it (V(V) ranking T(T) over T(T*)).
+TWIN_MARGIN = 0.3  # m, in cosine (chosen by measurement, see docs/objectives.md)
+TWIN_MARGIN_TAU = 0.05  # tau: the smoothing of the hinge's corner
+TWIN_MARGIN_LAMBDAS = {**LAMBDAS, "text_safe": 1.0, "image_safe": 1.0, "nce_text_safe": 1.0, "nce_image_safe": 1.0,
+                       "rank_text_safe": 2.0, "rank_text_unsafe": 2.0, "rank_image_safe": 2.0, "rank_image_unsafe": 2.0}
+
+
+def twin_rank(query, safe, unsafe, margin, tau):
+    """Mean over rows of tau * softplus((cos(query, unsafe) - cos(query, safe) + margin) / tau)."""
+    query, safe, unsafe = (F.normalize(x.float(), dim=-1) for x in (query, safe, unsafe))
+    gap = (query * unsafe).sum(-1) - (query * safe).sum(-1)
+    return (tau * F.softplus((gap + margin) / tau)).mean()
+
+
+def twin_margin_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
+                     margin=TWIN_MARGIN, tau=TWIN_MARGIN_TAU, scale=100.0):
+    """The twin-margin objective. Returns `(total, terms)` like `safe_clip_loss`, whose eight terms
+    it includes; `v_unsafe` holds the rows where `has_unsafe_image` (all when None)."""
+    lambdas = {**TWIN_MARGIN_LAMBDAS, **(lambdas or {})}
+    _, terms = safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, has_unsafe_image=has_unsafe_image,
+                              scale=scale)
+    rows = slice(None) if has_unsafe_image is None else has_unsafe_image  # the rows that have V*
+    if len(v_unsafe):
+        terms["rank_text_safe"] = twin_rank(t_safe[rows], v_safe[rows], v_unsafe, margin, tau)
+        terms["rank_text_unsafe"] = twin_rank(t_unsafe[rows], v_safe[rows], v_unsafe, margin, tau)
+        terms["rank_image_unsafe"] = twin_rank(v_unsafe, t_safe[rows], t_unsafe[rows], margin, tau)
+    terms["rank_image_safe"] = twin_rank(v_safe, t_safe, t_unsafe, margin, tau)
+    return weighted_total(terms, lambdas), terms
+
+
+# twin-nce (ours, beyond both papers; issue #34). twin-margin breaks the tie but moves each unsafe
+# caption off its own safe image (T*->V, Safe-CLIP's redirect, falls below the toy CLIP's): its
+# hinge for a *safe* image query, V(V) scoring T(T) above T(T*), pushes T(T*) away from V(V) by a
+# matched pair's whole cosine, and its redirect InfoNCE terms, which pull T(T*) onto V0(V) and
+# V(V*) onto T0(T), also pull the two unsafe items onto each other, against the hinges. So:
+#   - the redirect InfoNCE terms see the unsafe twin as one more negative of the unsafe query:
+#     T(T*) picks V0(V) among the safe images *and its own V(V*)*, V(V*) picks T0(T) among the
+#     safe captions and its own T(T*); the term that redirects an unsafe item also holds it off
+#     the other unsafe item;
+#   - the hinges for safe queries (T(T) ranks V(V) over V(V*), V(V) ranks T(T) over T(T*)) move
+#     only the safe items: the unsafe item is a constant there (detached), so the safe side steps
+#     away from it instead of pushing it off its redirect target;
+#   - the hinge for unsafe captions weighs twice the others (4): in the measurements it was the
+#     one left short (T*->V+V*).
+TWIN_NCE_MARGIN = 0.3  # m, in cosine, as twin-margin's (see docs/objectives.md)
+TWIN_NCE_TAU = 0.05  # tau: the smoothing of the hinge's corner
+TWIN_NCE_LAMBDAS = {**TWIN_MARGIN_LAMBDAS, "nce_text_unsafe": 1.0, "nce_image_unsafe": 1.0, "rank_text_unsafe": 4.0}
+
+
+def twin_info_nce(queries, gallery, twins, has_twin=None, scale=100.0):
+    """Symmetric InfoNCE between `queries` and `gallery` (both (N, E), row i with row i), where
+    query i also meets its own unsafe twin as one more negative: `twins` (M, E) holds the twins of
+    the rows where `has_twin` (N,) bool (all rows when None); a row without one has no such negative."""
+    q, g = F.normalize(queries.float(), dim=-1), F.normalize(gallery.float(), dim=-1)
+    logits = scale * q @ g.t()  # (N, N)
+    if has_twin is None:  # every row has its twin
+        twin = scale * (q * F.normalize(twins.float(), dim=-1)).sum(-1, keepdim=True)
+    else:
+        twin = torch.full((len(q), 1), float("-inf"), device=q.device)  # exp(-inf) = 0: no twin, no negative
+        twin[has_twin] = scale * (q[has_twin] * F.normalize(twins.float(), dim=-1)).sum(-1, keepdim=True)
+    labels = torch.arange(len(q), device=q.device)
+    return (F.cross_entropy(torch.cat([logits, twin], 1), labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def twin_nce_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
+                  margin=TWIN_NCE_MARGIN, tau=TWIN_NCE_TAU, scale=100.0):
+    """The twin-nce objective. Returns `(total, terms)` like `safe_clip_loss`: its eight terms, the
+    two redirect InfoNCE terms with the twin as a negative, and twin-margin's four hinges, those
+    of safe queries with the unsafe twin detached; `v_unsafe` holds the rows where
+    `has_unsafe_image` (all when None)."""
+    lambdas = {**TWIN_NCE_LAMBDAS, **(lambdas or {})}
+    _, terms = safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, has_unsafe_image=has_unsafe_image,
+                              scale=scale)
+    rows = slice(None) if has_unsafe_image is None else has_unsafe_image  # the rows that have V*
+    terms["nce_text_unsafe"] = twin_info_nce(t_unsafe, v_ref, v_unsafe, has_unsafe_image, scale)
+    if len(v_unsafe):
+        terms["nce_image_unsafe"] = twin_info_nce(v_unsafe, t_ref[rows], t_unsafe[rows], scale=scale)
+        terms["rank_text_safe"] = twin_rank(t_safe[rows], v_safe[rows], v_unsafe.detach(), margin, tau)
+        terms["rank_text_unsafe"] = twin_rank(t_unsafe[rows], v_safe[rows], v_unsafe, margin, tau)
+        terms["rank_image_unsafe"] = twin_rank(v_unsafe, t_safe[rows], t_unsafe[rows], margin, tau)
+    terms["rank_image_safe"] = twin_rank(v_safe, t_safe, t_unsafe.detach(), margin, tau)
+    return weighted_total(terms, lambdas), terms
+
+
+# twin-gap (ours, beyond both papers; issue #34). twin-offset's idea, a step aside that the safe
+# items do not see, asked as a margin and along a direction the towers already use: the modality
+# gap g = normalize(mean T0(T) - mean V0(V)) (unit embeddings of the training rows, computed once),
+# the direction from CLIP's images to its captions. Safe-CLIP's eight terms redirect each unsafe
+# item onto its safe twin; three more terms set it aside from that twin along g, in opposite
+# directions for the two modalities:
+#     gap_text   T(T*) . g >= T(T) . g + a      (an unsafe caption further from every image)
+#     gap_image  V(V*) . g <= V(V) . g - a      (an unsafe image further from every caption)
+# each as tau * softplus(x / tau) of the shortfall (a hinge with its corner smoothed), with the
+# safe item a constant there (detached): the unsafe item moves, not its twin. On their own these
+# open the whole gap, safe items included, which costs safe retrieval; so
+#     gap_hold   (T(T) . g - T0(T) . g)^2 + (V(V) . g - V0(V) . g)^2
+# holds every safe item's component along g where the original model put it. A cosine with an
+# unsafe item then drops by about a times the query's own |component along g| for every query alike,
+# so the order among safe items (the redirect, T*->V) is kept while each unsafe item ranks just
+# below its twin. Why the gap, why a hinge and why the hold: docs/objectives.md ("A step aside
+# along the modality gap"); benchmarks/target_geometry.py scores these targets met exactly.
+TWIN_GAP = 0.1  # a, in cosine along g (chosen by measurement, see docs/objectives.md)
+TWIN_GAP_TAU = 0.02  # tau: the smoothing of the hinge's corner
+TWIN_GAP_LAMBDAS = {**LAMBDAS, "text_safe": 1.0, "image_safe": 1.0, "nce_text_safe": 1.0, "nce_image_safe": 1.0,
+                    "gap_text": 1.0, "gap_image": 4.0, "gap_hold": 4.0}
+
+
+def along(x, direction):
+    """(N,) component of each unit row of `x` along the unit vector `direction`."""
+    return F.normalize(x.float(), dim=-1) @ direction
+
+
+def twin_gap_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
+                  gap_dir, offset=TWIN_GAP, tau=TWIN_GAP_TAU, scale=100.0):
+    """The twin-gap objective. Returns `(total, terms)` like `safe_clip_loss`, whose eight terms it
+    includes; `gap_dir` (E,) is g; `v_unsafe` holds the rows where `has_unsafe_image` (all when None)."""
+    lambdas = {**TWIN_GAP_LAMBDAS, **(lambdas or {})}
+    _, terms = safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, has_unsafe_image=has_unsafe_image,
+                              scale=scale)
+    rows = slice(None) if has_unsafe_image is None else has_unsafe_image  # the rows that have V*
+    g = F.normalize(gap_dir.float().to(t_ref.device), dim=-1)
+    hinge = lambda shortfall: (tau * F.softplus(shortfall / tau)).mean()
+    terms["gap_text"] = hinge(along(t_safe.detach(), g) + offset - along(t_unsafe, g))
+    if len(v_unsafe):
+        terms["gap_image"] = hinge(along(v_unsafe, g) + offset - along(v_safe[rows].detach(), g))
+    terms["gap_hold"] = ((along(t_safe, g) - along(t_ref, g)) ** 2).mean() + ((along(v_safe, g) - along(v_ref, g)) ** 2).mean()
+    return weighted_total(terms, lambdas), terms
+
+# What the objectives beyond the paper derive from the frozen targets, once (`frozen_targets`, section 7).
+
+def nearest_safe(queries, pool, chunk=4096):
+    """(Q,) index of the pool row with the highest cosine to each query (SafeR-CLIP's t^)."""
+    pool = F.normalize(pool.float(), dim=-1)
+    return torch.cat([(F.normalize(q.float(), dim=-1) @ pool.t()).argmax(1) for q in queries.split(chunk)])
+
+
+def curriculum_order(t_safe, t_unsafe):
+    """Training rows from easy to hard: by decreasing cosine between the frozen embeddings of a
+    pair's safe and unsafe captions (an unsafe caption close to its safe one needs the smallest
+    move). INFERRED: SafeR-CLIP says "easy to hard by the safe-unsafe similarity"; the direction
+    is our reading of it. Ties keep row order."""
+    cos = F.cosine_similarity(t_safe.float(), t_unsafe.float(), dim=-1)
+    return cos.argsort(descending=True, stable=True)
+
+
+def curriculum_rows(order, epoch):
+    """Rows of an epoch under the curriculum: the easiest third in epoch 0, two thirds in epoch 1,
+    all from epoch 2 on. INFERRED: SafeR-CLIP publishes "easy, then adds medium, then all", not
+    the bins; equal thirds are our choice."""
+    return order[: math.ceil(len(order) * min(epoch + 1, 3) / 3)]
+
+
+def unsafe_direction(safe, unsafe):
+    """twin-offset's "unsafe" direction u: the unit vector along which the frozen model's unsafe
+    embeddings (normalised) have the most second moment *more* than its safe ones, the top
+    eigenvector of M(unsafe) - M(safe) with M(x) = mean of x x^T. The safe data hardly use it, and
+    the towers can produce it (their unsafe inputs already do; the direction of least safe
+    variance cannot serve: the final LayerNorm makes some directions unreachable). Signed so its
+    largest entry is positive (eigh's sign is arbitrary)."""
+    moment = lambda x: (lambda y: y.t() @ y / len(y))(F.normalize(x.double(), dim=-1))
+    u = torch.linalg.eigh(moment(unsafe) - moment(safe)).eigenvectors[:, -1]
+    return (u * u[u.abs().argmax()].sign()).float()
+
+
+def modality_gap(t_safe, v_safe):
+    """twin-gap's direction g: normalize(mean of the unit T0(T) - mean of the unit V0(V)), from CLIP's
+    images to its captions (float64 means; the training rows)."""
+    mean = lambda x: F.normalize(x.double(), dim=-1).mean(0)
+    return F.normalize(mean(t_safe) - mean(v_safe), dim=0).float()
+
+@dataclass(frozen=True)
+class Objective:
+    loss: object  # f(t_safe, t_unsafe, v_safe, v_unsafe, **references, lambdas=..) -> (total, terms)
+    lambdas: dict  # the terms and their default weights
+    references: tuple = ("t_ref", "v_ref")  # per-row references from the frozen model it takes
+    constants: tuple = ()  # references that are one tensor for the whole data
+    curriculum: bool = False  # epochs grow from the easiest pairs to all (SafeR-CLIP)
+    recipe: dict = None  # its paper's training options, used where the command line gives none
+
+
+OBJECTIVES = {
+    "safeclip": Objective(safe_clip_loss, LAMBDAS),
+    "safer-clip": Objective(safer_clip_loss, SAFER_LAMBDAS,
+                            ("t_ref", "v_ref", "t_unsafe_ref", "v_unsafe_ref", "t_near", "v_near"), curriculum=True,
+                            recipe={"lr": 1e-4, "batch_size": 48}),  # and LoRA r16, our default
+    "twin-offset": Objective(twin_offset_loss, TWIN_OFFSET_LAMBDAS, constants=("unsafe_dir",)),
+    "twin-margin": Objective(twin_margin_loss, TWIN_MARGIN_LAMBDAS),
+    "twin-nce": Objective(twin_nce_loss, TWIN_NCE_LAMBDAS),
+    "twin-gap": Objective(twin_gap_loss, TWIN_GAP_LAMBDAS, constants=("gap_dir",)),
+}
 
 
 # =============================================================================================

@@ -1,7 +1,7 @@
 """The maps that lead a reader into the code must stay true. docs/method.md maps the paper to the code
 by name: every `safeclip.NAME` / `evaluate.NAME` it cites must exist. safeclip.py's docstring lists each
 section's main names (each must be defined there), gives each question about the method as exact
-line ranges (each must be where its words say, in Part I), and section 9 states the step's defaults
+line ranges (each must be where its words say, in Part I), and section 8 states the step's defaults
 (each must be what TrainConfig resolves to). A rename or move that forgets a map fails here instead of
 misleading a reader."""
 
@@ -210,7 +210,7 @@ def step_defaults_comment(source):
 
 
 def stated_defaults_that_differ(comment):
-    """{phrase: (what section 9's comment says, what TrainConfig resolves to)} where they differ."""
+    """{phrase: (what section 8's comment says, what TrainConfig resolves to)} where they differ."""
     lora = safeclip.TrainConfig(data="pairs.jsonl", device="cpu").resolved()
     wanted = {"lr": lora.lr, "weight decay": lora.weight_decay, "warm-up": lora.warmup, "grad clip": lora.grad_clip,
               "batch": lora.batch_size, "accum": lora.accum, "epochs": lora.epochs, "seed": lora.seed,
@@ -229,7 +229,7 @@ def stated_defaults_that_differ(comment):
     return wrong
 
 
-def test_section_9_states_the_step_s_defaults_as_train_config_resolves_them():
+def test_section_8_states_the_step_s_defaults_as_train_config_resolves_them():
     assert stated_defaults_that_differ(step_defaults_comment(SOURCE)) == {}
 
 
