@@ -27,9 +27,9 @@ train included), none of them in Part II, and they are exact (tests/test_method_
   LoRA: where it plugs in, what trains, merge   lines 568-680    section 4 to choose_trainable
                                                 lines 272-339    Linear to Attention (its sockets)
   gradient accumulation (--accum)               lines 1127-1189  _rng_state to concat_embeddings
-  exact resume                                  lines 1214-1254  "-- exact resume" to restore_training_state
+  exact resume                                  lines 1214-1259  "-- exact resume" to restore_training_state
                                                 lines 1127-1136  _rng_state to _set_rng_state (the generators)
-  and, for each of them, where it runs          lines 1257-1335  train
+  and, for each of them, where it runs          lines 1262-1340  train
 Every setting's default is in TrainConfig (section 1); those of one step are also listed atop section 8.
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
@@ -1232,9 +1232,14 @@ def lr_at(step, config, total_steps):
 # (Part II) only writes this state to the file atomically and reads it back, and `train` passes
 # what it read to `restore_training_state` before the first step.
 
-def training_state(trainable, optimizer, scaler, progress, rng_of_ranks):
-    """What a checkpoint holds: {trainable, optimizer, scaler, rng, cuda_rng, rng_ranks, state}.
-    `progress`: the step and the best validation; `rng_of_ranks`: every rank's `_rng_state()`."""
+def training_state(trainable, optimizer, scaler, progress):
+    """What a checkpoint holds: {trainable, optimizer, scaler, rng, cuda_rng, rng_ranks, state}, on
+    rank 0 (None on the others). `progress`: the step and the best validation. Every rank calls it:
+    each sends its own generators, the ones its dropout draws from (`all_ranks`, Part II: [its own]
+    in a single process)."""
+    rng_of_ranks = all_ranks(_rng_state())  # [(cpu, cuda) of rank 0, of rank 1, ...]
+    if dist_info()[0] != 0:
+        return None
     rng, cuda_rng = rng_of_ranks[0]
     return dict(trainable={n: p.detach().cpu() for n, p in trainable.items()}, optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict(), rng=rng, rng_ranks=rng_of_ranks, state=dict(progress),
@@ -3369,10 +3374,9 @@ class Checkpoint:
                 else "no checkpoint was written yet")
 
     def save(self, trainable, optimizer, scaler, progress):
-        ranks = all_ranks(_rng_state())
+        ckpt = training_state(trainable, optimizer, scaler, progress)  # every rank: it gathers their generators
         if not self.folder.main:
             return
-        ckpt = training_state(trainable, optimizer, scaler, progress, ranks)
         self.folder.write(self.path, lambda path: _atomic_write(path, lambda tmp: _torch_save(ckpt, tmp)))
         self.saved_step = progress["step"]
 
