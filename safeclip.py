@@ -23,13 +23,13 @@ Where each question about the method is answered: these lines alone answer it (a
 train included), none of them in Part II, and they are exact (tests/test_method_map.py keeps them so):
   the loss: its terms, weights and total        lines 722-792    section 6 to safe_clip_loss
   the frozen targets: what, when, how precise   lines 859-940    "The frozen targets" to frozen_targets
-  one step, end to end                          lines 973-1211   section 8 to lr_at
+  one step, end to end                          lines 974-1212   section 8 to lr_at
   LoRA: where it plugs in, what trains, merge   lines 568-680    section 4 to choose_trainable
                                                 lines 272-339    Linear to Attention (its sockets)
-  gradient accumulation (--accum)               lines 1127-1189  _rng_state to concat_embeddings
-  exact resume                                  lines 1214-1259  "-- exact resume" to restore_training_state
-                                                lines 1127-1136  _rng_state to _set_rng_state (the generators)
-  and, for each of them, where it runs          lines 1262-1340  train
+  gradient accumulation (--accum)               lines 1128-1190  _rng_state to concat_embeddings
+  exact resume                                  lines 1215-1260  "-- exact resume" to restore_training_state
+                                                lines 1128-1137  _rng_state to _set_rng_state (the generators)
+  and, for each of them, where it runs          lines 1263-1341  train
 Every setting's default is in TrainConfig (section 1); those of one step are also listed atop section 8.
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
@@ -962,6 +962,7 @@ def bind_objective(config, targets, n_train, logit_scale):
         return None, {"train": {}, "val": {}}, None
     per_row, constants, order = objective_arguments(config.objective, targets)
     given = {"offset": config.offset, "margin": config.margin, "tau": config.margin_tau}
+    constants = {name: value.to(logit_scale.device) for name, value in constants.items()}  # once, not each step
     constants |= {name: value for name, value in given.items() if value is not None}
     constants["scale"] = logit_scale.exp().item() if config.nce_scale == "model" else float(config.nce_scale or 100)
     loss_fn = functools.partial(OBJECTIVES[config.objective].loss, lambdas=config.lambdas, **constants)
@@ -1550,10 +1551,10 @@ def twin_nce_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None
 # safe item a constant there (detached): the unsafe item moves, not its twin. On their own these
 # open the whole gap, safe items included, which costs safe retrieval; so
 #     gap_hold   (T(T) . g - T0(T) . g)^2 + (V(V) . g - V0(V) . g)^2
-# holds every safe item's component along g where the original model put it. A cosine with an
-# unsafe item then drops by about a times the query's own |component along g| for every query alike,
-# so the order among safe items (the redirect, T*->V) is kept while each unsafe item ranks just
-# below its twin. Why the gap, why a hinge and why the hold: docs/objectives.md ("A step aside
+# holds every safe item's component along g where the original model put it. Every image has about
+# the same component along g, and so does every caption: a step along g lowers an unsafe item's
+# cosine with every query of the other modality by about the same amount, so the order among safe
+# items (the redirect, T*->V) is kept while each unsafe item ranks just below its twin. Why the gap, why a hinge and why the hold: docs/objectives.md ("A step aside
 # along the modality gap"); benchmarks/target_geometry.py scores these targets met exactly.
 TWIN_GAP = 0.1  # a, in cosine along g (chosen by measurement, see docs/objectives.md)
 TWIN_GAP_TAU = 0.02  # tau: the smoothing of the hinge's corner
@@ -1561,7 +1562,7 @@ TWIN_GAP_LAMBDAS = {**LAMBDAS, "text_safe": 1.0, "image_safe": 1.0, "nce_text_sa
                     "gap_text": 1.0, "gap_image": 4.0, "gap_hold": 4.0}
 
 
-def along(x, direction):
+def component_along(x, direction):
     """(N,) component of each unit row of `x` along the unit vector `direction`."""
     return F.normalize(x.float(), dim=-1) @ direction
 
@@ -1574,13 +1575,15 @@ def twin_gap_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None
     _, terms = safe_clip_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, has_unsafe_image=has_unsafe_image,
                               scale=scale)
     rows = slice(None) if has_unsafe_image is None else has_unsafe_image  # the rows that have V*
-    g = F.normalize(gap_dir.float().to(t_ref.device), dim=-1)
+    g = F.normalize(gap_dir.float().to(t_ref.device), dim=-1)  # (on the device already, in a run: bind_objective)
+    on_g = lambda x: component_along(x, g)
     hinge = lambda shortfall: (tau * F.softplus(shortfall / tau)).mean()
-    terms["gap_text"] = hinge(along(t_safe.detach(), g) + offset - along(t_unsafe, g))
+    terms["gap_text"] = hinge(on_g(t_safe.detach()) + offset - on_g(t_unsafe))
     if len(v_unsafe):
-        terms["gap_image"] = hinge(along(v_unsafe, g) + offset - along(v_safe[rows].detach(), g))
-    terms["gap_hold"] = ((along(t_safe, g) - along(t_ref, g)) ** 2).mean() + ((along(v_safe, g) - along(v_ref, g)) ** 2).mean()
+        terms["gap_image"] = hinge(on_g(v_unsafe) + offset - on_g(v_safe[rows].detach()))
+    terms["gap_hold"] = ((on_g(t_safe) - on_g(t_ref)) ** 2).mean() + ((on_g(v_safe) - on_g(v_ref)) ** 2).mean()
     return weighted_total(terms, lambdas), terms
+
 
 # What the objectives beyond the paper derive from the frozen targets, once (`frozen_targets`, section 7).
 
@@ -1618,11 +1621,12 @@ def unsafe_direction(safe, unsafe):
     return (u * u[u.abs().argmax()].sign()).float()
 
 
-def modality_gap(t_safe, v_safe):
+def modality_gap(t_ref, v_ref):
     """twin-gap's direction g: normalize(mean of the unit T0(T) - mean of the unit V0(V)), from CLIP's
     images to its captions (float64 means; the training rows)."""
     mean = lambda x: F.normalize(x.double(), dim=-1).mean(0)
-    return F.normalize(mean(t_safe) - mean(v_safe), dim=0).float()
+    return F.normalize(mean(t_ref) - mean(v_ref), dim=0).float()
+
 
 @dataclass(frozen=True)
 class Objective:
@@ -1644,6 +1648,8 @@ OBJECTIVES = {
     "twin-nce": Objective(twin_nce_loss, TWIN_NCE_LAMBDAS),
     "twin-gap": Objective(twin_gap_loss, TWIN_GAP_LAMBDAS, constants=("gap_dir",)),
 }
+# The terms, of every objective, computed over the rows that have V* only (validation weighs them so).
+TERMS_OVER_UNSAFE_IMAGES = UNSAFE_IMAGE_TERMS + ("rank_text_safe", "rank_text_unsafe", "rank_image_unsafe", "gap_image")
 
 
 # =============================================================================================
@@ -3219,16 +3225,17 @@ def _fingerprint(model_path, rows, model, objective="safeclip", n_train=None):
     h.update(json.dumps(asdict(model.config)).encode())
     h.update(model.tokenizer._tokenizer.to_str().encode())
     h.update(Path(__file__).read_bytes())
-    spec = OBJECTIVES[objective]
-    unsafe = "t_unsafe_ref" in spec.references or spec.curriculum or bool(spec.constants)
+    spec, needs = OBJECTIVES[objective], set(references_needed(objective))  # the frozen embeddings used
     if spec.references != Objective.references or spec.constants or spec.curriculum:
         h.update(f"{objective} {n_train}".encode())
     for r in rows:
         st = os.stat(r["safe_image"])
         h.update(f"{r['safe']}\0{r['safe_image']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        if unsafe:
+        if "t_unsafe_ref" in needs:
+            h.update(f"{r['unsafe']}\n".encode())
+        if "v_unsafe_ref" in needs and r["unsafe_image"] is not None:
             st = os.stat(r["unsafe_image"])
-            h.update(f"{r['unsafe']}\0{r['unsafe_image']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{r['unsafe_image']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -3851,7 +3858,7 @@ def validate(model, rows, ids, preprocess, refs, loss_fn, config, device):
                               model.logit_scale.cpu())
             terms = {}
         for k, v in {"loss": total, **terms}.items():
-            share = len(vu) / len(v_unsafe) if k in UNSAFE_IMAGE_TERMS else weight
+            share = len(vu) / len(v_unsafe) if k in TERMS_OVER_UNSAFE_IMAGES else weight
             sums[k] = sums.get(k, 0.0) + share * float(v)
     metrics = dict(sums)
     pairs = {"T-V": (t_safe, v_safe), "T-V*": (t_safe[has], v_unsafe), "T*-V": (t_unsafe, v_safe)}
@@ -3933,6 +3940,7 @@ def train_option_errors(args):
         (args.objective == "clip" and args.lambdas, "--lambdas weighs the terms of a fine-tuning objective, not of --objective clip"),
         (args.offset is not None and args.objective not in ("twin-offset", "twin-gap"),
          "--offset only applies to --objective twin-offset and twin-gap"),
+        (args.offset is not None and args.offset < 0, "--offset takes a number >= 0"),
         ((args.margin is not None or args.margin_tau is not None) and args.objective not in ("twin-margin", "twin-nce"),
          "--margin and --margin-tau only apply to --objective twin-margin and twin-nce"),
         (args.margin_tau is not None and args.margin_tau <= 0, "--margin-tau takes a positive number"),

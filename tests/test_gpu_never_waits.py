@@ -38,7 +38,7 @@ OBJECTIVES = ["safeclip", "safer-clip", "twin-offset", "twin-margin", "twin-nce"
 @pytest.fixture(scope="module")
 def reads_by_objective(data, base_model, tmp_path_factory):  # noqa: F811
     """The reads of a traced 6-step run of each objective, all the runs in one traced process (one
-    start of Python and torch instead of six; each run is `safeclip.main` with its own --out, as in
+    start of Python and torch instead of seven; each run is `safeclip.main` with its own --out, as in
     a process of its own)."""
     tmp = tmp_path_factory.mktemp("traced")
     runs = [["train", "--data", str(data), "--model", str(base_model), "--out", str(tmp / objective),

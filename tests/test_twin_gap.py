@@ -3,6 +3,9 @@ from its safe twin along the modality gap g, and a term that holds every safe it
 g; against a float64 NumPy oracle on random embeddings: g itself, each term, rows without V*, the
 weighting, which embeddings each term moves, and that the frozen targets carry g into a run."""
 
+import functools
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -119,9 +122,13 @@ def test_options_twin_gap_takes_and_refuses(monkeypatch):
         safeclip.main(["train", "--data", "d.jsonl", "--objective", "twin-gap", "--margin", "0.2"])
     with pytest.raises(SystemExit, match="unknown term"):
         safeclip.main(["train", "--data", "d.jsonl", "--objective", "twin-gap", "--lambdas", "rank_text_safe=1"])
+    with pytest.raises(SystemExit, match="--offset only applies to --objective twin-offset and twin-gap"):
+        safeclip.main(["train", "--data", "d.jsonl", "--objective", "twin-margin", "--offset", "0.2"])
+    with pytest.raises(SystemExit, match="--offset takes a number >= 0"):
+        safeclip.main(["train", "--data", "d.jsonl", "--objective", "twin-gap", "--offset", "-0.1"])
 
 
-def test_a_run_takes_g_from_the_original_model_s_training_rows(data, base_model, tmp_path):  # noqa: F811
+def test_a_run_takes_g_from_the_original_model_s_training_rows(data, base_model):  # noqa: F811
     """`frozen_targets` computes g once, from T0(T) and V0(V) of the training split, and
     `bind_objective` binds it (with --offset) to the loss."""
     model, preprocess = safeclip.load(str(base_model))
@@ -136,3 +143,59 @@ def test_a_run_takes_g_from_the_original_model_s_training_rows(data, base_model,
     assert loss_fn.func is safeclip.twin_gap_loss and order is None
     assert loss_fn.keywords["offset"] == 0.25 and torch.equal(loss_fn.keywords["gap_dir"], targets["gap_dir"])
     assert [len(v) for v in refs["train"].values()] == [n_train, n_train]
+    # The constants go to the model's device once, with the loss, not at every step ("meta" stands in for CUDA).
+    on_device = safeclip.bind_objective(config, targets, n_train, torch.nn.Parameter(torch.zeros((), device="meta")))[0]
+    assert on_device.keywords["gap_dir"].device.type == "meta"
+
+
+def rows_without_some_unsafe_images(data, folder):
+    """`data`'s rows, image paths made absolute, with V* left out of every third row."""
+    lines = []
+    for i, line in enumerate(data.read_text().splitlines()):
+        row = json.loads(line)
+        for key in ("safe_image", "unsafe_image"):
+            row[key] = str(data.parent / row[key])
+        if i % 3 == 0:
+            row["unsafe_image"] = None
+        lines.append(json.dumps(row))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.jsonl"
+
+
+def test_a_run_on_rows_without_an_unsafe_image_trains_and_validates(data, base_model, tmp_path):  # noqa: F811
+    """Rows without V* (the public datasets have none) train on the terms that exist, and the cache
+    key of g reads only the files g comes from."""
+    partial = rows_without_some_unsafe_images(data, tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(partial), "--model", str(base_model), "--out", str(out), "--batch-size", "8",
+            "--workers", "0", "--seed", "1", "--objective", "twin-gap", "--steps", "4", "--eval-every", "2"]
+    assert safeclip.main(argv) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps, vals = [r for r in log if "loss" in r], [r["val"] for r in log if "val" in r]
+    assert len(steps) == 4 and all({"gap_text", "gap_hold"} <= set(r) for r in steps)
+    assert vals and all({"gap_text", "gap_image", "gap_hold"} <= set(v) for v in vals)
+    assert all(np.isfinite(r["loss"]) for r in steps)
+
+
+def test_validation_averages_gap_image_over_the_rows_that_have_v_star(data, base_model):  # noqa: F811
+    """`validate` runs the loss batch by batch; a term over the rows with V* is weighted by each
+    batch's share of those rows, so the result is the term over all of them at once."""
+    model, preprocess = safeclip.load(base_model)
+    rows = safeclip.read_pairs(data, split="val")[:9]
+    for i in (0, 3, 4, 8):  # batches of 4: 3, 2 and 0 rows with V*
+        rows[i] = {**rows[i], "unsafe_image": None}
+    ids = [model.tokenizer([r[k] for r in rows], context_length=16) for k in ("safe", "unsafe")]
+    g = torch.Generator().manual_seed(torch.seed() % 2**32)
+    refs = {"t_ref": torch.randn(9, 32, generator=g), "v_ref": torch.randn(9, 32, generator=g)}
+    gap_dir = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
+    args = safeclip.build_parser().parse_args(["train", "--data", "-", "--out", "-", "--batch-size", "4"])
+    loss_fn = functools.partial(safeclip.twin_gap_loss, gap_dir=gap_dir)
+    val = safeclip.validate(model, rows, ids, preprocess, refs, loss_fn, args, "cpu")
+    has = torch.tensor([r["unsafe_image"] is not None for r in rows])
+    t, t_star = safeclip.encode_token_ids(model, ids[0]), safeclip.encode_token_ids(model, ids[1])
+    v = safeclip.encode_images(model, preprocess, [r["safe_image"] for r in rows])
+    v_star = safeclip.encode_images(model, preprocess, [r["unsafe_image"] for r in rows if r["unsafe_image"]])
+    _, at_once = loss_fn(t, t_star, v, v_star, refs["t_ref"], refs["v_ref"], has_unsafe_image=has)
+    assert val["gap_image"] == pytest.approx(at_once["gap_image"].item(), rel=1e-5)
+    assert val["gap_hold"] == pytest.approx(at_once["gap_hold"].item(), rel=1e-5)
