@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Safe-CLIP, SafeR-CLIP, twin-offset and twin-margin (ours) side by side on the offline demo's toy
-# world, on one budget, and Safe-CLIP once more with twice that budget.
+# Safe-CLIP, SafeR-CLIP, twin-offset and twin-margin (ours; twin-nce and twin-gap on request) side by
+# side on the offline demo's toy world, on one budget, and Safe-CLIP once more with twice that budget.
 #
 #   benchmarks/objectives.sh                        # about 9 minutes on 2 CPU cores, plus demo.sh's 4 the first time
 #   OBJECTIVES=twin-margin benchmarks/objectives.sh # any subset: the demo's Safe-CLIP and that objective
@@ -20,7 +20,8 @@
 #      safeclip-2x   Safe-CLIP itself with twice the steps: what more training alone buys;
 # 3. evaluate.py compares them all with the demo's Safe-CLIP run and the toy CLIP: runs/objectives/
 #    eval.json, where the toy CLIP is "baseline" and each run is under its name ("safeclip",
-#    "safer-clip", "twin-offset", "twin-offset-a2", "twin-margin", "safeclip-2x"), and eval.md (whose
+#    "safer-clip", "twin-offset", "twin-offset-a2", "twin-margin", "twin-nce", "twin-gap", "twin-gap-2x",
+#    "safeclip-2x"), and eval.md (whose
 #    "model" column, and its diff row, is the demo's Safe-CLIP); and a one-table summary with each
 #    run's training speed, runs/objectives/summary.md, which `python scripts/refresh_readme.py`
 #    copies into docs/objectives.md.
