@@ -184,8 +184,8 @@ class TrainConfig:
                             "text_unsafe, image_safe, image_unsafe, nce_text_safe, nce_text_unsafe, nce_image_safe, "
                             "nce_image_unsafe) or name=value pairs (default: its paper's)", "objective",
                             parse="str")
-    offset: float = setting(None, "twin-offset: length a of the unsafe offset (default: 1.0); twin-gap: how far, in "
-                            "cosine along the modality gap, an unsafe item sits beyond its safe twin (default: 0.1)",
+    offset: float = setting(None, "twin-offset: length a of the unsafe offset; twin-gap: how far, in cosine along "
+                            "the modality gap, an unsafe item sits beyond its safe twin (defaults: 1.0 and 0.1)",
                             "objective")
     margin: float = setting(None, "twin-margin, twin-nce: how far, in cosine, a query must score its safe twin above "
                             "the unsafe one (default: 0.3)", "objective", metavar="M")
