@@ -1462,11 +1462,16 @@ TWIN_MARGIN_LAMBDAS = {**LAMBDAS, "text_safe": 1.0, "image_safe": 1.0, "nce_text
                        "rank_text_safe": 2.0, "rank_text_unsafe": 2.0, "rank_image_safe": 2.0, "rank_image_unsafe": 2.0}
 
 
+def soft_hinge(x, tau):
+    """Mean of tau * softplus(x / tau): max(x, 0) with its corner smoothed over tau."""
+    return (tau * F.softplus(x / tau)).mean()
+
+
 def twin_rank(query, safe, unsafe, margin, tau):
     """Mean over rows of tau * softplus((cos(query, unsafe) - cos(query, safe) + margin) / tau)."""
     query, safe, unsafe = (F.normalize(x.float(), dim=-1) for x in (query, safe, unsafe))
     gap = (query * unsafe).sum(-1) - (query * safe).sum(-1)
-    return (tau * F.softplus((gap + margin) / tau)).mean()
+    return soft_hinge(gap + margin, tau)
 
 
 def twin_margin_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None, has_unsafe_image=None, *,
@@ -1577,10 +1582,9 @@ def twin_gap_loss(t_safe, t_unsafe, v_safe, v_unsafe, t_ref, v_ref, lambdas=None
     rows = slice(None) if has_unsafe_image is None else has_unsafe_image  # the rows that have V*
     g = F.normalize(gap_dir.float().to(t_ref.device), dim=-1)  # (on the device already, in a run: bind_objective)
     on_g = lambda x: component_along(x, g)
-    hinge = lambda shortfall: (tau * F.softplus(shortfall / tau)).mean()
-    terms["gap_text"] = hinge(on_g(t_safe.detach()) + offset - on_g(t_unsafe))
+    terms["gap_text"] = soft_hinge(on_g(t_safe.detach()) + offset - on_g(t_unsafe), tau)
     if len(v_unsafe):
-        terms["gap_image"] = hinge(on_g(v_unsafe) + offset - on_g(v_safe[rows].detach()))
+        terms["gap_image"] = soft_hinge(on_g(v_unsafe) + offset - on_g(v_safe[rows].detach()), tau)
     terms["gap_hold"] = ((on_g(t_safe) - on_g(t_ref)) ** 2).mean() + ((on_g(v_safe) - on_g(v_ref)) ** 2).mean()
     return weighted_total(terms, lambdas), terms
 

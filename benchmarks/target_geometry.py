@@ -49,7 +49,7 @@ def figures(emb):
 def directions(train):
     safe, unsafe = torch.cat([train["T"], train["V"]]), torch.cat([train["T*"], train["V*"]])
     return {"eigen": safeclip.unsafe_direction(safe, unsafe),
-            "gap": F.normalize(train["T"].mean(0) - train["V"].mean(0), dim=0)}
+            "gap": safeclip.modality_gap(train["T"], train["V"])}  # twin-gap's g
 
 
 def stepped_aside(test, u, a):
