@@ -29,7 +29,7 @@ train included), none of them in Part II, and they are exact (tests/test_method_
   gradient accumulation (--accum)               lines 1128-1190  _rng_state to concat_embeddings
   exact resume                                  lines 1215-1260  "-- exact resume" to restore_training_state
                                                 lines 1128-1137  _rng_state to _set_rng_state (the generators)
-  and, for each of them, where it runs          lines 1263-1341  train
+  and, for each of them, where it runs          lines 1263-1342  train
 Every setting's default is in TrainConfig (section 1); those of one step are also listed atop section 8.
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
@@ -133,29 +133,7 @@ class TrainConfig:
     from the others" (`resolved`). The defaults are the paper's (its public code's where the paper
     is silent): ViT-L/14, LoRA rank 16 on both towers, AdamW at 1e-3, batches of 16."""
 
-    # -- the settings of one training step (section 8): what trains, and how --
-    # what trains
-    full: bool = setting(False, "full fine-tuning instead of LoRA", "what trains")
-    lora_rank: int = setting(16, "rank of the LoRA adapters", "what trains", metavar="R")
-    lora_alpha: float = setting(1.0, "LoRA scale is alpha / rank", "what trains", metavar="A")
-    lora_dropout: float = setting(0.1, "dropout on the adapters' input", "what trains", metavar="P")
-    freeze: list = setting(None, "towers to leave untouched", "what trains", nargs="+", choices=("text", "vision"))
-    # optimisation
-    lr: float = setting(None, "learning rate (default: 1e-3 LoRA, 1e-5 --full, 5e-4 --scratch; 1e-4 safer-clip)",
-                        "optimisation")
-    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay", "optimisation")
-    schedule: str = setting("constant", "learning rate after the warm-up: constant, or cosine decay to zero",
-                            "optimisation", choices=("constant", "cosine"))
-    warmup: int = setting(0, "linear warm-up steps", "optimisation")
-    grad_clip: float = setting(1.0, "max gradient norm (0: off)", "optimisation")
-    batch_size: int = setting(None, "quadruplets per micro-batch, over all processes (default: 16; 48 safer-clip)",
-                              "optimisation")
-    accum: int = setting(1, "micro-batches per step: the loss and gradients of one batch N times larger (the same "
-                         "rows and InfoNCE negatives; each micro-batch draws its own dropout masks)", "optimisation")
-    epochs: int = setting(10, "passes over the training split", "optimisation")
-    steps: int = setting(None, "optimizer steps (overrides --epochs)", "optimisation")
-    seed: int = setting(0, "adapters' initialisation, dropout and data order", "optimisation")
-    # -- everything else --
+    # -- where from, where to, and how the run is kept --
     # data and model
     data: str = setting(None, "pairs.jsonl (safe, unsafe, safe_image[, unsafe_image, category, split])", "data and model",
                         required=True, metavar="PAIRS")
@@ -221,6 +199,28 @@ class TrainConfig:
                            "model's threads; up to 8 with CUDA)", "hardware")
     image_cache: float = setting(2048, "with --workers 0, keep the training images decoded after their first epoch "
                                  "when they fit in this many MiB (0: off)", "hardware", metavar="MIB")
+    # -- the settings of one training step (section 8): what trains, and how --
+    # what trains
+    full: bool = setting(False, "full fine-tuning instead of LoRA", "what trains")
+    lora_rank: int = setting(16, "rank of the LoRA adapters", "what trains", metavar="R")
+    lora_alpha: float = setting(1.0, "LoRA scale is alpha / rank", "what trains", metavar="A")
+    lora_dropout: float = setting(0.1, "dropout on the adapters' input", "what trains", metavar="P")
+    freeze: list = setting(None, "towers to leave untouched", "what trains", nargs="+", choices=("text", "vision"))
+    # optimisation
+    lr: float = setting(None, "learning rate (default: 1e-3 LoRA, 1e-5 --full, 5e-4 --scratch; 1e-4 safer-clip)",
+                        "optimisation")
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay", "optimisation")
+    schedule: str = setting("constant", "learning rate after the warm-up: constant, or cosine decay to zero",
+                            "optimisation", choices=("constant", "cosine"))
+    warmup: int = setting(0, "linear warm-up steps", "optimisation")
+    grad_clip: float = setting(1.0, "max gradient norm (0: off)", "optimisation")
+    batch_size: int = setting(None, "quadruplets per micro-batch, over all processes (default: 16; 48 safer-clip)",
+                              "optimisation")
+    accum: int = setting(1, "micro-batches per step: the loss and gradients of one batch N times larger (the same "
+                         "rows and InfoNCE negatives; each micro-batch draws its own dropout masks)", "optimisation")
+    epochs: int = setting(10, "passes over the training split", "optimisation")
+    steps: int = setting(None, "optimizer steps (overrides --epochs)", "optimisation")
+    seed: int = setting(0, "adapters' initialisation, dropout and data order", "optimisation")
 
     def resolved(self):
         """These settings with every "decided from the others" filled in: the model, the objective's
@@ -1224,8 +1224,8 @@ def lr_at(step, config, total_steps):
 # The data position is the step itself: the order of any step follows from the seed and the step
 # (`Schedule`), and the loader (`training_steps`, Part II) starts at the restored step. Everything
 # else that draws random numbers has a private generator, so it never moves the ones dropout draws
-# from: the data order (`Schedule.batches`: seed + epoch), the DataLoader (seeded with the seed) and
-# validation's image loading (`encode_images`, Part II). Were they shared, a validation or
+# from: the data order (`Schedule.batches`: seed + epoch), the DataLoader's (`loader_rng` in `train`) and
+# validation's image loader's (a fresh `torch.Generator()` in `encode_images`, Part II). Were they shared, a validation or
 # a worker's start would shift every later dropout mask, and a resumed run, which validates at
 # other moments, would differ. The run writes the checkpoint at every epoch's end, every
 # --save-every steps, and when it stops (early, by a signal, or at the end), never after a
@@ -1319,7 +1319,8 @@ def train(config):
 
         # -- the loop ---------------------------------------------------------------------------
         towers.train()
-        with training_steps(dataset, schedule, run.step, total_steps, config.workers, config.seed, device) as steps:
+        loader_rng = torch.Generator().manual_seed(config.seed)  # the loader's own (its workers' seeds): see resume
+        with training_steps(dataset, schedule, run.step, total_steps, config.workers, loader_rng, device) as steps:
             for micro_batches in steps:  # one optimizer step's --accum micro-batches, from run.step on
                 epoch = schedule.locate(run.step)[0]
                 lr = lr_at(run.step, config, total_steps)
@@ -1333,7 +1334,7 @@ def train(config):
                 if run.after_step(epoch, lr, loss, terms, scale):  # log, validate, checkpoint; True: stop here
                     break
 
-        # -- finish: the best model by validation (or the last one) becomes the run's model --------
+        # -- finish: the best model by validation (or the last) is saved as OUT, merged (section 4) --
         run.finish(model, skipped)
     if distributed():  # DDP holds the process group: drop it before the group's teardown (Part II)
         del towers, embed_batch, no_sync
@@ -3134,16 +3135,16 @@ class MicroBatches:
 
 
 @contextlib.contextmanager
-def training_steps(dataset, schedule, start, total, workers, seed, device):
+def training_steps(dataset, schedule, start, total, workers, generator, device):
     """The steps from `start` to `total`, each a list of --accum `MicroBatch`es, loaded by
-    `workers` processes. The workers stop when the block is left, however it is left: an error
+    `workers` processes, whose seeds come from `generator` (`train`'s own). The workers stop when the block is left, however it is left: an error
     whose traceback keeps this frame alive would otherwise keep them too, and the interpreter's
     exit would wait on them for ever (they ignore SIGTERM, see `_quiet_worker`)."""
     sampler = MicroBatches(schedule, start, total)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_quadruplets,
         pin_memory=torch.device(device).type == "cuda", worker_init_fn=_quiet_worker,
-        generator=torch.Generator().manual_seed(seed))
+        generator=generator)
     has_v_unsafe = torch.tensor([r["unsafe_image"] is not None for r in dataset.rows])
     batches = iter(loader)
     whole = (micro_batch(b, rows, sampler.world, has_v_unsafe) for b, rows in zip(batches, sampler.global_batches()))
