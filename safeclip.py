@@ -15,22 +15,22 @@ The file has two parts. Part I is the method, to read top to bottom; its section
   6. the Safe-CLIP objective  LAMBDAS, cosine_distance, info_nce, weighted_total, safe_clip_loss, clip_loss
   7. data, frozen targets     Quadruplets, collate_quadruplets, frozen_embeddings, frozen_targets,
                               bind_objective
-  8. the step, resume, loop   Schedule, MicroBatch, autocast, Towers, embed, batch_loss, forward_backward,
-                              accumulate, update, lr_at, training_state, restore_training_state, train
+  8. resume, the step, loop   training_state, restore_training_state, Schedule, MicroBatch, autocast, Towers,
+                              embed, batch_loss, forward_backward, accumulate, update, lr_at, train
   9. beyond the paper         safer_clip_loss, twin_offset_loss, twin_margin_loss, twin_nce_loss, twin_gap_loss,
                               OBJECTIVES (more objectives on the same loop: Safe-CLIP ends with section 8)
 Where each question about the method is answered: these lines alone answer it (about 700 for all six,
 train included), none of them in Part II, and they are exact (tests/test_method_map.py keeps them so):
   the loss: its terms, weights and total        lines 722-792    section 6 to safe_clip_loss
   the frozen targets: what, when, how precise   lines 859-940    "The frozen targets" to frozen_targets
-  one step, end to end                          lines 974-1212   section 8 to lr_at
+  one step, end to end                          lines 1041-1262  "-- one training step" to lr_at
   LoRA: where it plugs in, what trains, merge   lines 568-680    section 4 to choose_trainable
                                                 lines 272-339    Linear to Attention (its sockets)
-  gradient accumulation (--accum)               lines 1128-1190  _rng_state to concat_embeddings
-  exact resume                                  lines 1215-1260  "-- exact resume" to restore_training_state
-                                                lines 1128-1137  _rng_state to _set_rng_state (the generators)
-  and, for each of them, where it runs          lines 1263-1342  train
-Every setting's default is in TrainConfig (section 1); those of one step are also listed atop section 8.
+  gradient accumulation (--accum)               lines 1190-1240  forward_backward to concat_embeddings
+                                                lines 1029-1038  _rng_state to _set_rng_state (what it replays)
+  exact resume                                  lines 974-1038   section 8 to _set_rng_state
+  and, for each of them, where it runs          lines 1265-1344  train
+Every setting's default is in TrainConfig (section 1); a step's are also listed at "-- one training step".
 Part II is the plumbing (after the divider, with its own table of contents): it reads, writes,
 checks, fetches and schedules, and decides none of the method's numbers: the full tokenizer,
 every weight format, exports, downloads, reading pairs.jsonl, distributed set-up, the run's
@@ -971,16 +971,78 @@ def bind_objective(config, targets, n_train, logit_scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. One training step, exact resume, and the loop
+# 8. Exact resume, one training step, and the loop
 # ---------------------------------------------------------------------------------------------
+# In order: what a run's state is, the things every step depends on, and how a checkpoint holds it
+# (exact resume); which rows a step trains on and how they arrive (`Schedule`, `MicroBatch`); the
+# step itself (`embed`, `batch_loss`, `forward_backward` or, with --accum, `accumulate`, then
+# `update` at `lr_at`'s learning rate); and `train`, which runs it all.
+
+# -- exact resume ------------------------------------------------------------------------------
+# A run stopped at step N and resumed with --resume equals a straight run of the same steps, bit
+# for bit (on the same kernels, and with the same --epochs/--steps, which a cosine schedule's lr
+# depends on), because the checkpoint (OUT/checkpoint.pt, `training_state` below) holds everything
+# the next step depends on:
+# - the trainable tensors (the adapters, unmerged), AdamW's moments and step counts, the fp16 loss
+#   scaler, and the progress: the step and the best validation so far;
+# - the generators a step draws from, on every rank: torch's CPU generator and the current CUDA
+#   device's, which draw the dropout masks (each rank its own, seeded seed + rank).
+# The data position is the step itself: the order of any step follows from the seed and the step
+# (`Schedule`, below), and the loader (`training_steps`, Part II) starts at the restored step.
+# Everything else that draws random numbers has a private generator, so it never moves the ones
+# dropout draws from: the data order's (`Schedule.batches`: seed + epoch), the DataLoader's
+# (`loader_rng` in `train`: seed) and validation's image loader's (a fresh `torch.Generator()` in
+# `encode_images`, Part II). Were they shared, a validation or a worker's start would shift every
+# later dropout mask, and a resumed run, which validates at other moments, would differ. The run
+# writes the checkpoint at every epoch's end, every --save-every steps, and when it stops (early, by
+# a signal, or at the end), never after a non-finite loss, which stops the run with the last good
+# checkpoint in place; `Checkpoint` (Part II) only writes this state to the file atomically and
+# reads it back, and `train` passes what it read to `restore_training_state` before the first step.
+
+def training_state(trainable, optimizer, scaler, progress):
+    """What a checkpoint holds: {trainable, optimizer, scaler, rng, cuda_rng, rng_ranks, state}, on
+    rank 0 (None on the others). `progress`: the step and the best validation. Every rank calls it:
+    each sends its own generators, the ones its dropout draws from (`all_ranks`, Part II: [its own]
+    in a single process)."""
+    rng_of_ranks = all_ranks(_rng_state())  # [(cpu, cuda) of rank 0, of rank 1, ...]
+    if dist_info()[0] != 0:
+        return None
+    rng, cuda_rng = rng_of_ranks[0]
+    return dict(trainable={n: p.detach().cpu() for n, p in trainable.items()}, optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict(), rng=rng, rng_ranks=rng_of_ranks, state=dict(progress),
+                cuda_rng=cuda_rng if cuda_rng is not None else torch.empty(0, dtype=torch.uint8))
+
+
+def restore_training_state(ckpt, trainable, optimizer, scaler, rank):
+    """Put `training_state`'s result back in place, with this rank's generators; returns the progress."""
+    with torch.no_grad():
+        for name, value in ckpt["trainable"].items():
+            trainable[name].copy_(value)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:  # empty when the run so far was not fp16: the scale starts afresh
+        scaler.load_state_dict(ckpt["scaler"])
+    ranks = ckpt.get("rng_ranks") or [(ckpt["rng"], ckpt["cuda_rng"] if len(ckpt["cuda_rng"]) else None)]
+    _set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
+    return ckpt["state"]
+
+
+def _rng_state():
+    """The generators dropout draws from (the CPU's, and the current CUDA device's if in use):
+    `accumulate` replays them, and a checkpoint saves them (exact resume, above)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state[1])
+
+
+# -- one training step ----------------------------------------------------------------------
 # A step runs the text tower once over the safe and unsafe captions together and the vision tower
 # once over the safe and unsafe images together, gathers the embeddings over ranks, computes
 # every term of the objective from them, and takes one optimizer step. Mixed precision (AMP) is
 # the same code on every device; on CUDA it is bf16 by default.
-
-# In order: which rows a step trains on and how they arrive (`Schedule`, `MicroBatch`); the step
-# itself (`embed`, `batch_loss`, `forward_backward` or, with --accum, `accumulate`, then `update` at
-# `lr_at`'s learning rate); exact resume (what a checkpoint holds); and `train`, which runs it all.
 # The step's defaults (`TrainConfig`, section 1) for --objective safeclip: AdamW, lr 1e-3 (LoRA; 1e-5
 # --full), weight decay 0, constant schedule, warm-up 0, grad clip 1.0, batch 16, accum 1, epochs 10,
 # seed 0; LoRA rank 16, alpha 1, dropout 0.1, on both towers; precision bf16 on CUDA, fp32 on the CPU.
@@ -1125,18 +1187,6 @@ def batch_loss(loss_fn, logit_scale, emb, refs):
     return loss_fn(t_safe, t_unsafe, v_safe, v_unsafe, has_unsafe_image=has_v_unsafe, **refs)
 
 
-def _rng_state():
-    """The generators dropout draws from (the CPU's, and the current CUDA device's if in use):
-    `accumulate` replays them, and a checkpoint saves them (exact resume, below)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state[0])
-    if state[1] is not None and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(state[1])
-
-
 def forward_backward(micro_batches, embed_batch, loss_of, scaler, no_sync=None):
     """The loss of one optimizer step's batch and its gradients in the parameters' .grad:
     (loss, terms). `embed_batch` and `loss_of` are `embed` and `batch_loss` with the run's
@@ -1210,54 +1260,6 @@ def lr_at(step, config, total_steps):
     if config.schedule == "cosine":
         return config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     return config.lr * warm
-
-
-# -- exact resume ------------------------------------------------------------------------------
-# A run stopped at step N and resumed with --resume equals a straight run of the same steps, bit
-# for bit (on the same kernels, and with the same --epochs/--steps, which a cosine schedule's lr
-# depends on), because the checkpoint (OUT/checkpoint.pt, `training_state` below) holds everything
-# the next step depends on:
-# - the trainable tensors (the adapters, unmerged), AdamW's moments and step counts, the fp16 loss
-#   scaler, and the progress: the step and the best validation so far;
-# - the generators a step draws from, on every rank: torch's CPU generator and the current CUDA
-#   device's, which draw the dropout masks (each rank its own, seeded seed + rank).
-# The data position is the step itself: the order of any step follows from the seed and the step
-# (`Schedule`), and the loader (`training_steps`, Part II) starts at the restored step. Everything
-# else that draws random numbers has a private generator, so it never moves the ones dropout draws
-# from: the data order (`Schedule.batches`: seed + epoch), the DataLoader's (`loader_rng` in `train`) and
-# validation's image loader's (a fresh `torch.Generator()` in `encode_images`, Part II). Were they shared, a validation or
-# a worker's start would shift every later dropout mask, and a resumed run, which validates at
-# other moments, would differ. The run writes the checkpoint at every epoch's end, every
-# --save-every steps, and when it stops (early, by a signal, or at the end), never after a
-# non-finite loss, which stops the run with the last good checkpoint in place; `Checkpoint`
-# (Part II) only writes this state to the file atomically and reads it back, and `train` passes
-# what it read to `restore_training_state` before the first step.
-
-def training_state(trainable, optimizer, scaler, progress):
-    """What a checkpoint holds: {trainable, optimizer, scaler, rng, cuda_rng, rng_ranks, state}, on
-    rank 0 (None on the others). `progress`: the step and the best validation. Every rank calls it:
-    each sends its own generators, the ones its dropout draws from (`all_ranks`, Part II: [its own]
-    in a single process)."""
-    rng_of_ranks = all_ranks(_rng_state())  # [(cpu, cuda) of rank 0, of rank 1, ...]
-    if dist_info()[0] != 0:
-        return None
-    rng, cuda_rng = rng_of_ranks[0]
-    return dict(trainable={n: p.detach().cpu() for n, p in trainable.items()}, optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(), rng=rng, rng_ranks=rng_of_ranks, state=dict(progress),
-                cuda_rng=cuda_rng if cuda_rng is not None else torch.empty(0, dtype=torch.uint8))
-
-
-def restore_training_state(ckpt, trainable, optimizer, scaler, rank):
-    """Put `training_state`'s result back in place, with this rank's generators; returns the progress."""
-    with torch.no_grad():
-        for name, value in ckpt["trainable"].items():
-            trainable[name].copy_(value)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"]:  # empty when the run so far was not fp16: the scale starts afresh
-        scaler.load_state_dict(ckpt["scaler"])
-    ranks = ckpt.get("rng_ranks") or [(ckpt["rng"], ckpt["cuda_rng"] if len(ckpt["cuda_rng"]) else None)]
-    _set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
-    return ckpt["state"]
 
 
 def train(config):
