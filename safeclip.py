@@ -3139,9 +3139,10 @@ class MicroBatches:
 @contextlib.contextmanager
 def training_steps(dataset, schedule, start, total, workers, generator, device):
     """The steps from `start` to `total`, each a list of --accum `MicroBatch`es, loaded by
-    `workers` processes, whose seeds come from `generator` (`train`'s own). The workers stop when the block is left, however it is left: an error
-    whose traceback keeps this frame alive would otherwise keep them too, and the interpreter's
-    exit would wait on them for ever (they ignore SIGTERM, see `_quiet_worker`)."""
+    `workers` processes, whose seeds come from `generator` (`train`'s own). The workers stop when
+    the block is left, however it is left: an error whose traceback keeps this frame alive would
+    otherwise keep them too, and the interpreter's exit would wait on them for ever (they ignore
+    SIGTERM, see `_quiet_worker`)."""
     sampler = MicroBatches(schedule, start, total)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_quadruplets,
