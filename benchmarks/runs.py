@@ -15,9 +15,9 @@ toy CLIP several ways on one budget and compare the results.
     python benchmarks/runs.py summary OUT EVAL.json NAME=RUN [NAME=RUN ...] [--label KEY=TEXT ...]
         one markdown table from evaluate.py's JSON: R@1 and unsafe@1 (%), zero-shot top-1 where
         measured, and each run's training speed (and, where one run is NAME "safeclip", each
-        run's time per step as a multiple of that one's); the toy CLIP ("baseline") first, then
-        the models in the report's order, "model" (the chosen one) last; written to
-        OUT/summary.md and printed
+        run's time per step, a step's rows over its speed, as a multiple of that one's); the toy
+        CLIP ("baseline") first, then the models in the report's order, "model" (the chosen one)
+        last; written to OUT/summary.md and printed
 """
 
 import argparse
@@ -56,6 +56,12 @@ def speed(run):
     return speeds[-1] if speeds else None
 
 
+def step_time(run):
+    """Seconds per optimizer step over the whole run: a step's rows over the run's speed, or None."""
+    config, quads_per_s = json.loads((Path(run) / "train_config.json").read_text()), speed(run)
+    return config["batch_size"] * config.get("accum", 1) / quads_per_s if quads_per_s else None
+
+
 def write_atomic(path, text):
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     tmp.write_text(text)
@@ -76,7 +82,8 @@ def summary(out, report_path, runs, labels):
     models = report["models"]
     zeroshot = all(m.get("zeroshot") for m in models.values())
     speeds = {key: speed(run) for key, run in runs.items()}
-    relative = speeds.get("safeclip") is not None  # every batch is the same size: time per step ~ 1/speed
+    step_times = {key: step_time(run) for key, run in runs.items()}  # (runs may differ in --batch-size)
+    relative = step_times.get("safeclip") is not None
     header = ["model", *(f"{k} R@1" for k in R), *(f"{k} unsafe@1" for k in U)]
     header += ["zero-shot top-1"] if zeroshot else []
     header += ["train quadruplets/s"] + (["time/step (x safeclip)"] if relative else [])
@@ -88,7 +95,7 @@ def summary(out, report_path, runs, labels):
         cells += [f"{m['zeroshot']['top1']:.1f}"] if zeroshot else []
         cells.append(f"{speeds[key]:.1f}" if speeds.get(key) else "")
         if relative:
-            cells.append(f"{speeds['safeclip'] / speeds[key]:.2f}" if speeds.get(key) else "")
+            cells.append(f"{step_times[key] / step_times['safeclip']:.2f}" if step_times.get(key) else "")
         lines.append("| " + " | ".join([labels.get(key, key), *cells]) + " |")
     data = os.path.relpath(report["data"])  # as the scripts name it, from the repository
     text = (f"{data if not data.startswith('..') else report['data']}, split {report['split']}: "
