@@ -56,10 +56,10 @@ def speed(run):
     return speeds[-1] if speeds else None
 
 
-def step_time(run):
-    """Seconds per optimizer step over the whole run: a step's rows over the run's speed, or None."""
-    config, quads_per_s = json.loads((Path(run) / "train_config.json").read_text()), speed(run)
-    return config["batch_size"] * config.get("accum", 1) / quads_per_s if quads_per_s else None
+def step_rows(run):
+    """Quadruplets per optimizer step: --batch-size x --accum."""
+    config = json.loads((Path(run) / "train_config.json").read_text())
+    return config["batch_size"] * config.get("accum", 1)
 
 
 def write_atomic(path, text):
@@ -82,7 +82,8 @@ def summary(out, report_path, runs, labels):
     models = report["models"]
     zeroshot = all(m.get("zeroshot") for m in models.values())
     speeds = {key: speed(run) for key, run in runs.items()}
-    step_times = {key: step_time(run) for key, run in runs.items()}  # (runs may differ in --batch-size)
+    step_times = {key: step_rows(run) / speeds[key] if speeds[key] else None  # (runs may differ in --batch-size)
+                  for key, run in runs.items()}
     relative = step_times.get("safeclip") is not None
     header = ["model", *(f"{k} R@1" for k in R), *(f"{k} unsafe@1" for k in U)]
     header += ["zero-shot top-1"] if zeroshot else []

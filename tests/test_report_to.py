@@ -143,11 +143,12 @@ def finished_records(path, timeout=60.0):
     W&B's service (a process of its own) has written the file's tail: on a loaded machine a file read
     at once can lack the run's history (seen in CI). So the file is read again until it is whole, for
     at most `timeout` seconds; then what it holds is returned, for the assertions to judge."""
+    from google.protobuf.message import DecodeError  # (W&B's record schema is protobuf; W&B pulls it in)
     deadline = time.monotonic() + timeout
     while True:
         try:
             records = list(wandb_records(path))
-        except Exception:  # a record cut off mid-write: read again
+        except DecodeError:  # a record cut off mid-write: read again
             records = None
         if records is not None and any(r.WhichOneof("record_type") == "exit" for r in records):
             return records
