@@ -2507,7 +2507,7 @@ def export_hf(model, folder):
     eot = model.tokenizer.eot_id if model.tokenizer is not None else c.vocab_size - 1
     config = {
         "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": c.embed_dim,
-        "logit_scale_init_value": float(model.logit_scale), "initializer_factor": 1.0,
+        "logit_scale_init_value": float(model.logit_scale.detach()), "initializer_factor": 1.0,
         "text_config": {"model_type": "clip_text_model", "hidden_size": c.text_width,
                         "intermediate_size": 4 * c.text_width, "num_attention_heads": c.text_heads,
                         "num_hidden_layers": c.text_layers, "max_position_embeddings": c.context_length,
